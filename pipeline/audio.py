@@ -1,0 +1,81 @@
+"""Audio loading: any common format, rate and channel count becomes 16 kHz mono float32.
+
+Every failure is an :class:`AudioError` whose message says what is wrong with which file, so a
+batch job can reject the record and go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+# Whisper-style encoders (Qwen2-Audio) see at most a 30 s window; longer audio is cut silently by
+# the feature extractor, which would train the draft on audio the target never heard.
+MAX_AUDIO_SECONDS = 30.0
+
+
+class AudioError(ValueError):
+    """A clip cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class AudioLimits:
+    max_seconds: float = MAX_AUDIO_SECONDS
+    split_long: bool = False  # split over-long clips into max_seconds pieces instead of rejecting
+
+
+def _decode(path: Path) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        return data, int(rate)
+    except Exception as sf_err:  # noqa: BLE001 - fall back to ffmpeg-backed decoders (mp3, m4a, ...)
+        try:
+            import librosa
+
+            data, rate = librosa.load(str(path), sr=None, mono=False)
+        except Exception:  # noqa: BLE001
+            raise AudioError(f"{path}: unreadable audio ({sf_err})") from None
+        data = np.asarray(data, dtype=np.float32)
+        data = data[:, None] if data.ndim == 1 else data.T
+        return data, int(rate)
+
+
+def load_audio(path: str | Path, limits: AudioLimits = AudioLimits()) -> list[np.ndarray]:
+    """Load ``path`` as 16 kHz mono float32 pieces (one piece unless ``limits.split_long``)."""
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: audio file does not exist")
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: audio file is empty (0 bytes)")
+    data, rate = _decode(path)
+    if data.size == 0 or data.shape[0] == 0:
+        raise AudioError(f"{path}: audio has no samples")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{path}: audio contains NaN or Inf samples")
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if rate != SAMPLE_RATE:
+        import librosa
+
+        mono = librosa.resample(mono, orig_sr=rate, target_sr=SAMPLE_RATE, res_type="soxr_hq")
+    mono = np.ascontiguousarray(mono, dtype=np.float32)
+    if mono.size == 0:
+        raise AudioError(f"{path}: audio is shorter than one sample at {SAMPLE_RATE} Hz")
+    if float(np.abs(mono).max()) == 0.0:
+        raise AudioError(f"{path}: audio is digital silence (every sample is 0)")
+    seconds = mono.size / SAMPLE_RATE
+    max_samples = int(limits.max_seconds * SAMPLE_RATE)
+    if mono.size > max_samples:
+        if not limits.split_long:
+            raise AudioError(
+                f"{path}: audio is {seconds:.1f} s, longer than the encoder's {limits.max_seconds:.0f} s "
+                f"window (pass --split-long-audio to split it into {limits.max_seconds:.0f} s pieces)"
+            )
+        return [mono[i : i + max_samples] for i in range(0, mono.size, max_samples)]
+    return [mono]

@@ -1,0 +1,218 @@
+"""Typed stage configs: defaults in dataclasses, values from YAML, overrides from the command line.
+
+Every stage owns one ``@dataclass(kw_only=True)`` whose fields carry their help text in
+``field(metadata={"help": ...})``; that dataclass is the single place a default is written.
+:func:`parse_config` builds the argparse parser from it, so a new field is a new flag.
+
+Precedence: dataclass default < YAML file (``--config``) < command-line flag.
+A YAML file may be flat (``max_new_tokens: 64``) or hold one section per stage
+(``regenerate: {max_new_tokens: 64}``); ``run_pipeline.py`` uses the sectioned form.
+Unknown keys and values of the wrong type fail before any work starts, naming the file and key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config value or file is wrong; the message names where and why."""
+
+
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    """A documented config field: ``max_new_tokens: int = opt(512, "tokens generated per turn")``."""
+    meta = {"help": help, **extra}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert one value to the field's declared type."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here (expected {_type_name(tp)})")
+    origin = get_origin(inner)
+    if origin is Literal:
+        choices = get_args(inner)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        (item_tp,) = get_args(inner)[:1] or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or inner is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if inner is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(as_float)
+    if inner is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if inner is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def from_dict(cls: type[C], values: dict[str, Any], where: str) -> C:
+    """Build a config from a mapping, rejecting unknown keys and wrong types."""
+    fields = _fields(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{where}: unknown option {key!r} (known options: {known})")
+        kwargs[name] = _coerce(value, fields[name].type, f"{where}: {key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def read_yaml_section(path: str | Path, section: str | None) -> dict[str, Any]:
+    """The mapping for ``section`` in a YAML file (the whole file when it is flat)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of option: value")
+    if section is not None and section in data:
+        sub = data[section]
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        return sub
+    return data
+
+
+def _add_field_flag(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    help_text = f.metadata.get("help", "")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
+    inner, _ = _unwrap_optional(f.type)
+    kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+    if inner is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if get_origin(inner) is Literal:
+        kwargs["choices"] = list(get_args(inner))
+    if get_origin(inner) in (list, tuple) and f.metadata.get("repeatable"):
+        kwargs["action"] = "append"
+    parser.add_argument(flag, **kwargs)
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", default=None, help="YAML file with option values (flags override it)")
+    for f in _fields(cls).values():
+        _add_field_flag(parser, f)
+    return parser
+
+
+def parse_config(
+    cls: type[C], argv: list[str] | None, *, prog: str, description: str, section: str | None = None
+) -> C:
+    """Parse ``argv`` into ``cls``: defaults, then ``--config`` YAML, then flags."""
+    parser = build_parser(cls, prog, description)
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config")
+    values: dict[str, Any] = {}
+    if config_path:
+        values.update(read_yaml_section(config_path, section))
+    where = f"{config_path or 'command line'}"
+    flags = {}
+    for name, value in args.items():
+        # a repeatable list flag arrives as a list of comma-joined strings
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = [p for v in value for p in v.split(",") if p]
+        flags[name] = value
+    values.update(flags)
+    try:
+        return from_dict(cls, values, where)
+    except ConfigError as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Any, exclude: tuple[str, ...] = ()) -> str:
+    """Stable short hash of the options that decide a stage's output."""
+    values = {k: v for k, v in to_dict(cfg).items() if k not in exclude}
+    blob = json.dumps(values, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def require(cond: bool, message: str) -> None:
+    """Validation helper for ``__post_init__``: raise a ConfigError with ``message`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(message)

@@ -1,0 +1,140 @@
+"""Durable file operations: every completed artifact is written to a temporary name, fsynced,
+renamed into place, and its directory fsynced. A crash at any moment leaves either the old
+file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TMP_SUFFIX = ".tmp"
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under ``root`` (before renaming the tree into place)."""
+    root = Path(root)
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
+    """Move a fully written, fsynced directory into place (replacing an older one)."""
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    fsync_tree(tmp_dir)
+    if final_dir.exists():
+        # rename cannot replace a non-empty directory: move the old one aside first
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final_dir)
+    fsync_dir(final_dir.parent)
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class DurableJsonl:
+    """An append-only jsonl log that survives kill -9: each ``append_many`` is one write plus
+    fsync, and ``open`` drops a torn last line left by a crash mid-write.
+
+    Used for in-progress shards: the log holds one line per finished input record, so resume
+    skips exactly the records whose line is durable.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_torn_tail()
+        self._fh = open(self.path, "ab")
+
+    def _truncate_torn_tail(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(end)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def read(self) -> Iterator[dict]:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as fh:
+            for line in fh:
+                if line.endswith(b"\n"):
+                    yield json.loads(line)
+
+    def append_many(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        blob = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+        self._fh.write(blob.encode("utf-8"))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> DurableJsonl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
