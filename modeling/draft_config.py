@@ -1,0 +1,171 @@
+"""Size of the EAGLE-3 draft and the ``config.json`` that serving engines load.
+
+The draft is one Llama decoder layer sized like the target's language model. Qwen2-Audio
+checkpoints list only the non-default fields of their ``text_config`` (the 7B model omits
+``hidden_size`` and the head counts), so missing fields fall back to transformers'
+``Qwen2Config`` defaults, copied into ``QWEN2_TEXT_DEFAULTS`` to keep this import light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# transformers 5.19 Qwen2Config() defaults for the fields the draft needs.
+QWEN2_TEXT_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 4096,
+    "intermediate_size": 22016,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "num_hidden_layers": 32,
+    "vocab_size": 151936,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 32768,
+}
+
+Engine = Literal["vllm", "sglang"]
+
+
+def default_aux_layer_ids(num_target_layers: int) -> tuple[int, int, int]:
+    """Default aux layers in the *output* convention (SpecForge/SGLang): [1, L//2-1, L-4]."""
+    if num_target_layers < 5:
+        raise ValueError(f"target needs at least 5 decoder layers for 3 distinct aux layers, got {num_target_layers}")
+    return (1, num_target_layers // 2 - 1, num_target_layers - 4)
+
+
+def aux_ids_for_engine(output_ids: Sequence[int], engine: Engine) -> list[int]:
+    """Translate aux ids from the output convention to the one ``engine`` reads.
+
+    vLLM (and SafeAILab EAGLE) name the *input* of decoder layer i, which is the output of
+    layer i-1, so the same tensors carry ids one higher there than in SGLang.
+    """
+    if engine == "vllm":
+        return [int(i) + 1 for i in output_ids]
+    if engine == "sglang":
+        return [int(i) for i in output_ids]
+    raise ValueError(f"unknown engine {engine!r}; expected 'vllm' or 'sglang'")
+
+
+@dataclass(kw_only=True, slots=True)
+class DraftConfig:
+    """Shape and numerics of a one-layer EAGLE-3 draft (LlamaForCausalLMEagle3)."""
+
+    hidden_size: int
+    """Draft hidden size H (the target's, so the frozen target embedding table fits)."""
+    intermediate_size: int
+    """Width of the SiLU-gated MLP."""
+    num_attention_heads: int
+    """Query heads."""
+    num_key_value_heads: int
+    """Key/value heads (GQA when smaller than ``num_attention_heads``)."""
+    head_dim: int
+    """Per-head width; q/k/v read the 2H concatenation [embedding, hidden]."""
+    vocab_size: int
+    """Target vocabulary (rows of the frozen embedding table)."""
+    draft_vocab_size: int
+    """Rows of the draft ``lm_head``; ids map back to the target through ``d2t``."""
+    target_hidden_size: int
+    """Target hidden size Ht; ``fc`` maps 3*Ht -> H."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon, shared by all four norms."""
+    rope_theta: float = 10000.0
+    """RoPE base (default rope type, neox style, as vLLM's Llama uses)."""
+    max_position_embeddings: int = 32768
+    """Largest position the engine prepares RoPE tables for."""
+    norm_before_residual: bool = False
+    """If true the residual is the *normed* hidden (speculators' default); EAGLE uses false."""
+    num_target_layers: int = 32
+    """Decoder layers in the target LM, to derive default aux layer ids."""
+    aux_layer_ids: tuple[int, ...] = field(default=())
+    """Aux layers in the output convention; empty means ``default_aux_layer_ids``."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                     "head_dim", "vocab_size", "draft_vocab_size", "target_hidden_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"DraftConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.draft_vocab_size > self.vocab_size:
+            raise ValueError(f"draft_vocab_size ({self.draft_vocab_size}) exceeds vocab_size ({self.vocab_size})")
+        if not self.aux_layer_ids:
+            self.aux_layer_ids = default_aux_layer_ids(self.num_target_layers)
+        self.aux_layer_ids = tuple(int(i) for i in self.aux_layer_ids)
+        bad = [i for i in self.aux_layer_ids if not 0 <= i < self.num_target_layers]
+        if bad:
+            raise ValueError(f"aux_layer_ids {bad} outside the target's {self.num_target_layers} layers")
+
+    @classmethod
+    def from_target_config(cls, target_config: Mapping[str, Any], draft_vocab_size: int,
+                           overrides: Mapping[str, Any] | None = None) -> DraftConfig:
+        """Size a draft from a target ``config.json`` dict (Qwen2-Audio: its ``text_config``).
+
+        ``overrides`` replaces any field afterwards (e.g. a narrower ``intermediate_size``);
+        unknown keys raise ``ValueError`` so a typo does not silently train the wrong shape.
+        """
+        text = dict(QWEN2_TEXT_DEFAULTS)
+        text.update(target_config.get("text_config") or target_config)
+        rope = text.get("rope_parameters") or {}
+        theta = text.get("rope_theta") or rope.get("rope_theta") or QWEN2_TEXT_DEFAULTS["rope_theta"]
+        heads = int(text["num_attention_heads"])
+        kwargs: dict[str, Any] = {
+            "hidden_size": int(text["hidden_size"]),
+            "intermediate_size": int(text["intermediate_size"]),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(text.get("num_key_value_heads") or heads),
+            "head_dim": int(text.get("head_dim") or int(text["hidden_size"]) // heads),
+            "vocab_size": int(text["vocab_size"]),
+            "draft_vocab_size": int(draft_vocab_size),
+            "target_hidden_size": int(text["hidden_size"]),
+            "rms_norm_eps": float(text["rms_norm_eps"]),
+            "rope_theta": float(theta),
+            "max_position_embeddings": int(text["max_position_embeddings"]),
+            "num_target_layers": int(text["num_hidden_layers"]),
+        }
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides or {}) - known)
+        if unknown:
+            raise ValueError(f"unknown DraftConfig override(s) {unknown}; known fields: {sorted(known)}")
+        kwargs.update(overrides or {})
+        return cls(**kwargs)
+
+    def to_hf_config(self, aux_layer_ids: Sequence[int] | None = None,
+                     convention_engine: Engine = "vllm") -> dict[str, Any]:
+        """The draft's ``config.json`` as a dict.
+
+        ``aux_layer_ids`` are in the output convention (default: ``self.aux_layer_ids``);
+        they are written in the convention of ``convention_engine`` (see ``aux_ids_for_engine``).
+        """
+        ids = aux_ids_for_engine(self.aux_layer_ids if aux_layer_ids is None else aux_layer_ids,
+                                 convention_engine)
+        return {
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_hidden_layers": 1,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "vocab_size": self.vocab_size,
+            "draft_vocab_size": self.draft_vocab_size,
+            "target_hidden_size": self.target_hidden_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            # Both spellings: transformers 5 reads rope_parameters, older loaders rope_theta.
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "max_position_embeddings": self.max_position_embeddings,
+            "norm_before_residual": self.norm_before_residual,
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": ids, "use_aux_hidden_state": True},
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+        }

@@ -1,0 +1,361 @@
+"""Stage 2: run the frozen target over the conversations and store what EAGLE-3 training needs.
+
+    python -m stages.dump --target DIR --input STAGE1_DIR_or.jsonl --store STORE_DIR \\
+        [--num-shards N --shard-index I] [--batch-tokens 16384 --max-length 4096 --aux-layers auto]
+
+Per sample the store gets the ids, the loss mask, three aux hidden states at every token, the
+final post-norm state where the next token carries loss (~25% of a chat sample's positions, so
+``--last-hidden all`` costs ~1.25x the hidden bytes of an aux layer more) and the audio
+embeddings; see :mod:`modeling.capture` and ``docs/stage2-dump.md``.
+
+Forwards take ``--batch-tokens`` padded tokens. Records are read in windows of
+``--sort-window``; a window is sorted by length into batches (padding stays small) and its
+samples are written in input order, so the store never depends on batching. The store writer
+encodes and compresses in a thread while the next window runs. Resume: a rerun continues each
+shard after the writer's last durable flush (a kill loses at most two windows) and rebuilds the
+same batches, so a resumed store is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from modeling.capture import TargetCapture, aux_layer_ids, load_target_model, plan_batches
+from pipeline.audio import AudioLimits
+from pipeline.config import ConfigError, opt, parse_config, require
+from pipeline.data import Record, RecordError, Rejection, read_conversations
+from pipeline.durable import DurableJsonl, atomic_write_text, sha256_file
+from pipeline.locks import LockHeld
+from pipeline.manifest import Manifest, ManifestMismatch
+from pipeline.progress import Progress, setup_logging
+from pipeline.samples import PreparedSample, load_target_processor, prepare_sample
+from pipeline.shards import Shard, plan_shards, resolve_shard_index, run_shards
+from pipeline.template import ChatTokenizer
+from storage.sample import CapturedSample, SampleError
+
+log = logging.getLogger("stages.dump")
+ERRORS_DIR = "errors"
+
+
+@dataclass(kw_only=True)
+class DumpConfig:
+    """Options of stage 2 (``dump:`` section of a pipeline YAML)."""
+
+    target: str = opt("", "target model directory (Qwen2-Audio, Hugging Face layout)")
+    input: str = opt("", "stage 1 output directory (its completed shards) or a conversation jsonl")
+    store: str = opt("", "hidden-state store directory (created, or resumed when it exists)")
+    num_shards: int = opt(1, "shards the input is split into (one Slurm array task each)")
+    shard_index: int | None = opt(None, "shard to run (default $SLURM_ARRAY_TASK_ID, else every shard)")
+    batch_tokens: int = opt(16384, "padded tokens per forward (batch size x longest sample)")
+    sort_window: int = opt(64, "records sorted by length together; their captures wait in RAM until "
+                               "written in input order (~64 x 32 MB at 1k tokens of a 7B)")
+    max_length: int = opt(4096, "longest sample in tokens; longer ones are rejected unless --truncate")
+    truncate: bool = opt(False, "cut over-long samples to --max-length instead of rejecting them")
+    split_long_audio: bool = opt(False, "split clips over 30 s into 30 s pieces instead of rejecting them")
+    aux_layers: str = opt("auto", "aux layers 'auto' (= 1, L/2-1, L-4) or 'i,j,k', as outputs of decoder layer i")
+    last_hidden: Literal["loss", "all"] = opt("loss", "store the final hidden state where the next token "
+                                                      "carries loss, or at every position")
+    dtype: Literal["bf16", "fp32"] = opt("bf16", "target compute dtype (stored values are bf16 either way)")
+    device: str = opt("cpu", "torch device: cpu, cuda or cuda:N")
+    quantize: Literal["none", "fp8"] = opt("none", "fp8: per-row scaled e4m3 aux states and audio embeddings")
+
+    def __post_init__(self) -> None:
+        for name in ("target", "input", "store"):
+            require(bool(getattr(self, name)), f"--{name} is required")
+        for name in ("num_shards", "batch_tokens", "sort_window", "max_length"):
+            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        require(self.device == "cpu" or self.device.startswith("cuda"), f"--device {self.device!r}: use cpu or cuda[:N]")
+
+
+# ---- input -------------------------------------------------------------------------------------
+
+
+@dataclass
+class InputSet:
+    """Every input record in one stable order (``index`` is global across stage 1 shards)."""
+
+    records: list[Record]
+    rejected: list[Rejection]
+    total: int
+    files: list[Path]
+    sha256: str  # over the input files' contents, in order: what the store was made from
+
+
+def stage1_files(directory: Path) -> list[Path]:
+    """The jsonl files of stage 1's completed shards, in shard order."""
+    manifest = Manifest(directory)
+    if not manifest.exists():
+        raise ValueError(f"--input {directory} is a directory without manifest.json: give a jsonl file "
+                         f"or a stage 1 output directory")
+    data = manifest.load()
+    done = sorted(int(k) for k, v in data.get("shards", {}).items() if v.get("status") == "done")
+    expected = data.get("num_shards")
+    if expected is not None and len(done) < int(expected):
+        log.warning("%s: only %d of %s stage 1 shards are complete; dumping those", directory, len(done), expected)
+    files = []
+    for index in done:
+        found = sorted(directory.glob(f"shard-{index:05d}-of-*.jsonl"))
+        if len(found) != 1:
+            raise ValueError(f"{directory}: stage 1 shard {index} is marked done but has {len(found)} "
+                             f"shard-{index:05d}-of-*.jsonl files")
+        files.append(found[0])
+    return files
+
+
+def read_input(path: str | Path) -> InputSet:
+    """Read a jsonl or a stage 1 directory. Audio is decoded later, per shard, by prepare_sample."""
+    path = Path(path)
+    files = stage1_files(path) if path.is_dir() else [path]
+    records: list[Record] = []
+    rejected: list[Rejection] = []
+    first_seen: dict[str, Record] = {}
+    offset = 0
+    for file in files:
+        result = read_conversations(file, check_audio=False)
+        rejected += [replace(r, index=r.index + offset) for r in result.rejected]
+        for rec in result.records:
+            rec = replace(rec, index=rec.index + offset)
+            if rec.id in first_seen:  # ids key resume: they must be unique across stage 1 shards
+                seen = first_seen[rec.id]
+                rejected.append(Rejection(rec.index, rec.line, rec.source, rec.id, "id",
+                                          f"duplicate id {rec.id!r} (first seen at {seen.source}:{seen.line})"))
+                continue
+            first_seen[rec.id] = rec
+            records.append(rec)
+        offset += result.total
+    digest = hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
+    return InputSet(records, sorted(rejected, key=lambda r: r.index), offset, files, digest)
+
+
+# ---- target and store -----------------------------------------------------------------------------
+
+
+class Target:
+    """The target's identity and layer ids at once (from config.json); the model on first use."""
+
+    def __init__(self, cfg: DumpConfig):
+        self.cfg = cfg
+        self.path = Path(cfg.target).resolve()
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"--target {self.path}: no config.json (expected a Qwen2-Audio model directory)")
+        text = json.loads(config_path.read_text())["text_config"]
+        self.num_layers, self.hidden_size = int(text["num_hidden_layers"]), int(text["hidden_size"])
+        try:
+            self.aux_out, self.aux_in = aux_layer_ids(self.num_layers, cfg.aux_layers)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.config_sha256 = sha256_file(config_path)
+        self._loaded: tuple[ChatTokenizer, TargetCapture] | None = None
+
+    def load(self) -> tuple[ChatTokenizer, TargetCapture]:
+        """The chat tokenizer and the hooked model, loaded once (a rerun of done shards never loads)."""
+        if self._loaded is None:
+            tokenizer, features = load_target_processor(self.path)
+            model = load_target_model(self.path, self.cfg.dtype, self.cfg.device)
+            capture = TargetCapture(model, features, aux_layers=self.aux_out,
+                                    pad_token_id=tokenizer.pad_token_id, last_hidden=self.cfg.last_hidden)
+            self._loaded = (ChatTokenizer(tokenizer), capture)
+        return self._loaded
+
+
+def open_store_for(cfg: DumpConfig, target: Target, inputs: InputSet) -> Manifest:
+    """Create the store or check that it was made from this target, layers, input and settings."""
+    from storage.store import create_store, make_header
+
+    header = make_header(
+        target_path=str(target.path), target_config_hash=target.config_sha256, hidden_size=target.hidden_size,
+        layer_ids=target.aux_out, layer_convention="decoder_layer",
+        layer_ids_by_convention={"decoder_layer": target.aux_out, "hf_hidden_states": target.aux_in},
+        dtype="bfloat16", quantization=cfg.quantize)
+    manifest = create_store(cfg.store, header)
+    # what decides which samples exist and what they hold; a rerun must agree
+    settings = {"input_sha256": inputs.sha256, "num_records": inputs.total, "num_shards": cfg.num_shards,
+                "max_length": cfg.max_length, "truncate": cfg.truncate, "split_long_audio": cfg.split_long_audio,
+                "last_hidden": cfg.last_hidden, "compute_dtype": cfg.dtype}
+
+    def check(data: dict[str, Any]) -> None:
+        old = data.setdefault("dump", {"settings": settings, "input": [str(f) for f in inputs.files]})
+        diffs = [f"{k}: existing {old['settings'].get(k)!r} vs now {v!r}"
+                 for k, v in settings.items() if old["settings"].get(k) != v]
+        if diffs:
+            raise ManifestMismatch(f"{manifest.path} was dumped with other settings ({'; '.join(diffs)}). "
+                                   f"Use a new --store, or rerun with the original settings.")
+
+    manifest.update(check)
+    return manifest
+
+
+# ---- one shard ----------------------------------------------------------------------------------
+
+
+class RejectionLog:
+    """A shard's rejections: appended durably as found (resume skips them), rewritten sorted at the end."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._log = DurableJsonl(path)
+        self.rows = {row["index"]: row for row in self._log.read()}
+
+    def add(self, rejections: Sequence[Rejection]) -> None:
+        new = [r.to_dict() for r in rejections if r.index not in self.rows]
+        self._log.append_many(new)
+        self.rows.update((row["index"], row) for row in new)
+
+    def finish(self) -> str:
+        """Rewrite in input order, atomically; returns the file's sha256."""
+        self._log.close()
+        atomic_write_text(self.path, "".join(json.dumps(self.rows[i], sort_keys=True, ensure_ascii=False) + "\n"
+                                             for i in sorted(self.rows)))
+        return sha256_file(self.path)
+
+
+@dataclass
+class ShardResult:
+    name: str
+    num_input: int
+    num_accepted: int
+    num_rejected: int
+    num_tokens: int  # tokens forwarded by this run (resumed samples excluded)
+    seconds: float
+
+
+def dump_shard(cfg: DumpConfig, shard: Shard, target: Target, inputs: InputSet) -> ShardResult:
+    """Dump one shard into the store and record it in the manifest (after its data is durable)."""
+    from storage.writer import ShardWriter, commit_shard
+
+    start = time.monotonic()
+    chat, capture = target.load()
+    records = [r for r in inputs.records if shard.start <= r.index < shard.stop]
+    errors = RejectionLog(Path(cfg.store) / ERRORS_DIR / f"errors-{shard.index:05d}.jsonl")
+    errors.add([r for r in inputs.rejected if shard.start <= r.index < shard.stop])
+    tokens = 0
+    with ShardWriter(cfg.store, shard, resume=True, background=True, queue_size=cfg.sort_window) as writer, \
+            Progress(len(records), shard.name, unit="records") as progress:
+        done = set(errors.rows) | _committed_indices(writer, records)
+        for w0 in range(0, len(records), cfg.sort_window):
+            window = records[w0: w0 + cfg.sort_window]
+            todo = [r for r in window if r.index not in done]
+            if todo:
+                captured, rejected = _run_window(cfg, chat, capture, window, done)
+                writer.flush()  # the previous window, written while this one ran forwards
+                rejected += _write_in_order(writer, window, captured, done)
+                errors.add(rejected)
+                tokens += sum(c.num_tokens for c in captured.values())
+            progress.update(len(window), tok_s=f"{tokens / max(time.monotonic() - start, 1e-9):.0f}")
+        entry = writer.finish()
+    entry.update(_accounting(shard, entry, errors))
+    commit_shard(Manifest(cfg.store), shard, entry)
+    return ShardResult(shard.name, len(shard), entry["num_samples"], entry["num_rejected"], tokens,
+                       time.monotonic() - start)
+
+
+def _committed_indices(writer: Any, records: list[Record]) -> set[int]:
+    """Input indices of the samples the writer holds durably (a prefix of the accepted ones)."""
+    ids = writer.committed_ids
+    if len(ids) < writer.num_committed:  # the shard was finished (renamed) before a kill
+        from storage.layout import INDEX_NAME, read_index
+
+        ids = read_index((writer.final_dir / INDEX_NAME).read_bytes()).column("id").to_pylist()
+    by_id = {r.id: r.index for r in records}
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise ManifestMismatch(f"{writer.tmp_dir}: holds samples {unknown[:3]} that are not in this shard's input")
+    return {by_id[i] for i in ids}
+
+
+def _run_window(cfg: DumpConfig, chat: ChatTokenizer, capture: TargetCapture, window: list[Record],
+                done: set[int]) -> tuple[dict[int, CapturedSample], list[Rejection]]:
+    """Prepare a window, batch it by length and capture every batch holding an undone sample.
+
+    The batch plan covers the whole window (done samples included), so a resumed window runs
+    exactly the batches, and so gets exactly the numbers, of an uninterrupted run.
+    """
+    limits = AudioLimits(split_long=cfg.split_long_audio)
+    prepared: list[PreparedSample] = []
+    rejected: list[Rejection] = []
+    for rec in window:
+        try:
+            prepared.append(prepare_sample(rec, chat, limits=limits, max_length=cfg.max_length,
+                                           truncate=cfg.truncate))
+        except RecordError as err:
+            if rec.index not in done:
+                rejected.append(Rejection(rec.index, rec.line, rec.source, rec.id, err.field, err.reason))
+    captured: dict[int, CapturedSample] = {}
+    for batch in plan_batches([p.length for p in prepared], cfg.batch_tokens):
+        group = [prepared[i] for i in batch]
+        if all(p.record.index in done for p in group):
+            continue
+        for p, sample in zip(group, capture.capture(group), strict=True):
+            captured[p.record.index] = sample
+    return captured, rejected
+
+
+def _write_in_order(writer: Any, window: list[Record], captured: dict[int, CapturedSample],
+                    done: set[int]) -> list[Rejection]:
+    """Hand the window's new samples to the writer in input order; NaN/Inf ones become rejections."""
+    rejected = []
+    for rec in window:
+        sample = captured.get(rec.index)
+        if sample is None or rec.index in done:
+            continue
+        try:
+            writer.write(sample)  # validates shapes and finiteness before queueing
+        except SampleError as err:
+            rejected.append(Rejection(rec.index, rec.line, rec.source, rec.id, "hidden_states", str(err)))
+    return rejected
+
+
+def _accounting(shard: Shard, entry: dict[str, Any], errors: RejectionLog) -> dict[str, Any]:
+    """The manifest fields that prove accepted + rejected == input for the shard."""
+    rejected = len(errors.rows)
+    if entry["num_samples"] + rejected != len(shard):
+        raise RuntimeError(f"{shard.name}: {entry['num_samples']} accepted + {rejected} rejected != "
+                           f"{len(shard)} input records; not committing it")
+    by_field = Counter(row["field"] for row in errors.rows.values())
+    return {"num_input": len(shard), "num_accepted": entry["num_samples"], "num_rejected": rejected,
+            "rejected_by_field": dict(sorted(by_field.items())),
+            "errors_file": f"{ERRORS_DIR}/{errors.path.name}", "errors_sha256": errors.finish()}
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+
+
+def run_dump(cfg: DumpConfig) -> list[ShardResult]:
+    """Dump the selected shard (or every shard not yet complete); returns what this call did."""
+    inputs = read_input(cfg.input)
+    target = Target(cfg)
+    manifest = open_store_for(cfg, target, inputs)
+    shards = plan_shards(inputs.total, cfg.num_shards)
+    index = resolve_shard_index(cfg.shard_index, cfg.num_shards)
+    results: list[ShardResult] = []
+    run_shards(cfg.store, shards, index, lambda s: results.append(dump_shard(cfg, s, target, inputs)), manifest)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    cfg = parse_config(DumpConfig, argv, prog="python -m stages.dump", section="dump",
+                       description="Stage 2: dump the target's aux hidden states into a hidden-state store.")
+    try:
+        results = run_dump(cfg)
+    except (ValueError, LockHeld) as err:
+        print(f"stages.dump: error: {err}", file=sys.stderr)
+        return 2
+    for r in results:
+        log.info("%s: %d input = %d accepted + %d rejected; %d tokens in %.1f s (%.0f tokens/s)", r.name,
+                 r.num_input, r.num_accepted, r.num_rejected, r.num_tokens, r.seconds, r.num_tokens / max(r.seconds, 1e-9))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

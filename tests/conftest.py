@@ -1,0 +1,54 @@
+"""Shared pytest fixtures: the tiny Qwen2-Audio target and the committed speech fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.tiny_target import ensure_tiny_target
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def tiny_target() -> Path:
+    """A tiny random Qwen2-Audio checkpoint (default sizes), built once and cached across runs."""
+    return ensure_tiny_target(TESTS_DIR / ".cache" / "tiny-target")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """``tests/data``: speech.jsonl and audio/clip-XX.flac (see tests/data/make_fixtures.py)."""
+    return TESTS_DIR / "data"
+
+
+@pytest.fixture(scope="session")
+def hf_hidden_states(tiny_target: Path):
+    """Stage 2's independent reference: the stock HF forward with ``output_hidden_states=True``.
+
+    Returns ``forward(prepared_sample, dtype=torch.bfloat16)`` -> tuple of [S, H] tensors at batch
+    size 1: index 0 is the merged ``inputs_embeds`` (audio embeddings at audio positions), ``i + 1``
+    the output of decoder layer ``i``, -1 the final norm output. Its own model instance and its own
+    feature extraction, so nothing is shared with the hooks under test.
+    """
+    import torch
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    extractor = AutoProcessor.from_pretrained(str(tiny_target)).feature_extractor
+    models: dict = {}
+
+    def forward(sample, dtype=torch.bfloat16):
+        if dtype not in models:
+            models[dtype] = Qwen2AudioForConditionalGeneration.from_pretrained(str(tiny_target), dtype=dtype).eval()
+        ids = torch.from_numpy(sample.encoded.input_ids)[None]
+        audio = {}
+        if sample.waveforms:
+            feats = extractor(sample.waveforms, sampling_rate=16_000, return_attention_mask=True,
+                              padding="max_length", return_tensors="pt")
+            audio = {"input_features": feats["input_features"], "feature_attention_mask": feats["attention_mask"]}
+        with torch.no_grad():
+            out = models[dtype](input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, **audio)
+        return tuple(h[0] for h in out.hidden_states)
+
+    return forward
