@@ -182,7 +182,7 @@ class TargetCapture:
         embeds = acts["embeds"][b]
         spans = [(int(s), int(e)) for s, e in enc.audio_spans]
         audio = torch.cat([embeds[s:e] for s, e in spans]) if spans else embeds[:0]
-        meta = {"index": rec.index, "line": rec.line, "num_tokens": n, "num_loss_tokens": int(loss_mask.sum()),
+        meta = {"source": rec.source, "index": rec.index, "line": rec.line, "num_tokens": n, "num_loss_tokens": int(loss_mask.sum()),
                 "num_last": int(positions.numel()), "num_audio_tokens": int(audio.shape[0]), "audio_spans": spans}
         return CapturedSample(
             id=rec.id, source_hash=rec.source_hash, input_ids=torch.from_numpy(enc.input_ids.astype(np.int64)),

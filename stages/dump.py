@@ -184,7 +184,7 @@ def open_store_for(cfg: DumpConfig, target: Target, inputs: InputSet) -> Manifes
                 "last_hidden": cfg.last_hidden, "compute_dtype": cfg.dtype}
 
     def check(data: dict[str, Any]) -> None:
-        old = data.setdefault("dump", {"settings": settings, "input": [str(f) for f in inputs.files]})
+        old = data.setdefault("dump", {"settings": settings, "input": [str(f.resolve()) for f in inputs.files]})
         diffs = [f"{k}: existing {old['settings'].get(k)!r} vs now {v!r}"
                  for k, v in settings.items() if old["settings"].get(k) != v]
         if diffs:

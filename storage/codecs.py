@@ -35,6 +35,7 @@ from storage.sample import CapturedSample
 
 HIDDEN_ARRAYS = ("aux_hidden", "last_hidden", "audio_embeds")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+NONFINITE_EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 QUANTIZATIONS = ("none", "fp8")
 SHUFFLE_IDS = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 # rows per chunk aim at ~2 MiB raw: big enough that per-file overhead (open, zarr metadata) is
@@ -153,22 +154,46 @@ def bits_to_hidden(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).view(dtype)
 
 
+def nonfinite_mask(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """True where half-precision bits are NaN/Inf (exponent all ones). On uint16 bits this
+    runs at ~1.7 GB/s, 16x faster than ``torch.isfinite`` on bf16 CPU tensors (8 vs 129 ms
+    for 1,100 tokens x 3 x 4096)."""
+    mask = NONFINITE_EXPONENT[dtype]
+    return np.bitwise_and(bits, mask) == mask
+
+
+def bits_to_float32(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    if dtype == torch.bfloat16:  # bf16 is the top half of a float32: shift, no rounding
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(np.float16).astype(np.float32)
+
+
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scaled float8_e4m3fn: [R, H] -> (uint8 [R, H], float32 scale [R]).
+    """Per-row scaled float8_e4m3fn: [R, H] bf16/fp16 -> (uint8 [R, H], float32 scale [R]).
 
     The scale maps each row's absolute max to 448, so outlier channels cost the bulk only
     relative precision (e4m3 keeps ~3 significant bits across 2^-6..448 before subnormals).
+    Done in numpy except the final rounding: 2.3x faster than the same ops in torch on CPU.
     """
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (xf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.view(torch.uint8), scale
+    xf = bits_to_float32(hidden_to_bits(x), x.dtype)
+    amax = np.maximum(xf.max(axis=-1, initial=0.0), -xf.min(axis=-1, initial=0.0))
+    scale = np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1.0)).astype(np.float32)
+    np.divide(xf, scale[:, None], out=xf)
+    np.clip(xf, -FP8_MAX, FP8_MAX, out=xf)
+    q = torch.from_numpy(xf).to(torch.float8_e4m3fn)
+    return q.view(torch.uint8), torch.from_numpy(scale)
+
+
+# float8_e4m3fn value of every byte: dequantizing is a table lookup (4.5x faster than torch's
+# float8 -> float conversion on CPU)
+_FP8_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Inverse of :func:`quantize_fp8` (up to rounding), returned as ``dtype``."""
-    return (q.view(torch.float8_e4m3fn).float() * scale[:, None].float()).to(dtype)
+    values = np.take(_FP8_TABLE, q.numpy())
+    values *= scale.numpy().astype(np.float32)[:, None]
+    return torch.from_numpy(values).to(dtype)
 
 
 def encode_sample(sample: CapturedSample, specs: dict[str, ArraySpec]) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 
 HIDDEN_DTYPES = (torch.bfloat16, torch.float16)
@@ -110,12 +111,15 @@ class CapturedSample:
         return []
 
     def _finite_problems(self) -> list[str]:
+        from storage.codecs import hidden_to_bits, nonfinite_mask
+
         out = []
         for name in ("aux_hidden", "last_hidden", "audio_embeds"):
-            bad = ~torch.isfinite(getattr(self, name))
-            n_bad = int(bad.sum())
+            t = getattr(self, name)
+            bad = nonfinite_mask(hidden_to_bits(t), t.dtype)
+            n_bad = int(np.count_nonzero(bad))
             if n_bad:
-                first = [int(i) for i in bad.nonzero()[0]]
+                first = [int(i) for i in np.argwhere(bad)[0]]
                 out.append(f"{name} holds {n_bad} NaN/Inf values (first at {first})")
         return out
 

@@ -173,7 +173,7 @@ def test_vocab_picks_most_frequent_sorted_with_low_id_ties() -> None:
 
 def test_vocab_pads_with_lowest_unused_ids() -> None:
     counts = torch.zeros(10, dtype=torch.long)
-    counts[[7, 3]] = [2, 4]
+    counts[[7, 3]] = torch.tensor([2, 4])
     assert build_draft_vocab(counts, 5).draft_ids.tolist() == [0, 1, 2, 3, 7]
 
 
