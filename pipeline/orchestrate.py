@@ -1,0 +1,158 @@
+"""The whole chain as one config: paths between stages, completion checks, status, Slurm scripts.
+
+A pipeline YAML holds top-level keys (``workdir``, ``target``, ``input``, ...) and one section per
+stage (``regenerate:``, ``dump:``, ...) whose keys are that stage's own options; each stage CLI
+reads its section from the same file, so a per-stage command and the pipeline agree by
+construction. The orchestrator only fills in the paths that link the stages and decides, from
+the stages' manifests and commit markers, which stage is already complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, from_dict, opt, read_yaml_section, require
+
+STAGES = ("regenerate", "dump", "train", "export", "benchmark")
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    workdir: str = opt("work/pipeline", "root of every artifact of this run (one folder per stage)")
+    target: str = opt("", "target model directory; with build_tiny_target, where the tiny one is built")
+    build_tiny_target: bool = opt(False, "build the tiny random Qwen2-Audio into `target` first (demo, tests)")
+    input: str = opt("", "training conversations (jsonl) for stage 1")
+    eval_input: str = opt("", "evaluation conversations for the benchmark (default: `input`)")
+    stages: list[str] = opt(list(STAGES), "stages to run, in order")
+    baseline_untrained: bool = opt(True, "also benchmark an untrained draft of the same shape, for reference")
+    python: str = opt("python", "interpreter for stage subprocesses (Slurm scripts)")
+
+    def __post_init__(self) -> None:
+        require(bool(self.target), "pipeline: `target` is required")
+        require(bool(self.input), "pipeline: `input` is required")
+        unknown = [s for s in self.stages if s not in STAGES]
+        require(not unknown, f"pipeline: unknown stages {unknown} (known: {list(STAGES)})")
+
+
+def load_pipeline_config(path: str | Path) -> tuple[PipelineConfig, dict[str, Any]]:
+    """The top-level options, and the raw YAML (whose stage sections the stages read themselves)."""
+    raw = read_yaml_section(path, None)
+    top = {k: v for k, v in raw.items() if k not in STAGES and k != "slurm"}
+    for key in raw:
+        if key in STAGES and not isinstance(raw[key], dict):
+            raise ConfigError(f"{path}: section {key!r} must be a mapping of that stage's options")
+    return from_dict(PipelineConfig, top, str(path)), raw
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @property
+    def regen(self) -> Path:
+        return self.root / "regenerated"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def draft(self) -> Path:
+        return self.root / "draft"
+
+    @property
+    def untrained_draft(self) -> Path:
+        return self.root / "draft-untrained"
+
+    @property
+    def benchmark(self) -> Path:
+        return self.root / "benchmark.json"
+
+
+def stage_path_args(stage: str, cfg: PipelineConfig, paths: Paths) -> list[str]:
+    """The flags that link ``stage`` to its neighbours (they override the YAML section)."""
+    eval_input = cfg.eval_input or cfg.input
+    table = {
+        "regenerate": ["--target", cfg.target, "--input", cfg.input, "--output", str(paths.regen)],
+        "dump": ["--target", cfg.target, "--input", str(paths.regen), "--store", str(paths.store)],
+        "train": ["--target", cfg.target, "--store", str(paths.store), "--output", str(paths.run)],
+        "export": ["--run", str(paths.run), "--output", str(paths.draft)],
+        "benchmark": ["--target", cfg.target, "--draft", str(paths.draft), "--input", eval_input,
+                      "--output", str(paths.benchmark)],
+    }
+    return table[stage]
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def shard_progress(manifest_path: Path) -> tuple[int, int]:
+    """(done shards, planned shards) from a sharded stage's manifest."""
+    data = _manifest(manifest_path)
+    shards = data.get("shards", {})
+    done = sum(1 for s in shards.values() if s.get("status") == "done")
+    return done, int(data.get("num_shards", 0) or 0)
+
+
+def stage_complete(stage: str, paths: Paths) -> bool:
+    """True when the stage's durable completion record says so (never guessed from files)."""
+    if stage in ("regenerate", "dump"):
+        done, planned = shard_progress((paths.regen if stage == "regenerate" else paths.store) / "manifest.json")
+        return planned > 0 and done == planned
+    if stage == "train":
+        return (paths.run / "FINISHED").exists()
+    if stage == "export":
+        return (paths.draft / "export_info.json").exists()
+    return paths.benchmark.exists()
+
+
+def _lock_lines(out_dir: Path) -> list[str]:
+    lines = []
+    for lock in sorted((out_dir / "locks").glob("*.lock")) if (out_dir / "locks").exists() else []:
+        try:
+            info = json.loads(lock.read_text())
+            age = time.time() - lock.stat().st_mtime
+            lines.append(f"    running: {lock.stem} on {info.get('host')} pid {info.get('pid')} "
+                         f"(heartbeat {age:.0f} s ago)")
+        except (OSError, json.JSONDecodeError):
+            lines.append(f"    lock: {lock.name} (unreadable)")
+    return lines
+
+
+def status_report(paths: Paths) -> str:
+    """Per-stage, per-shard progress from the manifests and lock files (what ``status`` prints)."""
+    out = [f"pipeline at {paths.root}"]
+    for stage, out_dir in (("regenerate", paths.regen), ("dump", paths.store)):
+        data = _manifest(out_dir / "manifest.json")
+        done, planned = shard_progress(out_dir / "manifest.json")
+        out.append(f"{stage:10s} {done}/{planned or '?'} shards done" + ("" if data else " (not started)"))
+        for key, entry in sorted(data.get("shards", {}).items()):
+            counts = {k: v for k, v in entry.items() if k.endswith(("records", "samples", "rejected", "tokens"))}
+            out.append(f"    shard {key}: {entry.get('status')} {counts}")
+        progress_dir = out_dir / "progress"
+        if progress_dir.exists():
+            for log in sorted(progress_dir.glob("*.jsonl")):
+                with open(log, "rb") as fh:
+                    n = sum(1 for _ in fh)
+                out.append(f"    in progress: {log.stem} ({n} records durable)")
+        out.extend(_lock_lines(out_dir))
+    latest = paths.run / "checkpoints" / "latest"
+    step = latest.read_text().strip() if latest.exists() else "none"
+    out.append(f"{'train':10s} {'finished' if stage_complete('train', paths) else 'not finished'}; "
+               f"latest committed checkpoint: {step}")
+    out.extend(_lock_lines(paths.run))
+    out.append(f"{'export':10s} {'done' if stage_complete('export', paths) else 'not done'}")
+    out.append(f"{'benchmark':10s} {'done' if stage_complete('benchmark', paths) else 'not done'}")
+    return "\n".join(out)

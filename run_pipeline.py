@@ -1,0 +1,115 @@
+"""Run the whole chain: regenerate -> dump -> train -> export -> benchmark.
+
+    python run_pipeline.py --config configs/demo.yaml            # run what is not complete
+    python run_pipeline.py status --config configs/demo.yaml     # per-stage, per-shard progress
+    python run_pipeline.py emit-slurm --config configs/qwen2-audio-7b.yaml --out slurm/
+
+Each stage runs as its own process (``python -m stages.<name> --config FILE`` plus the paths
+that link it to its neighbours), so a stage here behaves exactly like the documented per-stage
+command. A stage whose completion record (manifest, FINISHED marker, export_info.json) says it is
+done is skipped; an incomplete one is rerun and resumes by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.orchestrate import (
+    Paths,
+    PipelineConfig,
+    load_pipeline_config,
+    stage_complete,
+    stage_path_args,
+    status_report,
+)
+from pipeline.progress import setup_logging
+
+log = logging.getLogger("run_pipeline")
+
+
+def run_stage(stage: str, cfg: PipelineConfig, config_path: str, paths: Paths) -> None:
+    cmd = [sys.executable, "-m", f"stages.{stage}", "--config", config_path, *stage_path_args(stage, cfg, paths)]
+    log.info("stage %s: %s", stage, " ".join(cmd))
+    start = time.monotonic()
+    result = subprocess.run(cmd)
+    if result.returncode != 0:
+        raise SystemExit(f"stage {stage} failed with exit code {result.returncode}; rerun the same command to resume")
+    log.info("stage %s: done in %.1f s", stage, time.monotonic() - start)
+
+
+def run_untrained_baseline(cfg: PipelineConfig, config_path: str, paths: Paths) -> None:
+    """Benchmark a draft of the same shape before any training step (the reference number)."""
+    result = paths.root / "benchmark-untrained.json"
+    if result.exists():
+        return
+    step0 = paths.run / "checkpoints" / "step-000000"
+    if not (step0 / "COMMITTED").exists():
+        log.warning("no step-000000 checkpoint in %s: skipping the untrained baseline", paths.run)
+        return
+    subprocess.run([sys.executable, "-m", "stages.export", "--config", config_path, "--run", str(paths.run),
+                    "--step", "0", "--output", str(paths.untrained_draft)], check=True)
+    subprocess.run([sys.executable, "-m", "stages.benchmark", "--config", config_path, "--target", cfg.target,
+                    "--draft", str(paths.untrained_draft), "--input", cfg.eval_input or cfg.input,
+                    "--output", str(result)], check=True)
+
+
+def run(config_path: str, only: list[str] | None) -> int:
+    cfg, _raw = load_pipeline_config(config_path)
+    paths = Paths(Path(cfg.workdir))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if cfg.build_tiny_target:
+        from pipeline.tiny_target import ensure_tiny_target
+
+        ensure_tiny_target(cfg.target)
+    for stage in cfg.stages:
+        if only and stage not in only:
+            continue
+        if stage_complete(stage, paths):
+            log.info("stage %s: complete, skipping", stage)
+            continue
+        run_stage(stage, cfg, config_path, paths)
+        if stage == "benchmark" and cfg.baseline_untrained:
+            run_untrained_baseline(cfg, config_path, paths)
+    print_summary(paths)
+    return 0
+
+
+def print_summary(paths: Paths) -> None:
+    from stages.benchmark import format_table
+
+    for name in ("benchmark-untrained.json", "benchmark.json"):
+        path = paths.root / name
+        if path.exists():
+            print(f"\n== {name} ==")
+            print(format_table(json.loads(path.read_text())))
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "status", "emit-slurm"])
+    parser.add_argument("--config", required=True, help="pipeline YAML (top-level paths + one section per stage)")
+    parser.add_argument("--only", action="append", help="run only this stage (repeatable)")
+    parser.add_argument("--out", default="slurm", help="emit-slurm: folder for the sbatch scripts")
+    args = parser.parse_args(argv)
+    if args.command == "status":
+        cfg, _ = load_pipeline_config(args.config)
+        print(status_report(Paths(Path(cfg.workdir))))
+        return 0
+    if args.command == "emit-slurm":
+        from pipeline.slurm import emit_slurm
+
+        for path in emit_slurm(args.config, Path(args.out)):
+            print(path)
+        return 0
+    return run(args.config, args.only)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
