@@ -30,6 +30,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _slurm_job() -> str | None:
+    """Who this process is in Slurm: job (``<array job>_<task>`` for arrays), step and rank.
+
+    All three survive a requeue, and concurrent ranks or steps of one job differ in them.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        job = f"{array_job}_{task}"
+    if not job:
+        return None
+    return f"{job}.{os.environ.get('SLURM_STEP_ID', 'batch')}.{os.environ.get('SLURM_PROCID', '0')}"
+
+
 class FileLock:
     """``with FileLock(path): ...`` or ``acquire()``/``release()``; raises :class:`LockHeld`."""
 
@@ -60,6 +74,9 @@ class FileLock:
             return age_s > 5.0
         if info.get("host") == socket.gethostname():
             return not _pid_alive(int(info.get("pid", -1)))
+        if info.get("slurm_job") and info.get("slurm_job") == _slurm_job():
+            # Slurm runs one instance of a job at a time: the holder is this very task before a requeue
+            return True
         return age_s > self.stale_after_s
 
     def _try_create(self) -> bool:
@@ -68,7 +85,7 @@ class FileLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "slurm_job": _slurm_job()}
         with os.fdopen(fd, "w") as fh:
             json.dump(info, fh)
             fh.flush()

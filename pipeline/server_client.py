@@ -118,7 +118,9 @@ class ServerClient:
         for attempt in range(self.retries + 1):
             url = self._pick()
             try:
-                return self._once(url, path, body)
+                reply = self._once(url, path, body)
+                self._down_until[url] = 0.0  # answered: usable again at once
+                return reply
             except urllib.error.HTTPError as err:
                 detail = err.read().decode(errors="replace")[:500]
                 last = f"{url}{path}: HTTP {err.code}: {detail}"

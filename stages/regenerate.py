@@ -1,0 +1,484 @@
+"""Stage 1: regenerate every assistant turn with the target model, sharded and resumable.
+
+    python -m stages.regenerate --target DIR --input IN.jsonl --output OUT_DIR \\
+        [--num-shards N --shard-index I] [--server URL ...] [--config configs/regenerate.yaml]
+
+EAGLE-3 drafts learn the target's own distribution, so the answers in the training data are
+replaced by what the target generates for the same prompts. The default engine is vLLM in-process,
+fed the exact token ids of :class:`pipeline.template.ChatTokenizer` (one ``<|AUDIO|>`` per clip;
+vLLM expands it), so stage 2 later sees the very prompt vLLM saw. Assistant turns are regenerated
+in order and later turns are conditioned on the generated ids of earlier ones; a conversation
+that ends with a user turn gets one assistant turn appended. With ``--server`` the requests go to
+OpenAI-compatible servers instead (see :mod:`pipeline.server_client` for why multi-turn records
+there are conditioned on re-tokenized text).
+
+Output in OUT_DIR: ``shard-XXXXX-of-YYYYY.jsonl`` (records with the generated text and, per
+regenerated turn, ``token_ids``, ``finish_reason``, ``prompt_tokens``), ``errors-XXXXX.jsonl`` (one
+line per rejected input record) and ``manifest.json`` (settings, per-shard counts and hashes).
+Inside a shard every batch is appended durably to ``progress/<shard>.jsonl``; a rerun skips the
+records found there. Batches are cut at fixed positions of the shard, so a resumed run sends vLLM
+the same batches as an uninterrupted one, and per-request seeds come from (seed, record, k, turn),
+so sampling does not depend on batching or sharding either.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+import json
+import logging
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.audio import AudioLimits
+from pipeline.config import ConfigError, config_hash, opt, parse_config, require
+from pipeline.data import Part, Record, RecordError, Rejection, Turn, read_conversations
+from pipeline.durable import DurableJsonl, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
+from pipeline.engine import Generator, GenRequest, GenResult, Sampling
+from pipeline.locks import LockHeld
+from pipeline.manifest import Manifest, ManifestMismatch
+from pipeline.progress import Progress, setup_logging
+from pipeline.samples import load_record_audio, split_audio_parts
+from pipeline.server_client import RequestFailed
+from pipeline.shards import Shard, plan_shards, resolve_shard_index, run_shards
+from pipeline.template import ChatTokenizer, num_audio_tokens
+
+log = logging.getLogger("stages.regenerate")
+
+# Options that do not change the output: a rerun may change them and still resume.
+RUNTIME_OPTIONS = ("target", "input", "output", "shard_index", "batch_size", "server", "tensor_parallel_size",
+                   "request_timeout_s", "max_concurrency", "retries", "log_every_s")
+MUST_MATCH = ("stage", "input_sha256", "target_config_hash", "sampling", "config_hash", "num_shards", "engine")
+TARGET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "chat_template.jinja", "chat_template.json")
+
+
+@dataclass(kw_only=True)
+class RegenerateConfig:
+    """Stage 1 settings; every field is also a ``--flag`` and a YAML key."""
+
+    target: str = opt("", "target model directory (its tokenizer builds the prompts in both engine modes)")
+    input: str = opt("", "input conversation jsonl (audio paths relative to its folder)")
+    output: str = opt("", "output directory: shard files, error files, manifest.json")
+    num_shards: int = opt(1, "number of shards the input is split into (contiguous record ranges)")
+    shard_index: int | None = opt(None, "shard to run; default $SLURM_ARRAY_TASK_ID, else all shards in sequence")
+    max_new_tokens: int = opt(512, "generated tokens per assistant turn at most")
+    temperature: float = opt(0.0, "sampling temperature; 0 = greedy")
+    top_p: float = opt(1.0, "nucleus sampling threshold")
+    n: int = opt(1, "responses per prompt; each is its own record with id '<id>#<k>' when n > 1")
+    seed: int = opt(0, "base seed; each request's seed is derived from (seed, record index, k, turn)")
+    batch_size: int = opt(64, "records per engine call and per durable checkpoint inside a shard")
+    server: list[str] = opt([], "OpenAI-compatible server URL(s), repeatable; default: in-process vLLM",
+                            repeatable=True)
+    tensor_parallel_size: int = opt(1, "GPUs per model replica (offline engine)")
+    max_model_len: int | None = opt(None, "context length: the offline engine's, and the prompt + answer limit "
+                                    "in both modes (default: what the model or server reports)")
+    dtype: str = opt("auto", "weight dtype for the offline engine: auto, bfloat16, float16, float32")
+    request_timeout_s: float = opt(600.0, "server mode: seconds before a request is abandoned and retried")
+    max_concurrency: int = opt(16, "server mode: requests in flight at once, over all servers")
+    retries: int = opt(3, "server mode: retries per request (exponential backoff, next server each time)")
+    split_long_audio: bool = opt(False, "split clips over 30 s into 30 s pieces instead of rejecting them")
+    log_every_s: float = opt(30.0, "seconds between progress lines when stderr is not a terminal")
+
+    def __post_init__(self) -> None:
+        for name in ("target", "input", "output"):
+            require(bool(getattr(self, name)), f"--{name} is required")
+        require(self.num_shards >= 1, f"--num-shards must be >= 1, got {self.num_shards}")
+        require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        require(self.n >= 1, f"--n must be >= 1, got {self.n}")
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(self.max_concurrency >= 1 and self.retries >= 0, "--max-concurrency >= 1 and --retries >= 0")
+
+    @property
+    def limits(self) -> AudioLimits:
+        return AudioLimits(split_long=self.split_long_audio)
+
+
+@dataclass
+class ShardResult:
+    """What one shard produced; ``input_records == accepted + rejected`` always."""
+
+    shard: Shard
+    accepted: int = 0
+    rejected: int = 0
+    output_records: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    reasons: Counter = field(default_factory=Counter)
+
+
+def derive_seed(seed: int, index: int, k: int, turn: int) -> int:
+    """A request's seed from its identity alone, so batching and sharding cannot change it."""
+    digest = hashlib.sha256(f"{seed}:{index}:{k}:{turn}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def reason_key(error: dict[str, Any]) -> str:
+    """A short class for the summary: field without indices, reason without path or details."""
+    name = re.sub(r"\[\d+\]", "", str(error.get("field"))).split(".")[-1]
+    reason = re.sub(r"^/\S*: ", "", str(error.get("reason"))).split(" (")[0]
+    return f"{name}: {reason[:80]}"
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(target: str) -> Any:
+    from pipeline.samples import load_target_processor
+
+    return load_target_processor(target)[0]
+
+
+def make_engine(cfg: RegenerateConfig) -> Generator:
+    """The offline vLLM engine, or a client of ``cfg.server`` URLs."""
+    if cfg.server:
+        from pipeline.server_client import ServerClient, ServerGenerator
+
+        client = ServerClient(cfg.server, timeout_s=cfg.request_timeout_s, retries=cfg.retries)
+        return ServerGenerator(client, max_concurrency=cfg.max_concurrency)
+    from pipeline.engine import OfflineGenerator, build_llm
+
+    return OfflineGenerator(build_llm(cfg.target, tensor_parallel_size=cfg.tensor_parallel_size,
+                                      max_model_len=cfg.max_model_len, dtype=cfg.dtype, seed=cfg.seed))
+
+
+
+class EngineUnavailable(RuntimeError):
+    """Every request of a batch failed: the engine or all servers are down."""
+
+
+@dataclass
+class _Chain:
+    """One response (k) to one record: its turns fill in as assistant turns are generated."""
+
+    record: Record
+    k: int
+    turns: list[Turn]
+    targets: list[int]  # indices of the assistant turns to generate, in order
+    audios: list[Any]
+    counts: list[int]  # audio tokens per clip after vLLM's expansion
+    tokens: int = 0
+    error: Rejection | None = None
+
+
+def _with_final_turn(turns: list[Turn]) -> list[Turn]:
+    """A conversation ending with a user turn gets an (empty) assistant turn to generate."""
+    if turns[-1].role == "assistant":
+        return list(turns)
+    return [*turns, Turn("assistant", [Part("text", text="")], content_is_string=True)]
+
+
+def _output_turn(raw: dict[str, Any], turn: Turn, original: Turn) -> dict[str, Any]:
+    """The JSON turn: generated answers with their ids; user audio paths made absolute, because
+    the output lives in another folder than the input the relative paths were written for."""
+    if turn.role == "assistant":
+        out = {k: v for k, v in raw.items() if k not in ("content", "token_ids", "finish_reason", "prompt_tokens")}
+        content: Any = turn.text if turn.content_is_string else [{"type": "text", "text": turn.text}]
+        out.update(role="assistant", content=content, token_ids=turn.token_ids, **turn.extra)
+        return out
+    out = dict(raw)
+    if isinstance(raw.get("content"), list):
+        items = []
+        for item, part in zip(raw["content"], original.parts, strict=True):
+            item = dict(item)
+            if part.kind == "audio":
+                item.pop("audio_url", None)
+                item.update(type="audio", audio=str(part.audio))
+            items.append(item)
+        out["content"] = items
+    return out
+
+
+def output_record(chain: _Chain, n: int) -> dict[str, Any]:
+    """The regenerated record: the input's fields, new answers, provenance of the source line."""
+    rec = chain.record
+    raw_turns = rec.raw["conversations"]
+    out = {k: v for k, v in rec.raw.items() if k != "conversations"}
+    out["id"] = rec.id if n == 1 else f"{rec.id}#{chain.k}"
+    out.update(source_id=rec.id, source_hash=rec.source_hash, source_index=rec.index)
+    out["conversations"] = [
+        _output_turn(raw_turns[i] if i < len(raw_turns) else {}, turn, rec.turns[i] if i < len(rec.turns) else turn)
+        for i, turn in enumerate(chain.turns)
+    ]
+    return out
+
+
+class _ShardWork:
+    """Generation for the records of one shard, batch by batch."""
+
+    def __init__(self, cfg: RegenerateConfig, engine: Generator):
+        self.cfg, self.engine = cfg, engine
+        self.tokenizer = _tokenizer(str(Path(cfg.target).resolve()))
+        self.chat = ChatTokenizer(self.tokenizer)
+        limits = [n for n in (engine.max_model_len, cfg.max_model_len) if n]
+        self.context = min(limits) if limits else sys.maxsize
+
+    def _chains(self, rec: Record) -> list[_Chain]:
+        """One chain per response; raises RecordError for unusable audio."""
+        audios = load_record_audio(rec, self.cfg.limits)
+        # split clips become several placeholders; only the prompt sees them, the output keeps
+        # the original parts (stage 2 splits them the same way with the same flag)
+        prompt_rec = split_audio_parts(rec, self.cfg.limits) if self.cfg.split_long_audio else rec
+        turns = _with_final_turn(prompt_rec.turns)
+        targets = [i for i, t in enumerate(turns) if t.role == "assistant"]
+        counts = [num_audio_tokens(a.shape[0]) for a in audios]
+        return [_Chain(rec, k, list(turns), targets, audios, counts) for k in range(self.cfg.n)]
+
+    def _request(self, chain: _Chain, t: int) -> GenRequest | Rejection:
+        ids = self.chat.encode(chain.turns, until_turn=t).input_ids.tolist()
+        n_audio = sum(len(turn.audio_paths) for turn in chain.turns[:t])
+        length = len(ids) - n_audio + sum(chain.counts[:n_audio])
+        room = self.context - length
+        if room < 1:
+            rec = chain.record
+            return Rejection(rec.index, rec.line, rec.source, rec.id, f"conversations[{t}]",
+                             f"prompt longer than the model's context ({length} tokens with audio expanded, "
+                             f"max_model_len {self.context})")
+        cfg = self.cfg
+        # capped to the room left so that both engines stop at the context end instead of erroring
+        sampling = Sampling(min(cfg.max_new_tokens, room), cfg.temperature, cfg.top_p,
+                            derive_seed(cfg.seed, chain.record.index, chain.k, t))
+        return GenRequest(ids, chain.audios[:n_audio], sampling, chain.turns[:t])
+
+    def _accept(self, chain: _Chain, t: int, result: GenResult) -> None:
+        rec = chain.record
+        if result.error is not None:
+            chain.error = Rejection(rec.index, rec.line, rec.source, rec.id, "engine", result.error)
+            return
+        # the text is decoded from the ids, so ids and text can never disagree
+        text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        old = chain.turns[t]
+        chain.turns[t] = replace(old, parts=[Part("text", text=text)], token_ids=result.token_ids,
+                                 extra={"finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens})
+        chain.tokens += len(result.token_ids)
+
+    def _generate(self, chains: list[_Chain]) -> None:
+        """Round r generates the r-th assistant turn of every chain that has one."""
+        for r in range(max((len(c.targets) for c in chains), default=0)):
+            todo: list[tuple[_Chain, int, GenRequest]] = []
+            for chain in chains:
+                if r >= len(chain.targets) or chain.error is not None:
+                    continue
+                req = self._request(chain, chain.targets[r])
+                if isinstance(req, Rejection):
+                    chain.error = req
+                else:
+                    todo.append((chain, chain.targets[r], req))
+            results = self.engine.generate([req for _, _, req in todo])
+            if results and all(res.error is not None for res in results):
+                # an outage, not bad records: fail the job so a rerun retries instead of
+                # committing the rest of the shard as rejected
+                raise EngineUnavailable(f"every request of a batch failed, e.g. {results[0].error}")
+            for (chain, t, _), result in zip(todo, results, strict=True):
+                self._accept(chain, t, result)
+
+    def batch_rows(self, records: list[Record]) -> list[dict[str, Any]]:
+        """One progress-log row per record: its output lines and token count, or its error."""
+        chains: list[_Chain] = []
+        failed: dict[int, Rejection] = {}
+        for rec in records:
+            try:
+                chains.extend(self._chains(rec))
+            except RecordError as err:
+                failed[rec.index] = Rejection(rec.index, rec.line, rec.source, rec.id, err.field, err.reason)
+        self._generate(chains)
+        by_record: dict[int, list[_Chain]] = {}
+        for chain in chains:
+            by_record.setdefault(chain.record.index, []).append(chain)
+        rows = []
+        for rec in records:
+            mine = by_record.get(rec.index, [])
+            error = failed.get(rec.index) or next((c.error for c in mine if c.error is not None), None)
+            if error is not None:
+                rows.append({"index": rec.index, "error": error.to_dict()})
+                continue
+            lines = [json.dumps(output_record(c, self.cfg.n), ensure_ascii=False) for c in mine]
+            rows.append({"index": rec.index, "lines": lines, "tokens": sum(c.tokens for c in mine)})
+        return rows
+
+
+def shard_files(out_dir: str | Path, shard: Shard) -> tuple[Path, Path, Path]:
+    """(records, errors, in-progress log) paths of a shard."""
+    out = Path(out_dir)
+    return (out / f"{shard.name}.jsonl", out / f"errors-{shard.index:05d}.jsonl",
+            out / "progress" / f"{shard.name}.jsonl")
+
+
+def _in_shard(items: list[Any], shard: Shard) -> list[Any]:
+    """The items (sorted by ``.index``) whose index falls in the shard's range."""
+    lo = bisect.bisect_left(items, shard.start, key=lambda r: r.index)
+    hi = bisect.bisect_left(items, shard.stop, key=lambda r: r.index)
+    return items[lo:hi]
+
+
+def regenerate_shard(cfg: RegenerateConfig, shard: Shard, records: list[Record], rejected: list[Rejection],
+                     engine: Generator) -> ShardResult:
+    """Generate the shard's ``records`` (resuming from its progress log), then commit the shard:
+    records and errors files atomically, then the manifest entry, then drop the log.
+
+    ``rejected`` are the reader's rejections in this shard; together with ``records`` they must
+    cover every input index of the shard.
+    """
+    start = time.monotonic()
+    progress_path = shard_files(cfg.output, shard)[2]
+    work = _ShardWork(cfg, engine)
+    with DurableJsonl(progress_path) as progress_log:
+        rows = {row["index"]: row for row in progress_log.read()}
+        if rows:
+            log.info("%s: resuming, %d of %d records already durable", shard.name, len(rows), len(records))
+        with Progress(len(records), shard.name, unit="rec", log_every_s=cfg.log_every_s, logger=log) as bar:
+            bar.update(sum(r.index in rows for r in records))
+            tokens = 0
+            # batches at fixed positions: a resumed run sends the engine the same batches
+            for b in range(0, len(records), cfg.batch_size):
+                todo = [r for r in records[b : b + cfg.batch_size] if r.index not in rows]
+                if not todo:
+                    continue
+                new = work.batch_rows(todo)
+                progress_log.append_many(new)
+                rows.update((row["index"], row) for row in new)
+                tokens += sum(row.get("tokens", 0) for row in new)
+                bar.update(len(todo), tok_s=f"{tokens / (time.monotonic() - start):.1f}")
+    result = _commit(cfg, shard, rows, rejected)
+    progress_path.unlink()
+    fsync_dir(progress_path.parent)
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def _commit(cfg: RegenerateConfig, shard: Shard, rows: dict[int, dict[str, Any]],
+            rejected: list[Rejection]) -> ShardResult:
+    """Write the shard's files and manifest entry; checks that every input record is accounted for."""
+    records_path, errors_path, _ = shard_files(cfg.output, shard)
+    read_errors = {r.index: r.to_dict() for r in rejected}
+    result = ShardResult(shard)
+    lines: list[str] = []
+    errors: list[str] = []
+    for index in range(shard.start, shard.stop):
+        row = rows.get(index)
+        error = read_errors.get(index) or (row or {}).get("error")
+        if (row is None) == (index not in read_errors):
+            raise RuntimeError(f"{shard.name}: record {index} has {'no' if row is None else 'two'} outcomes")
+        if error is not None:
+            errors.append(json.dumps(error, ensure_ascii=False, sort_keys=True))
+            result.rejected += 1
+            result.reasons[reason_key(error)] += 1
+        else:
+            lines.extend(row["lines"])
+            result.accepted += 1
+            result.generated_tokens += row["tokens"]
+    result.output_records = len(lines)
+    files = {}
+    for path, body in ((records_path, lines), (errors_path, errors)):
+        data = "".join(line + "\n" for line in body).encode("utf-8")
+        atomic_write_bytes(path, data)
+        files[path.name] = {"sha256": sha256_bytes(data), "bytes": len(data), "lines": len(body)}
+    Manifest(cfg.output).mark_shard(shard.index, {
+        "status": "done", "records": [shard.start, shard.stop], "input_records": len(shard),
+        "accepted": result.accepted, "rejected": result.rejected, "output_records": result.output_records,
+        "generated_tokens": result.generated_tokens, "rejected_by_reason": dict(result.reasons), "files": files,
+    })
+    return result
+
+
+def target_config_hash(target: str | Path) -> str:
+    """Hash of the target's config, generation defaults, tokenizer and chat template (not of the
+    weights: hashing 15 GB at every shard job start would cost minutes)."""
+    digest = hashlib.sha256()
+    for name in TARGET_FILES:
+        path = Path(target) / name
+        if path.is_file():
+            digest.update(f"{name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def manifest_header(cfg: RegenerateConfig, total: int) -> dict[str, Any]:
+    """The run's identity; resuming requires the :data:`MUST_MATCH` keys to be equal."""
+    return {
+        "stage": "regenerate", "input": str(Path(cfg.input).resolve()), "input_sha256": sha256_file(cfg.input),
+        "input_records": total, "target": str(Path(cfg.target).resolve()),
+        "target_config_hash": target_config_hash(cfg.target), "num_shards": cfg.num_shards,
+        "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                     "n": cfg.n, "seed": cfg.seed},
+        "engine": "server" if cfg.server else "offline", "config_hash": config_hash(cfg, exclude=RUNTIME_OPTIONS),
+        "config": {k: v for k, v in vars(cfg).items() if k not in ("server",)},
+    }
+
+
+def _log_summary(results: list[ShardResult], busy: list[int], seconds: float) -> None:
+    if busy:
+        log.warning("shards %s are locked by other jobs and were left to them", busy)
+    if not results:
+        log.info("nothing to do: the selected shards are complete%s", " or busy" if busy else "")
+        return
+    accepted = sum(r.accepted for r in results)
+    rejected = sum(r.rejected for r in results)
+    tokens = sum(r.generated_tokens for r in results)
+    log.info("done: %d shard(s), %d input records: %d regenerated (%d output records), %d rejected; "
+             "%d tokens in %.1f s (%.1f tokens/s overall, engine start included)", len(results),
+             accepted + rejected, accepted, sum(r.output_records for r in results), rejected, tokens, seconds,
+             tokens / max(seconds, 1e-9))
+    for reason, count in sum((r.reasons for r in results), Counter()).most_common():
+        log.info("  rejected %5d  %s", count, reason)
+
+
+def run(cfg: RegenerateConfig, engine: Generator | None = None) -> list[ShardResult]:
+    """Regenerate the selected shard (or all of them); ``engine`` defaults to :func:`make_engine`,
+    built only once a shard actually needs work."""
+    start = time.monotonic()
+    # audio is decoded per shard while generating, not here: every job of a 1000-task array
+    # would otherwise decode the whole dataset's audio just to find its own records
+    read = read_conversations(cfg.input, require_assistant=False, check_audio=False, audio_limits=cfg.limits)
+    shards = plan_shards(read.total, cfg.num_shards)
+    try:
+        shard_index = resolve_shard_index(cfg.shard_index, cfg.num_shards)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    manifest = Manifest(cfg.output)
+    manifest.init(manifest_header(cfg, read.total), MUST_MATCH)
+    if cfg.n > 1 and cfg.temperature == 0:
+        log.warning("--n %d with --temperature 0 gives %d identical responses per prompt", cfg.n, cfg.n)
+    results: list[ShardResult] = []
+    owned = engine is None
+
+    def process(shard: Shard) -> None:
+        nonlocal engine
+        if engine is None:
+            engine = make_engine(cfg)
+        records, rejected = _in_shard(read.records, shard), _in_shard(read.rejected, shard)
+        results.append(regenerate_shard(cfg, shard, records, rejected, engine))
+
+    try:
+        summary = run_shards(cfg.output, shards, shard_index, process, manifest)
+    finally:
+        if owned and engine is not None:
+            engine.close()
+    _log_summary(results, summary.busy, time.monotonic() - start)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exit status 2 for a configuration, input or lock problem, 1 when the
+    engine or every server fails."""
+    setup_logging()
+    cfg = parse_config(RegenerateConfig, argv, prog="python -m stages.regenerate",
+                       description=__doc__.split("\n\n")[0], section="regenerate")
+    try:
+        run(cfg)
+    except (LockHeld, ConfigError, ManifestMismatch, FileNotFoundError, RequestFailed) as err:
+        log.error("%s", err)
+        return 2
+    except EngineUnavailable as err:
+        log.error("%s; durable progress is kept, rerun the same command to continue", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

