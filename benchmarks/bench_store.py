@@ -1,8 +1,8 @@
 """Hidden-state store vs the SpecForge layout, on the same synthetic samples, side by side.
 
-``python -m benchmarks.bench_store`` (~2-3 min on 2 cores) prints one markdown table:
-bytes per token on disk, write throughput and random-access read throughput with 1 and 4
-DataLoader workers, for (a) the tiny target shape H=256 and (b) Qwen2-Audio-7B's H=4096, for
+``python -m benchmarks.bench_store`` (~3 min on 2 busy cores) prints one markdown table:
+bytes per token on disk, write throughput and random-access read throughput in-process (0w)
+and with 1 and 4 DataLoader workers, for (a) the tiny target shape H=256 and (b) Qwen2-Audio-7B's H=4096, for
 this store lossless and fp8 and for SpecForge's one ``torch.save`` dict per sample
 (``input_ids``, ``loss_mask``, ``aux_hidden_state`` [1,S,3H], ``hidden_state`` [1,S,H], bf16,
 written for real), plus a plain sequential read of each layout's files. This store also holds
@@ -34,9 +34,7 @@ from storage.writer import ShardWriter, commit_shard
 LAYERS = [2, 16, 29]  # EAGLE-3's low/mid/high picks for a 32-layer target (hf_hidden_states ids)
 
 
-def write_store(root: Path, samples: list[CapturedSample], h: int, quantization: str,
-                chunk_bytes: int | None = None) -> float:
-    kw: dict[str, Any] = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
+def write_store(root: Path, samples: list[CapturedSample], h: int, quantization: str, **kw: Any) -> float:
     header = make_header(target_path="synthetic", target_config_hash="0", hidden_size=h, layer_ids=LAYERS,
                          layer_convention="hf_hidden_states", quantization=quantization,
                          layer_ids_by_convention={"hf_hidden_states": LAYERS,
@@ -117,8 +115,8 @@ def bench_shape(work: Path, h: int, n: int, lo: int, hi: int) -> list[dict[str, 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
     rows: list[dict[str, Any]] = []
     sf = SpecForgeFiles(work / f"specforge-{h}", n)
-    sf_in = sum(tensor_bytes(sf_dict) for sf_dict in ({"a": s.aux_hidden, "f": f, "i": s.input_ids,
-                                                        "m": s.loss_mask.long()} for s, f in zip(samples, finals, strict=True)))
+    sf_in = sum(tensor_bytes({"aux": s.aux_hidden, "final": f, "ids": s.input_ids, "mask": s.loss_mask.long()})
+                for s, f in zip(samples, finals, strict=True))
     layouts: list[tuple[str, Path, Any, float, int]] = []
     t = sf.write(samples, finals)
     layouts.append(("SpecForge torch.save", sf.paths[0].parents[1], sf, t, sf_in))
@@ -130,6 +128,10 @@ def bench_shape(work: Path, h: int, n: int, lo: int, hi: int) -> list[dict[str, 
     for name, root, ds, t_write, n_in in layouts:
         row = {"shape": f"H={h}", "layout": name, "B/token": du(root) / tokens, "x SF": du(root) / sf_bytes,
                "write MB/s": n_in / t_write / 1e6, "write tok/s": tokens / t_write}
+        t0 = time.perf_counter()
+        for i in order:
+            ds[i]
+        row["0w tok/s"] = tokens / (time.perf_counter() - t0)  # in-process: decode cost alone
         for workers in (1, 4):
             t_read, n_out = timed_read(ds, workers, order)
             row[f"{workers}w tok/s"], row[f"{workers}w GB/s"] = tokens / t_read, n_out / t_read / 1e9
@@ -141,26 +143,29 @@ def bench_shape(work: Path, h: int, n: int, lo: int, hi: int) -> list[dict[str, 
 
 
 def chunk_sweep(work: Path, n: int, lo: int, hi: int) -> list[dict[str, Any]]:
-    target = SynthTarget(4096)
-    samples = [make_conversation(target, i, L)[0] for i, L in enumerate(sample_lengths(n, lo, hi))]
-    tokens = sum(s.num_tokens for s in samples)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    """Chunk size vs bytes on disk, write speed and in-process (0 workers) random-read speed."""
     rows = []
-    for mib in (0.5, 1, 2, 4, 8):
-        root = work / f"sweep-{mib}"
-        t_write = write_store(root, samples, 4096, "none", chunk_bytes=int(mib * (1 << 20)))
-        store = open_store(root)
-        t0 = time.perf_counter()
-        for i in order:
-            store[i]
-        t_read = time.perf_counter() - t0
-        rows.append({"shape": "H=4096", "layout": f"lossless, {mib} MiB chunks", "B/token": du(root) / tokens,
-                     "write tok/s": tokens / t_write, "1w tok/s": tokens / t_read})
-        shutil.rmtree(root)
+    for h in (256, 4096):
+        target = SynthTarget(h)
+        samples = [make_conversation(target, i, L)[0] for i, L in enumerate(sample_lengths(n, lo, hi))]
+        tokens = sum(s.num_tokens for s in samples)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+        for kib in (64, 256, 512, 1024, 2048, 4096):
+            root = work / f"sweep-{h}-{kib}"
+            t_write = write_store(root, samples, h, "none", chunk_bytes=kib << 10)
+            store = open_store(root)
+            aux_rows = store.specs["aux_hidden"].chunk_rows
+            t0 = time.perf_counter()
+            for i in order:
+                store[i]
+            t_read = time.perf_counter() - t0
+            rows.append({"shape": f"H={h}", "layout": f"lossless, chunks <= {kib} KiB (aux {aux_rows} rows)",
+                         "B/token": du(root) / tokens, "write tok/s": tokens / t_write, "0w tok/s": tokens / t_read})
+            shutil.rmtree(root)
     return rows
 
 
-COLUMNS = ["shape", "layout", "B/token", "x SF", "write MB/s", "write tok/s", "1w tok/s", "1w GB/s",
+COLUMNS = ["shape", "layout", "B/token", "x SF", "write MB/s", "write tok/s", "0w tok/s", "1w tok/s", "1w GB/s",
            "4w tok/s", "4w GB/s"]
 
 
@@ -178,7 +183,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=int, default=64, help="samples per shape")
+    ap.add_argument("--samples", type=int, default=48, help="samples per shape")
     ap.add_argument("--min-tokens", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=2000)
     ap.add_argument("--chunk-sweep", action="store_true", help="also sweep chunk sizes at H=4096")

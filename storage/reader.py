@@ -2,7 +2,8 @@
 
 A sample's rows of an array are a contiguous range (offset, count from the Arrow index). Chunks
 the range covers completely are decompressed straight into the output buffer (no extra copy:
-at H=4096 a 1,000-token sample is 24 MiB of aux_hidden, and a copy costs ~1/3 of the decode);
+at H=4096 a 1,000-token sample is 24 MiB of aux_hidden; decoding 16 chunks in place took
+21-30 ms vs 26-30 ms with a copy, on a busy 2-core machine);
 the edge chunks are decoded once and kept (one per array), so reading consecutive samples
 decodes each chunk once.
 """

@@ -117,10 +117,9 @@ class CapturedSample:
         for name in ("aux_hidden", "last_hidden", "audio_embeds"):
             t = getattr(self, name)
             bad = nonfinite_mask(hidden_to_bits(t), t.dtype)
-            n_bad = int(np.count_nonzero(bad))
-            if n_bad:
+            if bad is not None:
                 first = [int(i) for i in np.argwhere(bad)[0]]
-                out.append(f"{name} holds {n_bad} NaN/Inf values (first at {first})")
+                out.append(f"{name} holds {int(np.count_nonzero(bad))} NaN/Inf values (first at {first})")
         return out
 
 

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -97,6 +98,12 @@ def test_round_trip_bit_exact(tmp_path: Path) -> None:
     assert store.validate(deep=True) == []
     with pytest.raises(KeyError, match="nope"):
         store.by_id("nope")
+    # any fsspec filesystem works for reading: here an in-memory one standing in for s3://
+    mem = fsspec.filesystem("memory")
+    mem.put(str(tmp_path), "/copy", recursive=True)
+    remote = open_store("memory://copy")
+    assert torch.equal(bits(remote.by_id("s007")["aux_hidden"]), bits(samples[7].aux_hidden))
+    assert remote.validate(deep=True) == []
 
 
 def test_shard_file_set_is_pinned(tmp_path: Path) -> None:
@@ -241,7 +248,7 @@ def test_crash_before_rename_recovers(tmp_path: Path, monkeypatch: pytest.Monkey
     create_store(root, make_header(**HEADER_KW))
     shard = plan_shards(len(samples), 1)[0]
 
-    def boom(*_a: object) -> None:
+    def boom(*_a: object, **_k: object) -> None:
         raise OSError("simulated crash before rename")
 
     monkeypatch.setattr("storage.writer.atomic_replace_dir", boom)
@@ -254,6 +261,7 @@ def test_crash_before_rename_recovers(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.undo()
     with ShardWriter(root, shard, resume=True) as w2:
         assert w2.num_committed == len(samples)
+        assert w2.committed_ids == [s.id for s in samples]
         entry = w2.finish()
     assert shard_files(root) == shard_files(tmp_path / "ref") and entry["num_samples"] == len(samples)
 
