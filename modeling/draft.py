@@ -184,6 +184,7 @@ class Eagle3Draft(nn.Module):
 
     @property
     def scale(self) -> float:
+        """Attention softmax scale, head_dim ** -0.5 as in vLLM."""
         return self.config.head_dim ** -0.5
 
     def set_vocab_mapping(self, d2t: Tensor, t2d: Tensor) -> None:
@@ -210,6 +211,7 @@ class Eagle3Draft(nn.Module):
         return self.fc(aux_hidden.to(self.fc.weight.dtype))
 
     def embed(self, ids: Tensor) -> Tensor:
+        """Frozen target embeddings in the draft's compute dtype."""
         return self.embed_tokens(ids).to(self.fc.weight.dtype)
 
     def forward(self, input_ids: Tensor, hidden_states: Tensor, position_ids: Tensor | None = None,
@@ -243,6 +245,7 @@ class Eagle3Draft(nn.Module):
         return self.lm_head(normed)
 
     def draft_to_target(self, draft_ids: Tensor) -> Tensor:
+        """Map draft-vocab ids to target ids (``i + d2t[i]``)."""
         return draft_ids + self.d2t[draft_ids]
 
     def export_state_dict(self) -> dict[str, Tensor]:
