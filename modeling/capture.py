@@ -12,8 +12,8 @@ One padded forward per batch gives, per sample and sliced to its real length:
 - ``audio_embeds`` [n_audio, H]: the projector output as merged into ``inputs_embeds``, taken
   from what reaches the language model (a pre-hook), not recomputed.
 
-The forward calls the inner ``Qwen2AudioModel``, so the 156k-vocab ``lm_head`` (about 1.3 TFLOP
-for 4k tokens of a 7B model, ~6% of the forward, and a 2.5 GB fp32 logits tensor) never runs.
+The forward calls the inner ``Qwen2AudioModel``, so the 156k-vocab ``lm_head`` (about 5 TFLOP
+for 4k tokens of a 7B model, ~9% of the forward, and a 2.5 GB fp32 logits tensor) never runs.
 The forward is not cut short after the last aux layer: the final norm needs every layer.
 """
 
@@ -28,12 +28,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from pipeline.data import RecordError
 from pipeline.samples import PreparedSample, audio_features
 from storage.sample import CapturedSample
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NUM_AUX_LAYERS = 3  # EAGLE-3's fc is Linear(3H -> H); engines expect exactly three ids
 LastHidden = Literal["loss", "all"]
+# transformers treats a batch with no two adjacent <|AUDIO|> tokens as unexpanded ("legacy")
+# input and re-expands every placeholder, which would silently shift all positions
+MIN_AUDIO_TOKENS = 2
 
 
 def default_aux_layers(num_layers: int) -> list[int]:
@@ -112,6 +116,14 @@ def collate(samples: Sequence[PreparedSample], feature_extractor: Any, pad_token
     return ModelInputs(torch.from_numpy(ids), torch.from_numpy(mask), feats, fmask)
 
 
+def check_audio_spans(sample: PreparedSample) -> None:
+    """Raise RecordError for a clip shorter than :data:`MIN_AUDIO_TOKENS` audio tokens (< ~40 ms)."""
+    for i, (start, end) in enumerate(sample.encoded.audio_spans):
+        if end - start < MIN_AUDIO_TOKENS:
+            raise RecordError("audio", f"clip {i + 1} gives {end - start} audio token(s); at least "
+                                       f"{MIN_AUDIO_TOKENS} are needed (~40 ms of audio)")
+
+
 def loss_positions(loss_mask: torch.Tensor) -> torch.Tensor:
     """Positions t whose next token carries loss (``loss_mask[t + 1] == 1``), int64."""
     return torch.nonzero(loss_mask[1:] != 0).flatten()
@@ -169,6 +181,8 @@ class TargetCapture:
 
     def capture(self, samples: Sequence[PreparedSample]) -> list[CapturedSample]:
         """One forward over ``samples``; one :class:`CapturedSample` each, in the given order."""
+        for sample in samples:
+            check_audio_spans(sample)
         inputs = collate(samples, self.feature_extractor, self.pad_token_id).to(self.device)
         acts = self.forward(inputs)
         return [self._sample(s, b, acts) for b, s in enumerate(samples)]
@@ -182,8 +196,9 @@ class TargetCapture:
         embeds = acts["embeds"][b]
         spans = [(int(s), int(e)) for s, e in enc.audio_spans]
         audio = torch.cat([embeds[s:e] for s, e in spans]) if spans else embeds[:0]
-        meta = {"source": rec.source, "index": rec.index, "line": rec.line, "num_tokens": n, "num_loss_tokens": int(loss_mask.sum()),
-                "num_last": int(positions.numel()), "num_audio_tokens": int(audio.shape[0]), "audio_spans": spans}
+        meta = {"source": rec.source, "index": rec.index, "line": rec.line, "num_tokens": n,
+                "num_loss_tokens": int(loss_mask.sum()), "num_last": int(positions.numel()),
+                "num_audio_tokens": int(audio.shape[0]), "audio_spans": spans}
         return CapturedSample(
             id=rec.id, source_hash=rec.source_hash, input_ids=torch.from_numpy(enc.input_ids.astype(np.int64)),
             loss_mask=loss_mask, aux_hidden=self._to_cpu(aux), last_hidden=self._to_cpu(last),

@@ -4,9 +4,9 @@
         [--num-shards N --shard-index I] [--batch-tokens 16384 --max-length 4096 --aux-layers auto]
 
 Per sample the store gets the ids, the loss mask, three aux hidden states at every token, the
-final post-norm state where the next token carries loss (~25% of a chat sample's positions, so
-``--last-hidden all`` costs ~1.25x the hidden bytes of an aux layer more) and the audio
-embeddings; see :mod:`modeling.capture` and ``docs/stage2-dump.md``.
+final post-norm state where the next token carries loss (~25% of a chat sample's positions;
+``--last-hidden all`` keeps all of them, ~23% more bytes) and the audio embeddings; see
+:mod:`modeling.capture` and ``docs/stage2-dump.md``.
 
 Forwards take ``--batch-tokens`` padded tokens. Records are read in windows of
 ``--sort-window``; a window is sorted by length into batches (padding stays small) and its
@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from modeling.capture import TargetCapture, aux_layer_ids, load_target_model, plan_batches
+from modeling.capture import TargetCapture, aux_layer_ids, check_audio_spans, load_target_model, plan_batches
 from pipeline.audio import AudioLimits
 from pipeline.config import ConfigError, opt, parse_config, require
 from pipeline.data import Record, RecordError, Rejection, read_conversations
@@ -40,10 +40,12 @@ from pipeline.progress import Progress, setup_logging
 from pipeline.samples import PreparedSample, load_target_processor, prepare_sample
 from pipeline.shards import Shard, plan_shards, resolve_shard_index, run_shards
 from pipeline.template import ChatTokenizer
+from storage.layout import INDEX_NAME, read_index
 from storage.sample import CapturedSample, SampleError
+from storage.store import create_store, make_header
+from storage.writer import ShardWriter, commit_shard
 
 log = logging.getLogger("stages.dump")
-ERRORS_DIR = "errors"
 
 
 @dataclass(kw_only=True)
@@ -56,8 +58,8 @@ class DumpConfig:
     num_shards: int = opt(1, "shards the input is split into (one Slurm array task each)")
     shard_index: int | None = opt(None, "shard to run (default $SLURM_ARRAY_TASK_ID, else every shard)")
     batch_tokens: int = opt(16384, "padded tokens per forward (batch size x longest sample)")
-    sort_window: int = opt(64, "records sorted by length together; their captures wait in RAM until "
-                               "written in input order (~64 x 32 MB at 1k tokens of a 7B)")
+    sort_window: int = opt(64, "records sorted by length together; up to two windows of captures wait in "
+                               "RAM for the writer (~30 MB per 1k-token sample of a 7B)")
     max_length: int = opt(4096, "longest sample in tokens; longer ones are rejected unless --truncate")
     truncate: bool = opt(False, "cut over-long samples to --max-length instead of rejecting them")
     split_long_audio: bool = opt(False, "split clips over 30 s into 30 s pieces instead of rejecting them")
@@ -91,22 +93,25 @@ class InputSet:
 
 
 def stage1_files(directory: Path) -> list[Path]:
-    """The jsonl files of stage 1's completed shards, in shard order."""
+    """The jsonl files of stage 1's completed shards, in shard order, checked against their hashes."""
     manifest = Manifest(directory)
     if not manifest.exists():
         raise ValueError(f"--input {directory} is a directory without manifest.json: give a jsonl file "
                          f"or a stage 1 output directory")
     data = manifest.load()
-    done = sorted(int(k) for k, v in data.get("shards", {}).items() if v.get("status") == "done")
+    done = sorted((int(k), v) for k, v in data.get("shards", {}).items() if v.get("status") == "done")
     expected = data.get("num_shards")
     if expected is not None and len(done) < int(expected):
         log.warning("%s: only %d of %s stage 1 shards are complete; dumping those", directory, len(done), expected)
     files = []
-    for index in done:
-        found = sorted(directory.glob(f"shard-{index:05d}-of-*.jsonl"))
-        if len(found) != 1:
-            raise ValueError(f"{directory}: stage 1 shard {index} is marked done but has {len(found)} "
-                             f"shard-{index:05d}-of-*.jsonl files")
+    for index, entry in done:
+        names = [n for n in entry.get("files", {}) if n.startswith(f"shard-{index:05d}-")]
+        found = [directory / n for n in names] or sorted(directory.glob(f"shard-{index:05d}-of-*.jsonl"))
+        if len(found) != 1 or not found[0].is_file():
+            raise ValueError(f"{directory}: stage 1 shard {index} is marked done but its jsonl is missing")
+        recorded = entry.get("files", {}).get(found[0].name, {}).get("sha256")
+        if recorded is not None and recorded != sha256_file(found[0]):
+            raise ValueError(f"{found[0]} changed after stage 1 completed it (sha256 differs from the manifest)")
         files.append(found[0])
     return files
 
@@ -148,7 +153,9 @@ class Target:
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise ValueError(f"--target {self.path}: no config.json (expected a Qwen2-Audio model directory)")
-        text = json.loads(config_path.read_text())["text_config"]
+        text = json.loads(config_path.read_text()).get("text_config")
+        if not isinstance(text, dict) or "num_hidden_layers" not in text:
+            raise ValueError(f"--target {self.path}: config.json has no text_config (not a Qwen2-Audio model)")
         self.num_layers, self.hidden_size = int(text["num_hidden_layers"]), int(text["hidden_size"])
         try:
             self.aux_out, self.aux_in = aux_layer_ids(self.num_layers, cfg.aux_layers)
@@ -170,8 +177,6 @@ class Target:
 
 def open_store_for(cfg: DumpConfig, target: Target, inputs: InputSet) -> Manifest:
     """Create the store or check that it was made from this target, layers, input and settings."""
-    from storage.store import create_store, make_header
-
     header = make_header(
         target_path=str(target.path), target_config_hash=target.config_sha256, hidden_size=target.hidden_size,
         layer_ids=target.aux_out, layer_convention="decoder_layer",
@@ -213,10 +218,19 @@ class RejectionLog:
 
     def finish(self) -> str:
         """Rewrite in input order, atomically; returns the file's sha256."""
-        self._log.close()
+        self.close()
         atomic_write_text(self.path, "".join(json.dumps(self.rows[i], sort_keys=True, ensure_ascii=False) + "\n"
                                              for i in sorted(self.rows)))
         return sha256_file(self.path)
+
+    def close(self) -> None:
+        self._log.close()
+
+    def __enter__(self) -> RejectionLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
@@ -225,46 +239,41 @@ class ShardResult:
     num_input: int
     num_accepted: int
     num_rejected: int
-    num_tokens: int  # tokens forwarded by this run (resumed samples excluded)
+    num_tokens: int  # real (unpadded) tokens forwarded by this run; a resume skips durable batches
     seconds: float
 
 
 def dump_shard(cfg: DumpConfig, shard: Shard, target: Target, inputs: InputSet) -> ShardResult:
     """Dump one shard into the store and record it in the manifest (after its data is durable)."""
-    from storage.writer import ShardWriter, commit_shard
-
     start = time.monotonic()
     chat, capture = target.load()
     records = [r for r in inputs.records if shard.start <= r.index < shard.stop]
-    errors = RejectionLog(Path(cfg.store) / ERRORS_DIR / f"errors-{shard.index:05d}.jsonl")
-    errors.add([r for r in inputs.rejected if shard.start <= r.index < shard.stop])
     tokens = 0
-    with ShardWriter(cfg.store, shard, resume=True, background=True, queue_size=cfg.sort_window) as writer, \
-            Progress(len(records), shard.name, unit="records") as progress:
-        done = set(errors.rows) | _committed_indices(writer, records)
-        for w0 in range(0, len(records), cfg.sort_window):
-            window = records[w0: w0 + cfg.sort_window]
-            todo = [r for r in window if r.index not in done]
-            if todo:
-                captured, rejected = _run_window(cfg, chat, capture, window, done)
-                writer.flush()  # the previous window, written while this one ran forwards
-                rejected += _write_in_order(writer, window, captured, done)
-                errors.add(rejected)
-                tokens += sum(c.num_tokens for c in captured.values())
-            progress.update(len(window), tok_s=f"{tokens / max(time.monotonic() - start, 1e-9):.0f}")
-        entry = writer.finish()
-    entry.update(_accounting(shard, entry, errors))
+    with RejectionLog(Path(cfg.store) / f"errors-{shard.index:05d}.jsonl") as errors:
+        errors.add([r for r in inputs.rejected if shard.start <= r.index < shard.stop])
+        with ShardWriter(cfg.store, shard, resume=True, background=True, queue_size=cfg.sort_window) as writer, \
+                Progress(len(records), shard.name, unit="records") as progress:
+            done = set(errors.rows) | _committed_indices(writer, records)
+            for w0 in range(0, len(records), cfg.sort_window):
+                window = records[w0: w0 + cfg.sort_window]
+                if any(r.index not in done for r in window):
+                    captured, rejected = _run_window(cfg, chat, capture, window, done)
+                    if writer.num_written > writer.num_committed:
+                        writer.flush()  # the previous window, written while this one ran forwards
+                    errors.add(rejected + _write_in_order(writer, window, captured, done))
+                    tokens += sum(c.num_tokens for c in captured.values())
+                progress.update(len(window), tok_s=f"{tokens / max(time.monotonic() - start, 1e-9):.0f}")
+            entry = writer.finish()
+        entry.update(_accounting(shard, entry, errors))
     commit_shard(Manifest(cfg.store), shard, entry)
     return ShardResult(shard.name, len(shard), entry["num_samples"], entry["num_rejected"], tokens,
                        time.monotonic() - start)
 
 
-def _committed_indices(writer: Any, records: list[Record]) -> set[int]:
+def _committed_indices(writer: ShardWriter, records: list[Record]) -> set[int]:
     """Input indices of the samples the writer holds durably (a prefix of the accepted ones)."""
     ids = writer.committed_ids
     if len(ids) < writer.num_committed:  # the shard was finished (renamed) before a kill
-        from storage.layout import INDEX_NAME, read_index
-
         ids = read_index((writer.final_dir / INDEX_NAME).read_bytes()).column("id").to_pylist()
     by_id = {r.id: r.index for r in records}
     unknown = [i for i in ids if i not in by_id]
@@ -285,8 +294,9 @@ def _run_window(cfg: DumpConfig, chat: ChatTokenizer, capture: TargetCapture, wi
     rejected: list[Rejection] = []
     for rec in window:
         try:
-            prepared.append(prepare_sample(rec, chat, limits=limits, max_length=cfg.max_length,
-                                           truncate=cfg.truncate))
+            sample = prepare_sample(rec, chat, limits=limits, max_length=cfg.max_length, truncate=cfg.truncate)
+            check_audio_spans(sample)
+            prepared.append(sample)
         except RecordError as err:
             if rec.index not in done:
                 rejected.append(Rejection(rec.index, rec.line, rec.source, rec.id, err.field, err.reason))
@@ -300,7 +310,7 @@ def _run_window(cfg: DumpConfig, chat: ChatTokenizer, capture: TargetCapture, wi
     return captured, rejected
 
 
-def _write_in_order(writer: Any, window: list[Record], captured: dict[int, CapturedSample],
+def _write_in_order(writer: ShardWriter, window: list[Record], captured: dict[int, CapturedSample],
                     done: set[int]) -> list[Rejection]:
     """Hand the window's new samples to the writer in input order; NaN/Inf ones become rejections."""
     rejected = []
@@ -324,7 +334,7 @@ def _accounting(shard: Shard, entry: dict[str, Any], errors: RejectionLog) -> di
     by_field = Counter(row["field"] for row in errors.rows.values())
     return {"num_input": len(shard), "num_accepted": entry["num_samples"], "num_rejected": rejected,
             "rejected_by_field": dict(sorted(by_field.items())),
-            "errors_file": f"{ERRORS_DIR}/{errors.path.name}", "errors_sha256": errors.finish()}
+            "errors_file": errors.path.name, "errors_sha256": errors.finish()}
 
 
 # ---- entry point ----------------------------------------------------------------------------------

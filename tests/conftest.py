@@ -65,3 +65,15 @@ def hf_hidden_states(tiny_target: Path):
         return tuple(h[0] for h in out.hidden_states)
 
     return forward
+
+
+@pytest.fixture(scope="session")
+def fixture_store(tmp_path_factory, tiny_target: Path, fixtures_dir: Path) -> Path:
+    """Stage 2 run once per session on ``speech.jsonl`` (30 samples, ~3.8k tokens, ~500 loss tokens)."""
+    from pipeline.config import parse_config
+    from stages.dump import DumpConfig, run_dump
+
+    store = tmp_path_factory.mktemp("fixture-store") / "store"
+    argv = ["--target", str(tiny_target), "--input", str(fixtures_dir / "speech.jsonl"), "--store", str(store)]
+    run_dump(parse_config(DumpConfig, argv, prog="dump", description="fixture store"))
+    return store
