@@ -103,7 +103,9 @@ def shard_progress(manifest_path: Path) -> tuple[int, int]:
     data = _manifest(manifest_path)
     shards = data.get("shards", {})
     done = sum(1 for s in shards.values() if s.get("status") == "done")
-    return done, int(data.get("num_shards", 0) or 0)
+    # stage 1 keeps num_shards at the top level; the store keeps it with the dump settings
+    planned = data.get("num_shards") or data.get("dump", {}).get("settings", {}).get("num_shards") or 0
+    return done, int(planned)
 
 
 def stage_complete(stage: str, paths: Paths) -> bool:
