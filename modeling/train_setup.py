@@ -1,0 +1,160 @@
+"""Stage 3 checks and run-directory set-up, all before any training work.
+
+:func:`check_inputs` fails with a :class:`TrainSetupError` naming the problem when the store
+was dumped from another target, is empty or has no loss tokens, the draft vocab is not smaller
+than the target's, or the target's embedding/lm_head are missing. It reads the store's
+indexes, the target's ``config.json`` and exactly two target tensors (embedding table and
+lm_head: 2 x 1.3 GB for Qwen2-Audio-7B, memory-mapped), so it runs in the launching process
+and again in every rank within seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from modeling.draft_config import DraftConfig
+from modeling.train_config import TrainConfig
+from modeling.train_data import Split, split_samples, store_columns, supervised_counts
+from modeling.vocab import VocabMapping, build_draft_vocab
+from pipeline.config import to_dict
+from pipeline.durable import atomic_write_json, sha256_file
+from storage.store import HiddenStateStore, open_store
+
+RUN_FILE = "run.json"
+VOCAB_FILE = "vocab.safetensors"
+AUX_CONVENTION = "decoder_layer"  # the output convention DraftConfig.aux_layer_ids uses
+
+
+class TrainSetupError(ValueError):
+    """A training input or the run directory is unusable; the message says which and why."""
+
+
+@dataclass
+class TrainInputs:
+    """What the checks established: the store, its split, the draft's shape, the frozen tables."""
+
+    store: HiddenStateStore
+    split: Split
+    lengths: np.ndarray
+    draft_config: DraftConfig
+    embed_table: Tensor
+    lm_head: Tensor
+    target_info: dict[str, Any]
+
+
+def _open_store(path: str) -> HiddenStateStore:
+    try:
+        return open_store(path)
+    except FileNotFoundError:
+        raise TrainSetupError(f"--store {path} is not a hidden-state store (no manifest.json): run stage 2 first") from None
+
+
+def _check_store_target(store: HiddenStateStore, target: Path, config_sha: str, hidden: int) -> list[int]:
+    """The store's aux layer ids (output convention) after checking it came from ``target``."""
+    made_with = store.header.get("target", {})
+    if made_with.get("config_hash") != config_sha:
+        raise TrainSetupError(
+            f"--store {store.path} was dumped from target {made_with.get('path')} (config.json sha256 "
+            f"{str(made_with.get('config_hash'))[:12]}), but --target {target} has config.json sha256 "
+            f"{config_sha[:12]}: train with the target the store was made from")
+    if store.header["hidden_size"] != hidden or store.header["num_aux_layers"] != 3:
+        raise TrainSetupError(f"--store {store.path}: hidden size {store.header['hidden_size']} x "
+                              f"{store.header['num_aux_layers']} aux layers; the draft needs {hidden} x 3")
+    ids = store.header["aux_layers"]["by_convention"].get(AUX_CONVENTION)
+    if ids is None:
+        raise TrainSetupError(f"--store {store.path}: header has no {AUX_CONVENTION!r} aux layer ids")
+    return [int(i) for i in ids]
+
+
+def _read_tables(target: Path) -> tuple[Tensor, Tensor]:
+    from modeling.target_weights import read_target_embedding, read_target_lm_head
+
+    try:
+        return read_target_embedding(target), read_target_lm_head(target)
+    except (FileNotFoundError, KeyError) as err:
+        raise TrainSetupError(f"--target {target}: cannot read the embedding table and lm_head: {err}") from None
+
+
+def check_inputs(cfg: TrainConfig) -> TrainInputs:
+    """Every check that needs no GPU and no DeepSpeed (see the module docstring)."""
+    target = Path(cfg.target).resolve()
+    config_path = target / "config.json"
+    if not config_path.is_file():
+        raise TrainSetupError(f"--target {target}: no config.json (expected a Qwen2-Audio model directory)")
+    target_config = json.loads(config_path.read_text())
+    text = target_config.get("text_config") or target_config
+    vocab = int(text.get("vocab_size") or target_config.get("vocab_size"))
+    if cfg.draft_vocab_size >= vocab:
+        raise TrainSetupError(f"--draft-vocab-size {cfg.draft_vocab_size} must be smaller than the target vocab "
+                              f"({vocab}): pick e.g. {min(32000, vocab // 2)}")
+    store = _open_store(cfg.store)
+    if len(store) == 0:
+        raise TrainSetupError(f"--store {cfg.store} has no committed samples (is stage 2 finished?)")
+    config_sha = sha256_file(config_path)
+    try:
+        draft_config = DraftConfig.from_target_config(target_config, cfg.draft_vocab_size, cfg.draft_overrides())
+        aux = _check_store_target(store, target, config_sha, draft_config.target_hidden_size)
+        draft_config = dataclasses.replace(draft_config, aux_layer_ids=tuple(aux))
+    except (ValueError, TypeError) as err:
+        raise TrainSetupError(str(err)) from None
+    ids, lengths, num_loss = store_columns(store)
+    if int(num_loss.sum()) == 0:
+        raise TrainSetupError(f"--store {cfg.store}: none of its {len(store)} samples has a loss token "
+                              "(loss_mask is 0 everywhere), so there is nothing to train on")
+    split = split_samples(ids, num_loss, cfg.eval_fraction)
+    if not len(split.train):
+        raise TrainSetupError(f"--store {cfg.store}: all {len(split.eval)} samples with loss tokens are held out; "
+                              f"lower --eval-fraction ({cfg.eval_fraction})")
+    embed, lm_head = _read_tables(target)
+    info = {"path": str(target), "config_sha256": config_sha, "vocab_size": vocab,
+            "store": str(Path(cfg.store).resolve()), "store_target": store.header.get("target")}
+    return TrainInputs(store, split, lengths, draft_config, embed, lm_head, info)
+
+
+def check_run_dir(cfg: TrainConfig, world_size: int) -> dict[str, Any] | None:
+    """The existing ``run.json`` (None for a new run) after checking this command may resume it."""
+    path = Path(cfg.output) / RUN_FILE
+    if not path.is_file():
+        return None
+    run = json.loads(path.read_text())
+    if run["identity"] != cfg.identity():
+        old = run["config"]
+        diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in to_dict(cfg).items()
+                 if old.get(k) != v and k not in ("output",) and k in old]
+        raise TrainSetupError(f"--output {cfg.output} holds a run with other settings ({'; '.join(diffs)}); "
+                              "rerun with the original settings to resume, or use a new --output")
+    if run["world_size"] != world_size:
+        raise TrainSetupError(f"--output {cfg.output} was trained with {run['world_size']} processes, now "
+                              f"{world_size}: the data order and ZeRO partitions depend on it")
+    return run
+
+
+def write_run_files(cfg: TrainConfig, inputs: TrainInputs, world_size: int, total_steps: int) -> VocabMapping:
+    """Rank 0 of a new run: build the draft vocab over the training split, then ``run.json`` last."""
+    run_dir = Path(cfg.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    counts = supervised_counts(inputs.store, inputs.split.train, inputs.draft_config.vocab_size)
+    vocab = build_draft_vocab(counts, cfg.draft_vocab_size)
+    vocab.save(run_dir / VOCAB_FILE)
+    covered = int(counts[vocab.t2d].sum()) / max(int(counts.sum()), 1)
+    atomic_write_json(run_dir / RUN_FILE, {
+        "identity": cfg.identity(), "config": to_dict(cfg), "world_size": world_size,
+        "total_steps": total_steps, "target": inputs.target_info,
+        "draft_config": dataclasses.asdict(inputs.draft_config),
+        "split": {"train": len(inputs.split.train), "eval": len(inputs.split.eval),
+                  "no_loss_tokens": inputs.split.no_loss},
+        "vocab": {"file": VOCAB_FILE, "supervised_tokens": int(counts.sum()), "coverage": round(covered, 6)},
+    })
+    return vocab
+
+
+def load_vocab(run_dir: str | Path) -> VocabMapping:
+    """The run's draft vocab (written once by :func:`write_run_files`)."""
+    return VocabMapping.load(Path(run_dir) / VOCAB_FILE)

@@ -1,0 +1,228 @@
+"""One training process of stage 3: DeepSpeed engine, train loop, eval, checkpoints.
+
+Every rank runs :func:`train`; collectives (ZeRO reductions, metric sums, checkpoint barriers)
+happen at the same micro-batches everywhere because the schedule gives each rank the same
+number of rows. Resume: the newest committed checkpoint restores weights, optimizer, LR
+schedule and RNG, and the loader restarts at ``step * grad_accum`` micro-batches of the same
+deterministic schedule, so a resumed run computes exactly what the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from modeling.draft_io import save_draft_snapshot
+from modeling.train_checkpoint import load_checkpoint, remove_partial, save_checkpoint
+from modeling.train_config import TrainConfig
+from modeling.train_data import PackedRows, Packing, Schedule, eval_rows, train_loader
+from modeling.train_metrics import MetricSinks, MetricWindow
+from modeling.train_model import (
+    TrainDraft,
+    TrainModule,
+    WarmupCosine,
+    deepspeed_config,
+    use_bf16,
+    warmup_steps,
+)
+from modeling.train_setup import TrainInputs, check_run_dir, load_vocab, write_run_files
+from modeling.vocab import VocabMapping
+from pipeline.durable import atomic_write_json
+from pipeline.locks import FileLock
+
+log = logging.getLogger("stages.train")
+FINISHED = "FINISHED"
+
+
+@dataclass
+class Dist:
+    """This process's place in the job."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def free_port() -> int:
+    """An unused TCP port for a local rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed() -> Dist:
+    """Join the job the launcher (deepspeed, torchrun) set up, or form a one-process job."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    on_cpu = acc.device_name() == "cpu"
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else acc.communication_backend_name())
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_cpu:
+        # the launcher starts every rank with all cores: split them, or 2 ranks x N threads thrash
+        local_size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
+        device = torch.device("cpu")
+    else:
+        acc.set_device(local)
+        device = torch.device(acc.device_name(local))
+    return Dist(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def build_engine(cfg: TrainConfig, inputs: TrainInputs, vocab: VocabMapping, total_steps: int, ctx: Dist) -> Any:
+    """The DeepSpeed engine around a freshly initialised draft (same init on every rank)."""
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)
+    draft = TrainDraft(inputs.draft_config, inputs.embed_table)
+    draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
+    # the teacher matmul runs in the compute dtype: bf16 on GPUs as the serving target does
+    dtype = torch.bfloat16 if use_bf16(cfg, ctx.device.type == "cpu") else torch.float32
+    module = TrainModule(draft, inputs.lm_head.to(dtype), cfg.ttt_length, cfg.loss_decay)
+    module.to_device(ctx.device)
+    schedule = WarmupCosine(total_steps, warmup_steps(total_steps, cfg.warmup_ratio))
+    engine, *_ = deepspeed.initialize(
+        model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, ctx.device.type == "cpu"),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """The loop of one rank: train, log, evaluate and checkpoint at the same steps on every rank."""
+
+    def __init__(self, cfg: TrainConfig, inputs: TrainInputs, ctx: Dist):
+        self.cfg, self.inputs, self.ctx = cfg, inputs, ctx
+        self.run_dir = Path(cfg.output)
+        self.packing = Packing(cfg.batch_tokens, cfg.pack_window, cfg.seed, ctx.world, cfg.grad_accum)
+        self.schedule = Schedule(inputs.split.train, inputs.lengths, self.packing, ctx.rank, cfg.epochs, cfg.max_steps)
+        self.audio = cfg.draft_audio_input == "encoder"
+        rows, counted = eval_rows(inputs.split.eval, inputs.lengths, self.packing, ctx.rank, cfg.eval_max_batches)
+        self.eval_data = PackedRows(inputs.store, rows, cfg.batch_tokens, self.audio, counted)
+        self.vocab = self._prepare_run_dir()
+        self.engine = build_engine(cfg, inputs, self.vocab, self.schedule.total_steps, ctx)
+        self.sinks: MetricSinks | None = None
+
+    def _prepare_run_dir(self) -> VocabMapping:
+        """Rank 0 creates or checks the run directory; everyone then reads the same vocab."""
+        if self.ctx.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            removed = remove_partial(self.run_dir)
+            if removed:
+                log.info("removed uncommitted checkpoint dirs of a killed run: %s", removed)
+            if check_run_dir(self.cfg, self.ctx.world) is None:
+                write_run_files(self.cfg, self.inputs, self.ctx.world, self.schedule.total_steps)
+        dist.barrier()
+        return load_vocab(self.run_dir)
+
+    def run(self) -> int:
+        """Train to the end of the schedule (resuming if possible); returns the final step."""
+        state = load_checkpoint(self.engine, self.run_dir, self.ctx.rank)
+        step = int(state["step"]) if state else 0
+        if state:
+            log.info("rank %d resumed from step %d (epoch %d)", self.ctx.rank, step, state["loader"]["epoch"])
+        if self.ctx.rank == 0:
+            self.sinks = MetricSinks(self.run_dir, step if state else None, self.schedule.total_steps)
+        try:
+            if state is None:  # step 0: the untrained reference for eval and export
+                self._evaluate(0)
+                self._save(0)
+            step = self._train_from(step)
+        finally:
+            if self.sinks is not None:
+                self.sinks.close()
+        if self.ctx.rank == 0:
+            atomic_write_json(self.run_dir / FINISHED, {"step": step, "time": time.time()})
+        return step
+
+    def _train_from(self, step: int) -> int:
+        cfg, ga, total = self.cfg, self.cfg.grad_accum, self.schedule.total_steps
+        loader = train_loader(self.inputs.store, self.schedule, step * ga, self.audio, cfg.num_workers,
+                              pin_memory=self.ctx.device.type == "cuda")
+        window = MetricWindow(cfg.ttt_length)
+        self.engine.train()
+        for micro, batch in enumerate(loader, start=step * ga):
+            res = self.engine(_to_device(batch, self.ctx.device))
+            self.engine.backward(res["loss"])
+            lr = self.engine.get_lr()[0]
+            self.engine.step()
+            window.add(res, batch["num_tokens"])
+            if (micro + 1) % ga:
+                continue
+            step = (micro + 1) // ga
+            if step % cfg.log_every == 0 or step == total:
+                self._log("train", step, window.summary(cfg.loss_decay, self.ctx.device),
+                          lr=lr, epoch=self.schedule.position(micro + 1)["epoch"])
+                window.reset()
+            paused = time.monotonic()
+            if step % cfg.save_every == 0 or step == total or (cfg.eval_every and step % cfg.eval_every == 0):
+                self._evaluate(step)
+            if step % cfg.save_every == 0 or step == total:
+                self._save(step)
+            window.start += time.monotonic() - paused  # tokens/s counts training time only
+        return step
+
+    def _log(self, split: str, step: int, values: dict[str, Any], **extra: Any) -> None:
+        if self.sinks is not None:
+            self.sinks.write(split, step, {**values, **extra})
+            if split == "train":
+                self.sinks.advance(step, loss=f"{values['loss']:.3f}", acc_len=f"{values['acceptance_length']:.2f}")
+
+    def _evaluate(self, step: int) -> None:
+        """TTT metrics on the held-out rows (all ranks; padding rows are run but not counted)."""
+        if not len(self.eval_data):
+            return
+        window = MetricWindow(self.cfg.ttt_length)
+        self.engine.eval()
+        with torch.no_grad():
+            for i in range(len(self.eval_data)):
+                batch = self.eval_data[i]
+                res = self.engine(_to_device(batch, self.ctx.device))
+                if batch["counted"]:
+                    window.add(res, batch["num_tokens"])
+        self.engine.train()
+        self._log("eval", step, window.summary(self.cfg.loss_decay, self.ctx.device))
+
+    def _save(self, step: int) -> None:
+        state = {"step": step, "loader": self.schedule.position(step * self.cfg.grad_accum),
+                 "total_steps": self.schedule.total_steps, "seed": self.cfg.seed}
+
+        def snapshot(step_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+            save_draft_snapshot(step_dir, weights, self.inputs.draft_config, self.vocab,
+                                list(self.inputs.draft_config.aux_layer_ids), self.inputs.target_info)
+
+        save_checkpoint(self.engine, self.run_dir, step, state, self.ctx.rank, snapshot, self.cfg.keep_checkpoints)
+
+
+def train(cfg: TrainConfig, inputs: TrainInputs) -> int:
+    """Entry of every training process: join the job, hold the run lock on rank 0, train."""
+    ctx = init_distributed()
+    check_run_dir(cfg, ctx.world)  # every rank fails alike on a mismatched resume
+    lock = FileLock(Path(cfg.output) / "locks" / "train.lock") if ctx.rank == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return Trainer(cfg, inputs, ctx).run()
+    finally:
+        if lock is not None:
+            lock.release()
+        dist.destroy_process_group()

@@ -1,0 +1,99 @@
+"""Stage 3: train the EAGLE-3 draft on a hidden-state store with DeepSpeed ZeRO; resumable.
+
+    # GPUs, one node (the launcher starts one process per GPU):
+    deepspeed --num_gpus 8 --module stages.train --store STORE --target DIR --output RUN_DIR
+    # CPU or one command for a local job: re-launches itself through the deepspeed launcher
+    python -m stages.train --nproc 2 --store STORE --target DIR --output RUN_DIR --zero-stage 2
+    # multi-node: deepspeed --hostfile HOSTS --module stages.train ...; or per node under Slurm:
+    srun torchrun --nnodes N --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HEAD:29500 -m stages.train ...
+
+Rerunning the same command resumes from the newest committed checkpoint of RUN_DIR and, with
+the same seed and process count, ends with the same weights as an uninterrupted run. Layout
+and options: ``docs/stage3-train.md``. Every input check runs before DeepSpeed is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from modeling.train_config import TrainConfig
+from modeling.train_setup import TrainSetupError, check_inputs, check_run_dir
+from pipeline.config import parse_config
+from pipeline.locks import LockHeld
+from pipeline.progress import setup_logging
+
+log = logging.getLogger("stages.train")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` (deepspeed launcher without --no_local_rank); LOCAL_RANK is in the env."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
+def launched() -> bool:
+    """True inside a process started by deepspeed/torchrun (they export RANK)."""
+    return "RANK" in os.environ
+
+
+def relaunch(cfg: TrainConfig, argv: list[str]) -> None:
+    """Replace this process with the deepspeed launcher running ``cfg.nproc`` local copies of it.
+
+    exec keeps the pid, so the launcher and its ranks stay in this process group (a kill of the
+    group stops all of them). On a machine without CUDA the ranks use DeepSpeed's CPU accelerator
+    and gloo (:func:`modeling.trainer.init_distributed`).
+    """
+    import torch
+
+    from modeling.trainer import free_port
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    port = cfg.master_port or free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.nproc),
+           "--master_port", str(port), "--no_local_rank", "--module", "stages.train", *argv]
+    log.info("launching %d processes: %s", cfg.nproc, " ".join(cmd))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(sys.executable, cmd, env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, check inputs, then relaunch (``--nproc``) or train in this process."""
+    setup_logging()
+    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    cfg = parse_config(TrainConfig, argv, prog="python -m stages.train", section="train",
+                       description="Stage 3: train the EAGLE-3 draft from a hidden-state store (DeepSpeed ZeRO).")
+    try:
+        inputs = check_inputs(cfg)
+        world = int(os.environ.get("WORLD_SIZE", "1")) if launched() else max(cfg.nproc, 1)
+        check_run_dir(cfg, world)
+        if cfg.nproc and not launched():
+            del inputs  # the ranks re-read what they need
+            relaunch(cfg, argv)
+        from modeling.trainer import train
+
+        step = train(cfg, inputs)
+    except (TrainSetupError, LockHeld) as err:
+        print(f"stages.train: error: {err}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":
+        log.info("training finished at step %d; draft snapshots in %s", step, Path(cfg.output) / "checkpoints")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
