@@ -13,7 +13,7 @@ each after one warm-up request. Acceptance comes from vLLM's spec-decode counter
 after the timed run (``LLM.get_metrics()`` offline, the server's Prometheus ``/metrics`` online):
 mean acceptance length = 1 + accepted / drafts, per-position rate = accepted_at_pos / drafts.
 
-Writes RESULT.json (see ``docs/serve-and-benchmark.md``), ``RESULT.outputs.jsonl`` (per prompt:
+Writes RESULT.json (see the README, "Export, serve and benchmark"), ``RESULT.outputs.jsonl`` (per prompt:
 both runs' token ids and texts) and prints a table.
 """
 

@@ -6,7 +6,7 @@
 Per sample the store gets the ids, the loss mask, three aux hidden states at every token, the
 final post-norm state where the next token carries loss (~25% of a chat sample's positions;
 ``--last-hidden all`` keeps all of them, ~23% more bytes) and the audio embeddings; see
-:mod:`modeling.capture` and ``docs/stage2-dump.md``.
+:mod:`modeling.capture` and the README, "Stage 2".
 
 Forwards take ``--batch-tokens`` padded tokens. Records are read in windows of
 ``--sort-window``; a window is sorted by length into batches (padding stays small) and its

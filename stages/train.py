@@ -9,7 +9,7 @@
 
 Rerunning the same command resumes from the newest committed checkpoint of RUN_DIR and, with
 the same seed and process count, ends with the same weights as an uninterrupted run. Layout
-and options: ``docs/stage3-train.md``. Every input check runs before DeepSpeed is imported.
+and options: the README, "Stage 3". Every input check runs before DeepSpeed is imported.
 """
 
 from __future__ import annotations

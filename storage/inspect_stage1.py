@@ -2,7 +2,7 @@
 
 Stage 1 (``stages.regenerate``) commits a shard as ``shard-XXXXX-of-YYYYY.jsonl`` +
 ``errors-XXXXX.jsonl`` and a manifest entry with counts and each file's sha256, size and line
-count; a shard in progress has ``progress/<shard>.jsonl``. See ``docs/stage1-regenerate.md``.
+count; a shard in progress has ``progress/<shard>.jsonl``. See the README, "Stage 1".
 """
 
 from __future__ import annotations
