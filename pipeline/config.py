@@ -146,6 +146,8 @@ def read_yaml_section(path: str | Path, section: str | None) -> dict[str, Any]:
         if not isinstance(sub, dict):
             raise ConfigError(f"{path}: section {section!r} must be a mapping")
         return sub
+    if section is not None and any(isinstance(v, dict) for v in data.values()):
+        return {}  # a sectioned (pipeline) file with nothing for this stage: all defaults
     return data
 
 

@@ -42,6 +42,9 @@ def test_flat_yaml_and_unknown_key(tmp_path, capsys):
     flat = tmp_path / "flat.yaml"
     flat.write_text("max_new_tokens: 8\n")
     assert parse(["--config", str(flat)]).max_new_tokens == 8
+    other = tmp_path / "other.yaml"  # a pipeline file without this stage's section: defaults
+    other.write_text("workdir: w\ntrain: {lr: 1}\n")
+    assert parse(["--config", str(other)]).max_new_tokens == 512
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_new_tokenz: 8\n")
     with pytest.raises(SystemExit):
