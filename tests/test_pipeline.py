@@ -24,9 +24,9 @@ def test_full_pipeline_trained_draft_beats_untrained(tiny_target, fixtures_dir, 
         "baseline_untrained": True,
         "regenerate": {"num_shards": 2, "max_new_tokens": 32, "batch_size": 32, "max_model_len": 1024},
         "dump": {"num_shards": 2, "batch_tokens": 4096, "max_length": 1024, "dtype": "fp32"},
-        "train": {"nproc": 2, "zero_stage": 2, "precision": "fp32", "epochs": 1000, "max_steps": 60,
+        "train": {"nproc": 2, "zero_stage": 2, "precision": "fp32", "epochs": 1000, "max_steps": 120,
                   "lr": 3e-3, "warmup_ratio": 0.05, "batch_tokens": 2048, "draft_vocab_size": 512,
-                  "eval_fraction": 0.0, "save_every": 60, "log_every": 20, "num_workers": 0},
+                  "eval_fraction": 0.0, "save_every": 120, "log_every": 20, "num_workers": 0},
         "benchmark": {"num_spec_tokens": 4, "max_new_tokens": 32, "num_prompts": 12, "max_model_len": 1024},
     }
     cfg_path = tmp_path / "pipeline.yaml"
