@@ -67,8 +67,9 @@ def split_audio_parts(record: Record, limits: AudioLimits) -> Record:
 def prepare_sample(record: Record, chat: ChatTokenizer, *, limits: AudioLimits = AudioLimits(),
                    max_length: int | None = None, truncate: bool = False) -> PreparedSample:
     """Tokenize with audio expanded to the encoder's token counts; raises RecordError."""
-    record = split_audio_parts(record, limits)
+    # pieces come from the original clips; the split record only gives each piece its placeholder
     waveforms = load_record_audio(record, limits)
+    record = split_audio_parts(record, limits)
     counts = [num_audio_tokens(w.shape[0]) for w in waveforms]
     encoded = chat.encode(record.turns, audio_token_counts=counts)
     length = int(encoded.input_ids.shape[0])

@@ -108,3 +108,23 @@ def test_generated_ids_used_verbatim(processor, records):
     assert enc.input_ids[start:end].tolist() == [5, 6, 7, chat.im_end_id]
     assert enc.loss_mask[start:end].tolist() == [1, 1, 1, 0]
     answer.token_ids = None
+
+
+def test_split_long_audio_gives_one_placeholder_per_piece(processor, records, tmp_path):
+    import soundfile as sf
+
+    from pipeline.audio import AudioLimits
+    from pipeline.data import read_conversations
+
+    speech, _ = sf.read(DATA / "audio" / "clip-00.flac", dtype="float32")
+    long_clip = np.tile(speech, int(65 * 16000 / speech.shape[0]) + 1)[: 65 * 16000]  # 65 s
+    sf.write(tmp_path / "long.flac", long_clip, 16000)
+    line = {"id": "long", "conversations": [
+        {"role": "user", "content": [{"type": "audio", "audio": "long.flac"}, {"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": "ok"}]}
+    (tmp_path / "long.jsonl").write_text(__import__("json").dumps(line) + "\n")
+    limits = AudioLimits(split_long=True)
+    (record,) = read_conversations(tmp_path / "long.jsonl", audio_limits=limits).records
+    sample = prepare_sample(record, ChatTokenizer(processor.tokenizer), limits=limits)
+    assert [w.shape[0] for w in sample.waveforms] == [480000, 480000, 80000]
+    assert [e - s for s, e in sample.encoded.audio_spans] == [num_audio_tokens(w.shape[0]) for w in sample.waveforms]
