@@ -16,15 +16,6 @@ from typing import Any
 TMP_SUFFIX = ".tmp"
 
 
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename or a new entry in ``path`` durable."""
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_file(path: str | Path) -> None:
     """Make a file's contents durable (written by another library that did not fsync)."""
     fd = os.open(str(path), os.O_RDONLY)
@@ -32,6 +23,11 @@ def fsync_file(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (a directory is fsynced like a file)."""
+    fsync_file(path)
 
 
 def fsync_tree(root: str | Path) -> None:
