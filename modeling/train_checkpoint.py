@@ -15,11 +15,13 @@ marker before the files, so a half-deleted directory is never taken for a checkp
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,24 @@ def gather_fp32(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextmanager
+def _checkpoint_writes(step_dir: Path) -> Iterator[None]:
+    """Report a failed checkpoint write as an OSError naming the step (torch.save says only
+    "PytorchStreamWriter failed writing file data/0: file write failed", as a RuntimeError)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, OSError):
+            code = err.errno or errno.EIO
+        elif "writ" in str(err):
+            code = errno.EIO
+        else:
+            raise
+        raise OSError(code, f"writing checkpoint {step_dir.name} failed ({type(err).__name__}: {err}); it was not "
+                      "committed (no COMMITTED marker), the previous checkpoint stays the latest",
+                      str(step_dir)) from err
+
+
 def save_checkpoint(engine: Any, run_dir: Path, step: int, state: dict[str, Any], rank: int,
                     snapshot: Callable[[Path, dict[str, torch.Tensor]], None], keep: int) -> Path:
     """Write and commit ``checkpoints/step-XXXXXX`` (all ranks call it; see the module docstring).
@@ -122,13 +142,15 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, state: dict[str, Any]
     """
     root = run_dir / CHECKPOINTS
     step_dir = root / step_name(step)
-    engine.save_checkpoint(str(root), tag=step_dir.name, save_latest=False)
-    step_dir.mkdir(parents=True, exist_ok=True)  # a rank that wrote no DeepSpeed file still needs it
-    torch.save(rng_state(), step_dir / rng_file(rank))
+    with _checkpoint_writes(step_dir):
+        engine.save_checkpoint(str(root), tag=step_dir.name, save_latest=False)
+        step_dir.mkdir(parents=True, exist_ok=True)  # a rank that wrote no DeepSpeed file still needs it
+        torch.save(rng_state(), step_dir / rng_file(rank))
     weights = gather_fp32(engine.module.draft)
     if rank == 0:
-        snapshot(step_dir, weights)
-        atomic_write_json(step_dir / TRAIN_STATE, state)
+        with _checkpoint_writes(step_dir):
+            snapshot(step_dir, weights)
+            atomic_write_json(step_dir / TRAIN_STATE, state)
     dist.barrier()
     fsync_tree(step_dir)  # each rank: its own writes are durable before the commit
     dist.barrier()

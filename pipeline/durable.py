@@ -13,7 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.faults import crash_point, die, should_crash
+
 TMP_SUFFIX = ".tmp"
+
+
+def with_path(err: OSError, path: str | Path) -> OSError:
+    """``err`` with the file name filled in (a failed ``write`` on an open file reports none)."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror or str(err), str(path))
 
 
 def fsync_file(path: str | Path) -> None:
@@ -48,10 +57,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        crash_point("before-rename", path.name)
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise with_path(err, path) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    crash_point("after-rename", path.name)
     fsync_dir(path.parent)
 
 
@@ -72,6 +86,7 @@ def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path, *, synced: bo
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     if not synced:
         fsync_tree(tmp_dir)
+    crash_point("before-rename-dir", final_dir.name)
     if final_dir.exists():
         # rename cannot replace a non-empty directory: move the old one aside first
         old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
@@ -80,6 +95,7 @@ def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path, *, synced: bo
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_dir, final_dir)
+    crash_point("after-rename-dir", final_dir.name)
     fsync_dir(final_dir.parent)
 
 
@@ -107,7 +123,8 @@ class DurableJsonl:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_torn_tail()
-        self._fh = open(self.path, "ab")
+        # unbuffered: a failed write leaves nothing behind in a buffer for close() to retry
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _truncate_torn_tail(self) -> None:
         if not self.path.exists():
@@ -131,13 +148,26 @@ class DurableJsonl:
     def append_many(self, rows: list[dict]) -> None:
         if not rows:
             return
-        blob = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
-        self._fh.write(blob.encode("utf-8"))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        blob = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
+        try:
+            if should_crash("torn-append", self.path.name):
+                self._write_all(blob[: len(blob) // 2])
+                os.fsync(self._fd)
+                die()
+            self._write_all(blob)
+            os.fsync(self._fd)
+        except OSError as err:
+            raise with_path(err, self.path) from err
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # a write near a size limit may be partial; the next one raises
+            view = view[os.write(self._fd, view):]
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> DurableJsonl:
         return self

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.audio import AudioLimits
-from pipeline.config import opt, parse_config, require
+from pipeline.cli import stage_main
+from pipeline.config import opt, require
 from pipeline.data import read_conversations
 from pipeline.durable import atomic_write_json, atomic_write_text
 from pipeline.engine import Generator, GenRequest, GenResult, Sampling
-from pipeline.progress import setup_logging
 
 log = logging.getLogger("stages.benchmark")
 SPEC_PREFIX = "vllm:spec_decode_"
@@ -344,17 +344,16 @@ def run(cfg: BenchmarkConfig) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    cfg = parse_config(BenchmarkConfig, argv, prog="python -m stages.benchmark", section="benchmark",
-                       description="Benchmark an EAGLE-3 draft against the plain target (vLLM).")
-    try:
-        report = run(cfg)
-    except (ValueError, OSError) as err:
-        print(f"stages.benchmark: error: {err}", file=sys.stderr)
-        return 2
-    print(format_table(report))
+def _run_and_print(cfg: BenchmarkConfig) -> int:
+    print(format_table(run(cfg)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exit statuses as in :mod:`pipeline.cli`."""
+    return stage_main("python -m stages.benchmark", BenchmarkConfig, "benchmark",
+                      "Benchmark an EAGLE-3 draft against the plain target (vLLM).", argv, _run_and_print,
+                      input_errors=(ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -31,12 +31,13 @@ from typing import Any, Literal
 
 from modeling.capture import TargetCapture, aux_layer_ids, check_audio_spans, load_target_model, plan_batches
 from pipeline.audio import AudioLimits
-from pipeline.config import ConfigError, opt, parse_config, require
+from pipeline.cli import stage_main
+from pipeline.config import ConfigError, opt, require
 from pipeline.data import Record, RecordError, Rejection, read_conversations
 from pipeline.durable import DurableJsonl, atomic_write_text, sha256_file
 from pipeline.locks import LockHeld
 from pipeline.manifest import Manifest, ManifestMismatch
-from pipeline.progress import Progress, setup_logging
+from pipeline.progress import Progress
 from pipeline.samples import PreparedSample, load_target_processor, prepare_sample
 from pipeline.shards import Shard, plan_shards, resolve_shard_index, run_shards
 from pipeline.template import ChatTokenizer
@@ -352,19 +353,18 @@ def run_dump(cfg: DumpConfig) -> list[ShardResult]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    cfg = parse_config(DumpConfig, argv, prog="python -m stages.dump", section="dump",
-                       description="Stage 2: dump the target's aux hidden states into a hidden-state store.")
-    try:
-        results = run_dump(cfg)
-    except (ValueError, LockHeld) as err:
-        print(f"stages.dump: error: {err}", file=sys.stderr)
-        return 2
-    for r in results:
+def _dump_and_report(cfg: DumpConfig) -> int:
+    for r in run_dump(cfg):
         log.info("%s: %d input = %d accepted + %d rejected; %d tokens in %.1f s (%.0f tokens/s)", r.name,
                  r.num_input, r.num_accepted, r.num_rejected, r.num_tokens, r.seconds, r.num_tokens / max(r.seconds, 1e-9))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exit statuses as in :mod:`pipeline.cli`."""
+    return stage_main("python -m stages.dump", DumpConfig, "dump",
+                      "Stage 2: dump the target's aux hidden states into a hidden-state store.", argv,
+                      _dump_and_report, input_errors=(ValueError, LockHeld))
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ from safetensors.torch import save_file
 
 from modeling.draft_config import aux_ids_for_engine
 from modeling.draft_io import DraftSnapshot, find_step, load_draft_snapshot
-from pipeline.config import opt, parse_config, require
+from pipeline.cli import stage_main
+from pipeline.config import opt, require
 from pipeline.durable import atomic_replace_dir, atomic_write_json, sha256_file
-from pipeline.progress import setup_logging
 
 log = logging.getLogger("stages.export")
 
@@ -129,15 +129,10 @@ def export(cfg: ExportConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    cfg = parse_config(ExportConfig, argv, prog="python -m stages.export", section="export",
-                       description="Export a trained EAGLE-3 draft for vLLM or SGLang.")
-    try:
-        export(cfg)
-    except (ValueError, OSError) as err:  # SnapshotError, a corrupt vocab file, I/O
-        print(f"stages.export: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """CLI entry point; exit statuses as in :mod:`pipeline.cli`."""
+    return stage_main("python -m stages.export", ExportConfig, "export",
+                      "Export a trained EAGLE-3 draft for vLLM or SGLang.", argv, export,
+                      input_errors=(ValueError, OSError))  # SnapshotError, a corrupt vocab file, a missing run
 
 
 if __name__ == "__main__":

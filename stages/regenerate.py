@@ -37,13 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.audio import AudioLimits
-from pipeline.config import ConfigError, config_hash, opt, parse_config, require
+from pipeline.cli import stage_main
+from pipeline.config import ConfigError, config_hash, opt, require
 from pipeline.data import Part, Record, RecordError, Rejection, Turn, read_conversations
 from pipeline.durable import DurableJsonl, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
 from pipeline.engine import Generator, GenRequest, GenResult, Sampling
 from pipeline.locks import LockHeld
 from pipeline.manifest import Manifest, ManifestMismatch
-from pipeline.progress import Progress, setup_logging
+from pipeline.progress import Progress
 from pipeline.samples import load_record_audio, split_audio_parts
 from pipeline.server_client import RequestFailed
 from pipeline.shards import Shard, plan_shards, resolve_shard_index, run_shards
@@ -384,6 +385,8 @@ def _commit(cfg: RegenerateConfig, shard: Shard, rows: dict[int, dict[str, Any]]
         "accepted": result.accepted, "rejected": result.rejected, "output_records": result.output_records,
         "generated_tokens": result.generated_tokens, "rejected_by_reason": dict(result.reasons), "files": files,
     })
+    log.info("%s: committed %d records (%d output records, %d rejected) to %s", shard.name, result.accepted,
+             result.output_records, result.rejected, records_path)
     return result
 
 
@@ -464,20 +467,11 @@ def run(cfg: RegenerateConfig, engine: Generator | None = None) -> list[ShardRes
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; exit status 2 for a configuration, input or lock problem, 1 when the
-    engine or every server fails."""
-    setup_logging()
-    cfg = parse_config(RegenerateConfig, argv, prog="python -m stages.regenerate",
-                       description=__doc__.split("\n\n")[0], section="regenerate")
-    try:
-        run(cfg)
-    except (LockHeld, ConfigError, ManifestMismatch, FileNotFoundError, RequestFailed) as err:
-        log.error("%s", err)
-        return 2
-    except EngineUnavailable as err:
-        log.error("%s; durable progress is kept, rerun the same command to continue", err)
-        return 1
-    return 0
+    """CLI entry point; exit statuses as in :mod:`pipeline.cli` (1: the engine or every server failed)."""
+    return stage_main("python -m stages.regenerate", RegenerateConfig, "regenerate", __doc__.split("\n\n")[0],
+                      argv, run, input_errors=(LockHeld, ConfigError, ManifestMismatch, FileNotFoundError,
+                                               RequestFailed),
+                      service_errors=(EngineUnavailable,))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,8 @@ from pathlib import Path
 
 from modeling.train_config import TrainConfig
 from modeling.train_setup import TrainSetupError, check_inputs, check_run_dir
-from pipeline.config import parse_config
+from pipeline.cli import stage_main
 from pipeline.locks import LockHeld
-from pipeline.progress import setup_logging
 
 log = logging.getLogger("stages.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,28 +70,28 @@ def relaunch(cfg: TrainConfig, argv: list[str]) -> None:
     os.execvpe(sys.executable, cmd, env)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse, check inputs, then relaunch (``--nproc``) or train in this process."""
-    setup_logging()
-    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
-    cfg = parse_config(TrainConfig, argv, prog="python -m stages.train", section="train",
-                       description="Stage 3: train the EAGLE-3 draft from a hidden-state store (DeepSpeed ZeRO).")
-    try:
-        inputs = check_inputs(cfg)
-        world = int(os.environ.get("WORLD_SIZE", "1")) if launched() else max(cfg.nproc, 1)
-        check_run_dir(cfg, world)
-        if cfg.nproc and not launched():
-            del inputs  # the ranks re-read what they need
-            relaunch(cfg, argv)
-        from modeling.trainer import train
+def _check_and_train(cfg: TrainConfig, argv: list[str]) -> int:
+    inputs = check_inputs(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if launched() else max(cfg.nproc, 1)
+    check_run_dir(cfg, world)
+    if cfg.nproc and not launched():
+        del inputs  # the ranks re-read what they need
+        relaunch(cfg, argv)
+    from modeling.trainer import train
 
-        step = train(cfg, inputs)
-    except (TrainSetupError, LockHeld) as err:
-        print(f"stages.train: error: {err}", file=sys.stderr)
-        return 2
+    step = train(cfg, inputs)
     if os.environ.get("RANK", "0") == "0":
         log.info("training finished at step %d; draft snapshots in %s", step, Path(cfg.output) / "checkpoints")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, check inputs, then relaunch (``--nproc``) or train in this process; exit statuses as
+    in :mod:`pipeline.cli` (every rank reports its own failure the same way)."""
+    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    return stage_main("python -m stages.train", TrainConfig, "train",
+                      "Stage 3: train the EAGLE-3 draft from a hidden-state store (DeepSpeed ZeRO).", argv,
+                      lambda cfg: _check_and_train(cfg, argv), input_errors=(TrainSetupError, LockHeld))
 
 
 if __name__ == "__main__":

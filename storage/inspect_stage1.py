@@ -174,10 +174,8 @@ def _first_difference(x: Any, y: Any, path: str = "") -> str:
     return path or "(whole record)"
 
 
-def _file_differences(label: str, a: Path | None, b: Path | None) -> list[str]:
-    """One line per differing JSON line of two committed files (records or errors)."""
-    la = _lines(a) if a and a.is_file() else []
-    lb = _lines(b) if b and b.is_file() else []
+def _file_differences(label: str, la: list[bytes], lb: list[bytes]) -> list[str]:
+    """One line per differing JSON line of two committed files' lines (records or errors)."""
     out = []
     for n in range(max(len(la), len(lb))):
         if n >= len(la) or n >= len(lb):
@@ -188,20 +186,49 @@ def _file_differences(label: str, a: Path | None, b: Path | None) -> list[str]:
     return out
 
 
+def _read(path: Path | None) -> list[bytes]:
+    return _lines(path) if path and path.is_file() else []
+
+
+def _joined(item: Inspected, entries: dict[int, dict[str, Any]]) -> tuple[list[bytes], list[bytes]]:
+    """All committed records and all rejections, in shard order (= input order)."""
+    records: list[bytes] = []
+    errors: list[bytes] = []
+    for i in sorted(entries):
+        r, x = _files(item, entries[i])
+        records += _read(r)
+        errors += _read(x)
+    return records, errors
+
+
+def _complete(item: Inspected, entries: dict[int, dict[str, Any]]) -> bool:
+    planned = planned_shards(item)
+    return planned is not None and sorted(entries) == list(range(planned))
+
+
 def diff_stage1(a: Inspected, b: Inspected, max_listed: int = 10) -> dict[str, Any]:
-    """Same committed shards, and the same records and rejections line by line?"""
+    """Same records and rejections, line by line? Shard by shard when both were sharded alike;
+    in input order over all shards when both are complete but sharded differently."""
     ea, eb = dict(a.done_entries()), dict(b.done_entries())
-    found = []
-    if set(ea) != set(eb):
-        found.append(f"committed shards differ: only in A {sorted(set(ea) - set(eb))}, only in B {sorted(set(eb) - set(ea))}")
+    found, notes = [], []
     records = 0
-    for i in sorted(set(ea) & set(eb)):
-        (ra, xa), (rb, xb) = _files(a, ea[i]), _files(b, eb[i])
-        differing = _file_differences(shard_name(i, ea[i]), ra, rb)
-        records += len(differing)
-        found += differing + _file_differences(f"errors-{i:05d}", xa, xb)
+    if planned_shards(a) != planned_shards(b) and _complete(a, ea) and _complete(b, eb):
+        notes.append(f"sharded differently ({planned_shards(a)} vs {planned_shards(b)} shards): "
+                     "records and rejections compared in input order")
+        (ra, xa), (rb, xb) = _joined(a, ea), _joined(b, eb)
+        differing = _file_differences("records", ra, rb)
+        records = len(differing)
+        found = differing + _file_differences("errors", xa, xb)
+    else:
+        if set(ea) != set(eb):
+            found.append(f"committed shards differ: only in A {sorted(set(ea) - set(eb))}, "
+                         f"only in B {sorted(set(eb) - set(ea))}")
+        for i in sorted(set(ea) & set(eb)):
+            (ra, xa), (rb, xb) = _files(a, ea[i]), _files(b, eb[i])
+            differing = _file_differences(shard_name(i, ea[i]), _read(ra), _read(rb))
+            records += len(differing)
+            found += differing + _file_differences(f"errors-{i:05d}", _read(xa), _read(xb))
     return {"kind": "stage1", "a": str(a.path), "b": str(b.path), "unit": "records",
             "counts": [sum(int(e.get("output_records", 0)) for e in x.values()) for x in (ea, eb)],
             "identical": not found, "differing": records, "differences": found[:max_listed],
-            "truncated": len(found) > max_listed, "notes": []}
-
+            "truncated": len(found) > max_listed, "notes": notes}

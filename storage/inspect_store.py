@@ -210,7 +210,9 @@ def sample_differences(sa: ShardReader, ra: int, sb: ShardReader, rb: int) -> li
             out.append(f"{name} is {xa.dtype}{list(xa.shape)} vs {xb.dtype}{list(xb.shape)}")
             continue
         # compare bytes, not values: NaN != NaN, and -0.0 == 0.0 would hide a difference
-        va, vb = xa.reshape(len(xa), -1).view(np.uint8), xb.reshape(len(xb), -1).view(np.uint8)
+        # (a text-only sample has 0 audio rows: reshape(0, -1) would be ambiguous)
+        width = int(np.prod(xa.shape[1:], dtype=np.int64))
+        va, vb = xa.reshape(len(xa), width).view(np.uint8), xb.reshape(len(xb), width).view(np.uint8)
         rows = np.flatnonzero((va != vb).any(axis=1))
         if len(rows):
             out.append(f"{name}: {len(rows)} of {len(xa)} rows differ (first: row {rows[0]})")

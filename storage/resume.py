@@ -41,7 +41,10 @@ def load_progress(tmp_dir: Path, header: dict[str, Any]) -> ResumeState | None:
     _remove_partials(tmp_dir)
     with DurableJsonl(path) as progress:  # opening drops a torn last line
         lines = list(progress.read())
-    if not lines or lines[0] != header:
+    if not lines:  # killed while writing the header: nothing was committed
+        log.info("%s: no durable progress yet; starting the shard afresh", tmp_dir)
+        return None
+    if lines[0] != header:
         log.warning("%s: progress header differs from this run's settings; starting the shard afresh", tmp_dir)
         return None
     rows: list[dict[str, Any]] = []

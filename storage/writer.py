@@ -280,8 +280,8 @@ class ShardWriter:
         if self._error is not None:
             err = self._error
             raise StoreWriteError(f"writing shard {self.shard.name} in {self.tmp_dir} failed: "
-                                  f"{type(err).__name__}: {err}. Nothing was committed; rerun with "
-                                  f"resume=True to continue after the last flush.") from err
+                                  f"{type(err).__name__}: {err}. Nothing of this shard was committed; a resumed "
+                                  f"writer continues after its last flush.") from err
 
     def _drain(self) -> None:
         if self._queue is not None:

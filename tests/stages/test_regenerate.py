@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -25,6 +27,7 @@ import pytest
 from pipeline.audio import AudioLimits
 from pipeline.data import read_conversations
 from pipeline.durable import sha256_file
+from pipeline.faults import crash_chain, random_passages, read_trace, tracing
 from pipeline.locks import FileLock
 from pipeline.manifest import ManifestMismatch
 from pipeline.samples import load_record_audio, load_target_processor
@@ -119,10 +122,11 @@ def served(server) -> str:
 @pytest.fixture(scope="module")
 def served_reference(tiny_target, inputs, served, tmp_path_factory) -> Path:
     """An uninterrupted server-mode run; a second URL is down, so requests must fail over."""
-    out = tmp_path_factory.mktemp("served")
+    out = tmp_path_factory.mktemp("served") / "out"
     dead = f"http://127.0.0.1:{_free_port()}"
     start = time.monotonic()
-    [result] = run(make_cfg(tiny_target, inputs / "all.jsonl", out, server=[served, dead], max_concurrency=8))
+    with tracing(out.parent / "trace.txt"):  # the crash points a full run passes, for the crash chain
+        [result] = run(make_cfg(tiny_target, inputs / "all.jsonl", out, server=[served, dead], max_concurrency=8))
     print(f"\nserver run: {result.accepted} records, {result.generated_tokens} tokens "
           f"in {time.monotonic() - start:.1f} s")
     return out
@@ -211,29 +215,69 @@ def test_two_shards_equal_one_shard_with_one_engine(tiny_target, inputs, referen
     assert len(built) == 1
 
 
-def test_kill9_then_resume_equals_uninterrupted(tiny_target, inputs, served, served_reference, tmp_path):
-    """Server mode, so that the two runs cost no engine start; resume does not depend on the engine."""
-    out = tmp_path / "out"
-    cmd = cli(tiny_target, inputs / "all.jsonl", out, "--server", served)
-    progress = out / "progress" / SHARD
-    with open(tmp_path / "first.log", "wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not (progress.exists() and progress.read_bytes().count(b"\n") >= 1):
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no batch became durable in time"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # as a preempted Slurm task: no cleanup of any kind
-    proc.wait()
-    durable = progress.read_bytes().count(b"\n")
-    assert 0 < durable < 40 and not (out / SHARD).exists()
+def inspect_diff(a: Path, b: Path) -> str:
+    """``python -m storage.inspect diff``: the check a user runs; fails the test unless identical."""
+    proc = subprocess.run([sys.executable, "-m", "storage.inspect", "diff", str(a), str(b)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "identical" in proc.stdout, proc.stdout + proc.stderr
+    return proc.stdout
 
-    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resuming, {durable} of 40 records already durable" in second.stderr
+
+def test_crash_chain_then_resume_equals_uninterrupted(tiny_target, inputs, served, served_reference, tmp_path):
+    """kill -9 at random passages and inside the shard commit, each run resuming the previous one.
+
+    Server mode, so that the runs cost no engine start; resume does not depend on the engine.
+    ``AE3_FAULT_SEED`` picks other random points.
+    """
+    seed = int(os.environ.get("AE3_FAULT_SEED", "0"))
+    trace = read_trace(served_reference.parent / "trace.txt")
+    first, second = random_passages(len(trace), 2, seed)
+    specs = [first, "torn-append:shard-*", str(1 + int(second) // 2), f"after-rename:{SHARD}",
+             "before-rename:manifest.json#2"]  # #1 is the manifest check every run makes at start
+    print(f"\nseed {seed}: {len(trace)} crash-point passages in a full run; crashing at {specs}")
+    out = tmp_path / "out"
+    runs = crash_chain(cli(tiny_target, inputs / "all.jsonl", out, "--server", served), specs, tmp_path / "logs",
+                       cwd=REPO, timeout_s=300)
+    for r in runs[:-1]:
+        assert r.returncode == -signal.SIGKILL, f"{r.spec}: exit {r.returncode}\n{r.log.read_text()[-2000:]}"
+    assert runs[-1].returncode == 0, runs[-1].log.read_text()[-3000:]
+    assert "resuming" in "".join(r.log.read_text() for r in runs)
+    inspect_diff(out, served_reference)
     for name in (SHARD, "errors-00000.jsonl"):
         assert (out / name).read_bytes() == (served_reference / name).read_bytes(), name
-    assert not progress.exists()
+    assert not (out / "progress" / SHARD).exists()
+
+
+def test_full_disk_is_a_clear_error_and_a_rerun_resumes(tiny_target, inputs, served, served_reference, tmp_path):
+    out = tmp_path / "out"
+    cmd = cli(tiny_target, inputs / "all.jsonl", out, "--server", served, "--batch-size", "4")
+    limit = (served_reference / SHARD).stat().st_size // 2  # some batches fit, the rest do not
+    full = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert full.returncode == 3, full.stderr[-3000:]
+    assert (f"python -m stages.regenerate: error: cannot write {out / 'progress' / SHARD}: File too large (EFBIG)"
+            in full.stderr) and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["shards"] == {} and not (out / SHARD).exists()
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "records already durable" in again.stderr
+    inspect_diff(out, served_reference)
+
+
+def test_two_workers_racing_over_all_shards(tiny_target, inputs, served, served_reference, tmp_path):
+    """Two jobs started at once on all 3 shards of one output: every shard written by exactly one."""
+    out = tmp_path / "out"
+    cmd = cli(tiny_target, inputs / "all.jsonl", out, "--server", served, "--num-shards", "3")
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-2000:] for x in logs)
+    made = [sorted(set(re.findall(r"(shard-\d+-of-00003): committed", x))) for x in logs]
+    assert sorted(made[0] + made[1]) == [f"shard-{i:05d}-of-00003" for i in range(3)], made  # none twice
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["shards"]) == ["00000", "00001", "00002"]
+    assert "sharded differently (3 vs 1 shards)" in inspect_diff(out, served_reference)
 
 
 def test_locked_shard_second_process_exits_clearly(tiny_target, inputs, tmp_path):
