@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import re
+import resource
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -116,22 +118,33 @@ def gather_fp32(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _likely_cause(path: Path) -> tuple[int, str]:
+    """errno and a note for a write failure that came without one."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return errno.EFBIG, f"this process may write files of at most {soft:,} bytes (ulimit -f)"
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    st = os.statvfs(existing)
+    free = st.f_bavail * st.f_frsize
+    code = errno.ENOSPC if free < 1 << 30 else errno.EIO
+    return code, f"{free / 2**30:.2f} GiB free on that filesystem"
+
+
 @contextmanager
 def _checkpoint_writes(step_dir: Path) -> Iterator[None]:
-    """Report a failed checkpoint write as an OSError naming the step (torch.save says only
-    "PytorchStreamWriter failed writing file data/0: file write failed", as a RuntimeError)."""
+    """Report a failed checkpoint write as an OSError naming the step and the likely cause."""
     try:
         yield
     except (OSError, RuntimeError) as err:
-        if isinstance(err, OSError):
-            code = err.errno or errno.EIO
-        elif "writ" in str(err):
-            code = errno.EIO
+        # torch.save's own errors carry no errno ("file write failed", "unexpected pos 7808 vs 7696")
+        if isinstance(err, OSError) and err.errno:
+            code, note = err.errno, ""
         else:
-            raise
-        raise OSError(code, f"writing checkpoint {step_dir.name} failed ({type(err).__name__}: {err}); it was not "
-                      "committed (no COMMITTED marker), the previous checkpoint stays the latest",
-                      str(step_dir)) from err
+            code, note = _likely_cause(step_dir)
+            note = f"; {note}"
+        raise OSError(code, f"{os.strerror(code)}: writing checkpoint {step_dir.name} failed ({type(err).__name__}: "
+                      f"{err}{note}); it was not committed (no COMMITTED marker), the previous checkpoint stays "
+                      "the latest", str(step_dir)) from err
 
 
 def save_checkpoint(engine: Any, run_dir: Path, step: int, state: dict[str, Any], rank: int,

@@ -36,6 +36,7 @@ from modeling.train_model import (
 from modeling.train_setup import TrainInputs, check_run_dir, load_vocab, write_run_files
 from modeling.vocab import VocabMapping
 from pipeline.durable import atomic_write_json
+from pipeline.faults import crash_point
 from pipeline.locks import FileLock
 
 log = logging.getLogger("stages.train")
@@ -169,6 +170,7 @@ class Trainer:
             if (micro + 1) % ga:
                 continue
             step = (micro + 1) // ga
+            crash_point("train-step", str(step))
             if step % cfg.log_every == 0 or step == total:
                 self._log("train", step, window.summary(cfg.loss_decay, self.ctx.device),
                           lr=lr, epoch=self.schedule.position(micro + 1)["epoch"])

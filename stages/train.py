@@ -17,15 +17,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from modeling.train_config import TrainConfig
 from modeling.train_setup import TrainSetupError, check_inputs, check_run_dir
-from pipeline.cli import stage_main
+from pipeline.cli import EXIT_SERVICE, stage_main
 from pipeline.locks import LockHeld
 
 log = logging.getLogger("stages.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PEER_GRACE_S = 5.0
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -39,6 +41,13 @@ def strip_local_rank(argv: list[str]) -> list[str]:
         elif not arg.startswith(("--local_rank=", "--local-rank=")):
             out.append(arg)
     return out
+
+
+def peer_failed(err: BaseException) -> bool:
+    """A collective failed because another rank died (gloo/NCCL name the lost peer)."""
+    text = str(err)
+    return any(m in text for m in ("Connection closed by peer", "Connection reset by peer",
+                                   "remote worker crashing", "NCCL communicator was aborted"))
 
 
 def launched() -> bool:
@@ -79,7 +88,16 @@ def _check_and_train(cfg: TrainConfig, argv: list[str]) -> int:
         relaunch(cfg, argv)
     from modeling.trainer import train
 
-    step = train(cfg, inputs)
+    try:
+        step = train(cfg, inputs)
+    except RuntimeError as err:
+        if not peer_failed(err):
+            raise
+        log.error("rank %s: stopping because another process of the job failed (%s); that process's own "
+                  "error says why", os.environ.get("RANK", "?"), str(err).splitlines()[0][:200])
+        # the launcher reports the first exit status it sees: give the failing rank's the lead
+        time.sleep(PEER_GRACE_S)
+        return EXIT_SERVICE
     if os.environ.get("RANK", "0") == "0":
         log.info("training finished at step %d; draft snapshots in %s", step, Path(cfg.output) / "checkpoints")
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -25,6 +27,7 @@ from modeling.draft_io import load_draft_snapshot
 from modeling.train_checkpoint import list_steps
 from modeling.train_data import Packing, Schedule, collate_row, split_samples, store_columns
 from modeling.train_model import TrainDraft, WarmupCosine, with_audio_ids
+from pipeline.faults import crash_chain
 from stages.train import main, strip_local_rank
 from storage.store import open_store
 
@@ -104,7 +107,11 @@ def test_zero2_learns_and_writes_the_run_layout(zero2_run, tmp_path):
     assert json.loads((tmp_path / "draft" / "config.json").read_text())["draft_vocab_size"] == 256
 
 
-def test_kill_and_rerun_reaches_the_uninterrupted_weights(zero2_run, fixture_store, tiny_target, tmp_path):
+def test_kills_and_crashes_then_rerun_reach_the_uninterrupted_weights(zero2_run, fixture_store, tiny_target,
+                                                                       tmp_path):
+    """The launcher group killed after a checkpoint, then a rank killed inside the next checkpoint's
+    commit, then both ranks killed after a random optimizer step; the last rerun ends with exactly
+    the uninterrupted run's weights. ``AE3_FAULT_SEED`` picks another step."""
     out = tmp_path / "run"
     log = tmp_path / "log.txt"
     cmd = train_cmd(fixture_store, tiny_target, out, ZERO2)
@@ -121,14 +128,37 @@ def test_kill_and_rerun_reaches_the_uninterrupted_weights(zero2_run, fixture_sto
     killed_at = list_steps(out)[0][-1]
     (out / "checkpoints" / "step-000030").mkdir(exist_ok=True)  # what a kill mid-save leaves
 
-    text = run_train(cmd, log)
-    assert f"resumed from step {killed_at}" in text
+    crash_step = random.Random(int(os.environ.get("AE3_FAULT_SEED", "0"))).randint(25, 35)
+    specs = ["before-rename:COMMITTED", f"train-step:{crash_step}"]
+    print(f"\ncrashing at {specs}")
+    runs = crash_chain(cmd, specs, tmp_path / "logs", cwd=REPO, timeout_s=600)
+    logs = [r.log.read_text() for r in runs]
+    assert all(r.returncode != 0 for r in runs[:-1]) and runs[-1].returncode == 0, logs[-1][-3000:]
+    assert f"resumed from step {killed_at}" in logs[0] and "step-000030" in logs[0]  # the stray dir removed
+    assert "resumed from step 12" in logs[1]  # step 24 of run 0 was cut short before its marker
+    assert "resumed from step 24" in logs[2]
     assert list_steps(out) == ([0, 24, 36], [])
     ref, got = weights(zero2_run, 36), weights(out, 36)
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k], got[k]) for k in ref), "resumed run diverged from the uninterrupted one"
     steps = [r["step"] for r in metrics(out, "train")]
-    assert steps == list(range(1, 37))  # the killed run's lines past its checkpoint were dropped
+    assert steps == list(range(1, 37))  # the killed runs' lines past their checkpoint were dropped
+
+
+def test_full_disk_during_a_checkpoint_is_clear_and_commits_nothing(fixture_store, tiny_target, tmp_path):
+    out = tmp_path / "run"
+    cmd = train_cmd(fixture_store, tiny_target, out, [*BASE, "--nproc", "2", "--zero-stage", "2",
+                                                      "--max-steps", "3", "--save-every", "3"])
+    # 4 MB: the run files and DeepSpeed's one-time C++ build fit, a 5.5 MB checkpoint file does not
+    limit = 4_000_000
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 3, text[-4000:]
+    assert f"python -m stages.train: error: cannot write {out / 'checkpoints' / 'step-000000'}: File too large" in text
+    assert f"files of at most {limit:,} bytes" in text
+    assert list_steps(out)[0] == [] and not (out / "checkpoints" / "latest").exists()
+    assert not (out / "FINISHED").exists()
 
 
 def test_zero3_bf16_encoder_audio(fixture_store, tiny_target, tmp_path):
