@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.cli import EXIT_MEANING
 from pipeline.orchestrate import (
     Paths,
     PipelineConfig,
@@ -39,7 +40,9 @@ def run_stage(stage: str, cfg: PipelineConfig, config_path: str, paths: Paths) -
     start = time.monotonic()
     result = subprocess.run(cmd)
     if result.returncode != 0:
-        raise SystemExit(f"stage {stage} failed with exit code {result.returncode}; rerun the same command to resume")
+        meaning = EXIT_MEANING.get(result.returncode, "rerun the same command to resume")
+        print(f"run_pipeline: stage {stage} failed with exit code {result.returncode}: {meaning}", file=sys.stderr)
+        raise SystemExit(result.returncode)  # the stage's status, for a batch script to act on
     log.info("stage %s: done in %.1f s", stage, time.monotonic() - start)
 
 

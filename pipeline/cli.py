@@ -23,6 +23,11 @@ from pipeline.config import parse_config
 from pipeline.progress import setup_logging
 
 EXIT_OK, EXIT_SERVICE, EXIT_INPUT, EXIT_WRITE = 0, 1, 2, 3
+EXIT_MEANING = {
+    EXIT_SERVICE: "a service failed or a process crashed; durable progress is kept: rerun to continue",
+    EXIT_INPUT: "a configuration, input or lock problem: fix it, then rerun",
+    EXIT_WRITE: "the output could not be written (disk full, quota, file-size limit): free space, then rerun",
+}
 # errors of the filesystem being written, not of the data: the same command succeeds once the
 # space or the filesystem is back
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
