@@ -62,6 +62,10 @@ class Record:
     def audio_paths(self) -> list[Path]:
         return [p for t in self.turns for p in t.audio_paths]
 
+    def reject(self, field_name: str, reason: str) -> Rejection:
+        """This record's rejection (file, line, id kept), for a stage that finds it unusable."""
+        return Rejection(self.index, self.line, self.source, self.id, field_name, reason)
+
 
 @dataclass
 class Rejection:

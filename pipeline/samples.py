@@ -100,3 +100,15 @@ def load_target_processor(target_dir: str | Path) -> tuple[Any, Any]:
 
     processor = AutoProcessor.from_pretrained(str(target_dir))
     return processor.tokenizer, processor.feature_extractor
+
+
+def target_context_length(target: str | Path) -> int | None:
+    """The language model's ``max_position_embeddings`` from the target's config.json, if any."""
+    import json
+
+    path = Path(target) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    value = (config.get("text_config") or {}).get("max_position_embeddings") or config.get("max_position_embeddings")
+    return int(value) if value else None

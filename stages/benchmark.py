@@ -35,7 +35,7 @@ from typing import Any
 from pipeline.audio import AudioLimits
 from pipeline.cli import stage_main
 from pipeline.config import opt, require
-from pipeline.data import read_conversations
+from pipeline.data import RecordError, Rejection, read_conversations
 from pipeline.durable import atomic_write_json, atomic_write_text
 from pipeline.engine import Generator, GenRequest, GenResult, Sampling
 
@@ -81,28 +81,45 @@ class EvalPrompt:
     reference: str | None
 
 
-def build_prompts(cfg: BenchmarkConfig) -> tuple[list[EvalPrompt], int]:
-    """The first ``num_prompts`` usable records as requests; returns (prompts, rejected records)."""
-    from pipeline.samples import load_record_audio, load_target_processor
-    from pipeline.template import ChatTokenizer
+def build_prompts(cfg: BenchmarkConfig) -> tuple[list[EvalPrompt], list[Rejection]]:
+    """The first ``num_prompts`` usable records as requests, and every record passed over on the
+    way, each with its reason (unreadable line, bad audio, prompt + answer over the context)."""
+    from pipeline.samples import load_record_audio, load_target_processor, target_context_length
+    from pipeline.template import ChatTokenizer, num_audio_tokens
 
     chat = ChatTokenizer(load_target_processor(cfg.target)[0])
+    context = cfg.max_model_len or target_context_length(cfg.target)
     read = read_conversations(cfg.input, require_assistant=False)
-    for rej in read.rejected:
-        log.warning("skipped %s", rej.message())
-    prompts = []
-    for i, rec in enumerate(read.records[: cfg.num_prompts]):
+    rejected: list[Rejection] = []
+    prompts: list[EvalPrompt] = []
+    stop = read.total  # input records from here on were not needed
+    for rec in read.records:
         turns = rec.turns
         t = next((j for j, turn in enumerate(turns) if turn.role == "assistant"), len(turns))
-        n_audio = sum(len(turn.audio_paths) for turn in turns[:t])
-        audios = load_record_audio(rec, AudioLimits())[:n_audio]
-        sampling = Sampling(cfg.max_new_tokens, cfg.temperature, 1.0, cfg.seed + i)
+        try:
+            audios = load_record_audio(rec, AudioLimits())[: sum(len(turn.audio_paths) for turn in turns[:t])]
+        except RecordError as err:
+            rejected.append(rec.reject(err.field, err.reason))
+            continue
         ids = chat.encode(turns, until_turn=t).input_ids.tolist()
+        # vLLM expands each <|AUDIO|> placeholder to the encoder's token count
+        length = len(ids) + sum(num_audio_tokens(a.shape[0]) - 1 for a in audios)
+        if context and length + cfg.max_new_tokens > context:
+            rejected.append(rec.reject("conversations", f"prompt of {length} tokens + --max-new-tokens "
+                                       f"{cfg.max_new_tokens} is longer than the context ({context})"))
+            continue
+        sampling = Sampling(cfg.max_new_tokens, cfg.temperature, 1.0, cfg.seed + len(prompts))
         reference = turns[t].text if t < len(turns) and turns[t].text.strip() else None
         prompts.append(EvalPrompt(rec.id, GenRequest(ids, audios, sampling, turns[:t]), reference))
+        if len(prompts) == cfg.num_prompts:
+            stop = rec.index + 1
+            break
+    rejected = sorted(rejected + [r for r in read.rejected if r.index < stop], key=lambda r: r.index)
+    for rej in rejected:
+        log.warning("skipped %s", rej.message())
     if not prompts:
-        raise ValueError(f"{cfg.input}: no usable records ({len(read.rejected)} rejected)")
-    return prompts, len(read.rejected)
+        raise ValueError(f"{cfg.input}: no usable records ({len(rejected)} rejected)")
+    return prompts, rejected
 
 
 @dataclass
@@ -247,10 +264,12 @@ def word_error_rate(prompts: list[EvalPrompt], texts: list[str]) -> float | None
 
 
 def build_report(cfg: BenchmarkConfig, prompts: list[EvalPrompt], runs: dict[str, RunResult],
-                 decode: Callable[[list[int]], str], rejected: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 decode: Callable[[list[int]], str],
+                 rejected: list[Rejection]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """RESULT.json contents and the per-prompt output rows."""
     report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "mode": "server" if cfg.server else "offline",
-                              "num_prompts": len(prompts), "rejected_records": rejected, "device": _device()}
+                              "num_prompts": len(prompts), "rejected_records": len(rejected),
+                              "rejected": [r.to_dict() for r in rejected], "device": _device()}
     texts = {name: [decode(r.token_ids) for r in run.results] for name, run in runs.items()}
     for name in ("plain", "speculative"):
         run = runs.get(name)

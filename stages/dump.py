@@ -132,7 +132,7 @@ def read_input(path: str | Path) -> InputSet:
             rec = replace(rec, index=rec.index + offset)
             if rec.id in first_seen:  # ids key resume: they must be unique across stage 1 shards
                 seen = first_seen[rec.id]
-                rejected.append(Rejection(rec.index, rec.line, rec.source, rec.id, "id",
+                rejected.append(rec.reject("id",
                                           f"duplicate id {rec.id!r} (first seen at {seen.source}:{seen.line})"))
                 continue
             first_seen[rec.id] = rec
@@ -300,7 +300,7 @@ def _run_window(cfg: DumpConfig, chat: ChatTokenizer, capture: TargetCapture, wi
             prepared.append(sample)
         except RecordError as err:
             if rec.index not in done:
-                rejected.append(Rejection(rec.index, rec.line, rec.source, rec.id, err.field, err.reason))
+                rejected.append(rec.reject(err.field, err.reason))
     captured: dict[int, CapturedSample] = {}
     for batch in plan_batches([p.length for p in prepared], cfg.batch_tokens):
         group = [prepared[i] for i in batch]
@@ -322,7 +322,7 @@ def _write_in_order(writer: ShardWriter, window: list[Record], captured: dict[in
         try:
             writer.write(sample)  # validates shapes and finiteness before queueing
         except SampleError as err:
-            rejected.append(Rejection(rec.index, rec.line, rec.source, rec.id, "hidden_states", str(err)))
+            rejected.append(rec.reject("hidden_states", str(err)))
     return rejected
 
 

@@ -238,7 +238,7 @@ class _ShardWork:
         room = self.context - length
         if room < 1:
             rec = chain.record
-            return Rejection(rec.index, rec.line, rec.source, rec.id, f"conversations[{t}]",
+            return rec.reject(f"conversations[{t}]",
                              f"prompt longer than the model's context ({length} tokens with audio expanded, "
                              f"max_model_len {self.context})")
         cfg = self.cfg
@@ -250,7 +250,7 @@ class _ShardWork:
     def _accept(self, chain: _Chain, t: int, result: GenResult) -> None:
         rec = chain.record
         if result.error is not None:
-            chain.error = Rejection(rec.index, rec.line, rec.source, rec.id, "engine", result.error)
+            chain.error = rec.reject("engine", result.error)
             return
         # the text is decoded from the ids, so ids and text can never disagree
         text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
@@ -287,7 +287,7 @@ class _ShardWork:
             try:
                 chains.extend(self._chains(rec))
             except RecordError as err:
-                failed[rec.index] = Rejection(rec.index, rec.line, rec.source, rec.id, err.field, err.reason)
+                failed[rec.index] = rec.reject(err.field, err.reason)
         self._generate(chains)
         by_record: dict[int, list[_Chain]] = {}
         for chain in chains:

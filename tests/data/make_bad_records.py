@@ -1,7 +1,8 @@
 """Write tests/data/bad_records.jsonl and the broken audio files it points to.
 
 Each bad line carries the field and reason the reader must report in ``expect`` (a test checks
-them); two good lines in between must come through intact. Run from anywhere:
+them); two good lines in between must come through intact. An entry with ``after_reading`` is
+a record the reader accepts and every stage must reject (a conversation over the context). Run from anywhere:
 ``python tests/data/make_bad_records.py``.
 """
 
@@ -83,6 +84,10 @@ def lines() -> list[bytes | dict]:
         ({"id": "unknown-part", "conversations": [{"role": "user", "content": [{"type": "video", "video": "x"}]},
                                                   assistant()]},
          {"field": "conversations[0].content[0].type", "reason": "unknown content type"}),
+        # well-formed, so the reader accepts it; ~9,000 tokens (3 byte-fallback tokens per character
+        # in the tiny target's vocab) are over the 8,192-token context: every stage rejects it
+        ({"id": "over-long", "conversations": [{"role": "user", "content": "\u8bed" * 3000}, assistant()]},
+         {"field": "conversations", "reason": "longer than", "after_reading": True}),
     ]
 
 
@@ -90,7 +95,7 @@ def main() -> None:
     write_audio_files()
     out, expect = [], []
     for payload, expected in lines():
-        out.append(payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+        out.append(payload if isinstance(payload, bytes) else json.dumps(payload, ensure_ascii=False).encode())
         expect.append(expected)
     (HERE / "bad_records.jsonl").write_bytes(b"\n".join(out) + b"\n")
     (HERE / "bad_records.expect.json").write_text(json.dumps(expect, indent=1) + "\n")

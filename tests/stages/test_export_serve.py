@@ -167,6 +167,28 @@ def test_spec_counters_from_prometheus_text() -> None:
     assert summary["per_position_acceptance_rate"] == [6 / 8, 3 / 8, 2 / 8, 1 / 8]
 
 
+def test_benchmark_prompts_pass_over_each_bad_record_with_its_reason(tiny_target: Path) -> None:
+    from stages.benchmark import BenchmarkConfig, build_prompts
+
+    cfg = BenchmarkConfig(target=str(tiny_target), input=str(DATA / "bad_records.jsonl"), output="-",
+                          num_prompts=100, max_new_tokens=32)
+    prompts, rejected = build_prompts(cfg)
+    expect = json.loads((DATA / "bad_records.expect.json").read_text())
+    # a prompt needs no answer: the record without an assistant turn is a usable prompt here
+    bad = {i: e for i, e in enumerate(expect) if e and "no assistant turn" not in e["reason"]}
+    assert [p.id for p in prompts] == ["good-1", "no-assistant", "good-2"]
+    assert [r.index for r in rejected] == sorted(bad)
+    assert len(prompts) + len(rejected) == len(expect)  # nothing dropped silently
+    for rej in rejected:
+        assert rej.field == bad[rej.index]["field"] and bad[rej.index]["reason"] in rej.reason, rej.message()
+    over = next(r for r in rejected if r.record_id == "over-long")
+    assert "+ --max-new-tokens 32 is longer than the context (8192)" in over.reason
+    # --num-prompts counts usable prompts, passing over the bad records before them
+    prompts, rejected = build_prompts(BenchmarkConfig(**{**cfg.__dict__, "num_prompts": 2}))
+    assert [p.id for p in prompts] == ["good-1", "no-assistant"] and [r.index for r in rejected] == sorted(
+        i for i in bad if i < 12)
+
+
 def test_plugin_class_adds_only_the_eagle3_interface() -> None:
     import pickle
 

@@ -178,7 +178,9 @@ def test_every_good_record_regenerated_every_bad_one_rejected(tiny_target, input
     expected = _expected_rejections()
     assert sorted(errors) == sorted(expected)
     for index, exp in expected.items():
-        assert errors[index]["field"] == exp["field"] and exp["reason"] in errors[index]["reason"], errors[index]
+        # stage 1 names the turn whose prompt is over-long: conversations[1]
+        assert errors[index]["field"].startswith(exp["field"]) and exp["reason"] in errors[index]["reason"], \
+            errors[index]
 
     manifest = json.loads((reference / "manifest.json").read_text())
     entry = manifest["shards"]["00000"]
