@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.audio import AudioLimits
+from pipeline.config import parse_config
 from pipeline.data import read_conversations
 from pipeline.durable import sha256_file
 from pipeline.faults import crash_chain, random_passages, read_trace, tracing
@@ -157,8 +158,11 @@ def test_every_good_record_regenerated_every_bad_one_rejected(tiny_target, input
     source = read_conversations(inputs / "all.jsonl", require_assistant=False)
     out = read_conversations(reference / SHARD, require_assistant=True)
     assert out.rejected == []
-    assert [r.id for r in out.records] == [r.id for r in source.records]
-    for rec, src in zip(out.records, source.records, strict=True):
+    errors = {e["index"]: e for e in read_jsonl(reference / "errors-00000.jsonl")}
+    kept = [r for r in source.records if r.index not in errors]  # the reader accepts an over-long record
+    assert [r.id for r in source.records if r.index in errors] == ["over-long"]
+    assert [r.id for r in out.records] == [r.id for r in kept]
+    for rec, src in zip(out.records, kept, strict=True):
         assert (rec.raw["source_index"], rec.raw["source_hash"]) == (src.index, src.source_hash)
         counts = [num_audio_tokens(a.shape[0]) for a in load_record_audio(rec, AudioLimits())]
         answers = [i for i, t in enumerate(rec.turns) if t.role == "assistant"]
@@ -174,7 +178,6 @@ def test_every_good_record_regenerated_every_bad_one_rejected(tiny_target, input
             prompt = chat.encode(rec.turns, audio_token_counts=counts[:n_audio], until_turn=i)
             assert turn.extra["prompt_tokens"] == len(prompt.input_ids)
 
-    errors = {e["index"]: e for e in read_jsonl(reference / "errors-00000.jsonl")}
     expected = _expected_rejections()
     assert sorted(errors) == sorted(expected)
     for index, exp in expected.items():
@@ -344,14 +347,14 @@ def test_server_mode_matches_offline_single_turn(reference, served_reference):
 
 
 def test_config_file_and_helpers(tmp_path):
-    cfg = regenerate.parse_config(RegenerateConfig, ["--config", str(REPO / "configs" / "regenerate.yaml"),
+    cfg = parse_config(RegenerateConfig, ["--config", str(REPO / "configs" / "regenerate.yaml"),
                                                      "--num-shards", "4"], prog="t", description="t")
     assert cfg.num_shards == 4 and cfg.max_new_tokens == 512 and cfg.server == []
     assert derive_seed(0, 5, 1, 2) == derive_seed(0, 5, 1, 2) != derive_seed(0, 5, 0, 2)
     assert reason_key({"field": "conversations[0].content[0].audio",
                        "reason": "/x/a.flac: audio file is empty (0 bytes)"}) == "audio: audio file is empty"
     with pytest.raises(SystemExit):
-        regenerate.parse_config(RegenerateConfig, ["--target", "t", "--input", "i"], prog="t", description="t")
+        parse_config(RegenerateConfig, ["--target", "t", "--input", "i"], prog="t", description="t")
 
 
 @contextlib.contextmanager
