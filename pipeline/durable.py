@@ -5,6 +5,7 @@ file or the new one, never half of one.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -66,6 +67,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     crash_point("after-rename", path.name)
+    # writers of one path are serialized by a lock (manifest, shard, rank 0), so any other temp
+    # file of this name is what a killed writer left behind
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 

@@ -165,3 +165,47 @@ def crash_chain(cmd: list[str], specs: list[str], log_dir: str | Path, *, cwd: s
                 proc.wait()
         runs.append(DrillRun(spec, code, time.monotonic() - start, log_path))
     return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.faults [--crash SPEC ...] [--random K --passages N --seed S] -- CMD ...``"""
+    import argparse
+    import shlex
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.faults",
+        description="Resume drill: run CMD killed (SIGKILL) at each --crash point in turn, each run resuming "
+                    "the previous one, then once to the end. Compare its output with an uninterrupted "
+                    "run's using `python -m storage.inspect diff`.")
+    parser.add_argument("--crash", action="append", default=[], metavar="SPEC",
+                        help="a crash point spec (see the module docstring), e.g. 'after-rename-dir:shard-*' or 12")
+    parser.add_argument("--random", type=int, default=0, metavar="K", help="also crash at K random passages")
+    parser.add_argument("--passages", type=int, default=40,
+                        help="passages of a full run to draw from (AE3_CRASH_TRACE of a full run counts them)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--logs", default="crash-drill-logs", help="one log file per run goes here")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the stage command")
+    args = parser.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        parser.error("give the command to drill after --")
+    specs = random_passages(args.passages, args.random, args.seed) + args.crash
+    for spec in specs:
+        try:
+            CrashSpec.parse(spec)  # fail on a typo before the first run
+        except ValueError as err:
+            parser.error(str(err))
+    runs = crash_chain(cmd, specs, args.logs)
+    ok = all(r.returncode != 0 for r in runs[:-1]) and runs[-1].returncode == 0
+    for r in runs:
+        what = "killed" if r.returncode == -signal.SIGKILL else f"exit {r.returncode}"
+        print(f"{r.spec or '(to the end)':40s} {what:10s} {r.seconds:7.1f} s  {r.log}")
+    if not ok:
+        print(f"drill FAILED: a crash point was not reached or the last run failed ({shlex.join(cmd)})",
+              file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
