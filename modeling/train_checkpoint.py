@@ -130,21 +130,35 @@ def _likely_cause(path: Path) -> tuple[int, str]:
     return code, f"{free / 2**30:.2f} GiB free on that filesystem"
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; its cause is an OSError naming the step directory."""
+
+
+def peer_failed(err: BaseException) -> bool:
+    """A collective failed because another rank died (gloo and NCCL name the lost peer)."""
+    text = str(err)
+    return any(m in text for m in ("Connection closed by peer", "Connection reset by peer",
+                                   "remote worker crashing", "NCCL communicator was aborted"))
+
+
 @contextmanager
 def _checkpoint_writes(step_dir: Path) -> Iterator[None]:
-    """Report a failed checkpoint write as an OSError naming the step and the likely cause."""
+    """Report a failed checkpoint write with the step, the errno and the likely cause."""
     try:
         yield
     except (OSError, RuntimeError) as err:
+        if peer_failed(err):  # a barrier inside the save: another rank's failure, not ours
+            raise
         # torch.save's own errors carry no errno ("file write failed", "unexpected pos 7808 vs 7696")
         if isinstance(err, OSError) and err.errno:
             code, note = err.errno, ""
         else:
             code, note = _likely_cause(step_dir)
             note = f"; {note}"
-        raise OSError(code, f"{os.strerror(code)}: writing checkpoint {step_dir.name} failed ({type(err).__name__}: "
-                      f"{err}{note}); it was not committed (no COMMITTED marker), the previous checkpoint stays "
-                      "the latest", str(step_dir)) from err
+        cause = OSError(code, os.strerror(code), str(step_dir))
+        raise CheckpointWriteError(
+            f"writing checkpoint {step_dir.name} failed ({type(err).__name__}: {err}{note}); it was not committed "
+            "(no COMMITTED marker), the previous checkpoint stays the latest") from cause
 
 
 def save_checkpoint(engine: Any, run_dir: Path, step: int, state: dict[str, Any], rank: int,

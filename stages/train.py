@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from modeling.train_checkpoint import peer_failed
 from modeling.train_config import TrainConfig
 from modeling.train_setup import TrainSetupError, check_inputs, check_run_dir
 from pipeline.cli import EXIT_SERVICE, stage_main
@@ -41,13 +42,6 @@ def strip_local_rank(argv: list[str]) -> list[str]:
         elif not arg.startswith(("--local_rank=", "--local-rank=")):
             out.append(arg)
     return out
-
-
-def peer_failed(err: BaseException) -> bool:
-    """A collective failed because another rank died (gloo/NCCL name the lost peer)."""
-    text = str(err)
-    return any(m in text for m in ("Connection closed by peer", "Connection reset by peer",
-                                   "remote worker crashing", "NCCL communicator was aborted"))
 
 
 def launched() -> bool:
