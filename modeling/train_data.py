@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from storage.reader import ChunkReadError
 from storage.store import HiddenStateStore
 
 
@@ -202,8 +203,50 @@ def collate_row(samples: list[dict[str, Any]], batch_tokens: int, with_audio: bo
     return batch
 
 
+# tensors a sample must hold finite values in (a flipped bit in a stored bf16 can make an Inf)
+FINITE_ARRAYS = ("aux_hidden", "last_hidden", "audio_embeds")
+
+
+def read_or_skip(store: HiddenStateStore, index: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(sample, None), or (None, why it is skipped): a chunk that cannot be read or decoded, or
+    non-finite values. A pure function of the store's bytes, so a resumed run skips the same."""
+    try:
+        sample = store[index]
+    except ChunkReadError as err:
+        reason = f"unreadable: {err}"
+    else:
+        bad = {n: int((~torch.isfinite(sample[n])).sum()) for n in FINITE_ARRAYS if n in sample}
+        bad = {n: k for n, k in bad.items() if k}
+        if not bad:
+            return sample, None
+        reason = "; ".join(f"{n} has {k} non-finite values" for n, k in bad.items())
+    pos, row = store.locate(index)
+    reader = store.shard_readers()[pos]
+    return None, {"index": int(index), "id": reader.row_info(row)["id"], "shard": reader.name, "row": row,
+                  "reason": reason}
+
+
+def placeholder_row(store: HiddenStateStore, with_audio: bool) -> dict[str, Any]:
+    """A 1-token row with no supervised position: what a rank runs when every sample of its row
+    was skipped (under ZeRO each step is a collective, so every rank must step)."""
+    h, n_aux = int(store.header["hidden_size"]), int(store.header["num_aux_layers"])
+    batch: dict[str, Any] = {
+        "input_ids": torch.zeros(1, 1, dtype=torch.long), "loss_mask": torch.zeros(1, 1, dtype=torch.long),
+        "position_ids": torch.zeros(1, 1, dtype=torch.long),
+        "aux_hidden": torch.zeros(1, 1, n_aux * h, dtype=store.dtype),
+        "target_hidden": torch.zeros(1, 1, h, dtype=store.dtype), "num_tokens": 0, "num_samples": 0}
+    if with_audio:
+        batch["audio_positions"] = torch.zeros(0, dtype=torch.long)
+        batch["audio_embeds"] = torch.zeros(0, h, dtype=store.dtype)
+    return batch
+
+
 class PackedRows(Dataset):
-    """Map-style dataset of packed rows: item i reads row ``rows[i]`` from the store."""
+    """Map-style dataset of packed rows: item i reads row ``rows[i]`` from the store.
+
+    A sample that cannot be read is left out of its row and listed in ``batch["skipped"]``
+    (see :func:`read_or_skip`); the rest of the row trains.
+    """
 
     def __init__(self, store: HiddenStateStore, rows: list[np.ndarray], batch_tokens: int, with_audio: bool,
                  counted: list[bool] | None = None):
@@ -214,7 +257,16 @@ class PackedRows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        batch = collate_row([self.store[int(j)] for j in self.rows[i]], self.batch_tokens, self.with_audio)
+        samples, skipped = [], []
+        for j in self.rows[i]:
+            sample, why = read_or_skip(self.store, int(j))
+            if sample is not None:
+                samples.append(sample)
+            else:
+                skipped.append(why)
+        batch = (collate_row(samples, self.batch_tokens, self.with_audio) if samples
+                 else placeholder_row(self.store, self.with_audio))
+        batch["skipped"] = skipped
         batch["counted"] = True if self.counted is None else self.counted[i]
         return batch
 

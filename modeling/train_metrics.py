@@ -33,17 +33,19 @@ class MetricWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(3 * self.t + 2, dtype=torch.float64)
+        self.sums = torch.zeros(3 * self.t + 3, dtype=torch.float64)
         self.start = time.monotonic()
 
-    def add(self, out: Mapping[str, torch.Tensor], num_tokens: int) -> None:
-        """Add one micro-batch: ``out`` is ``TrainModule.forward``'s per-step sums."""
+    def add(self, out: Mapping[str, torch.Tensor], num_tokens: int, skipped: int = 0) -> None:
+        """Add one micro-batch: ``out`` is ``TrainModule.forward``'s per-step sums; ``skipped``
+        the samples of its row that could not be read."""
         t = self.t
         self.sums[:t] += out["step_loss_sum"].detach().cpu().double()
         self.sums[t:2 * t] += out["step_correct"].detach().cpu().double()
         self.sums[2 * t:3 * t] += out["step_count"].detach().cpu().double()
         self.sums[3 * t] += num_tokens
         self.sums[3 * t + 1] += 1
+        self.sums[3 * t + 2] += skipped
 
     def summary(self, loss_decay: float, device: torch.device | None = None) -> dict[str, Any]:
         """Reduce over processes (a collective: every rank calls it) and derive the metrics."""
@@ -67,6 +69,7 @@ class MetricWindow:
             "tokens": int(sums[3 * t]),
             "tokens_per_s": float(sums[3 * t]) / elapsed,
             "micro_batches": int(sums[3 * t + 1]),
+            "skipped_samples": int(sums[3 * t + 2]),
         }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,12 @@ from modeling.train_data import Split, split_samples, store_columns, supervised_
 from modeling.vocab import VocabMapping, build_draft_vocab
 from pipeline.config import to_dict
 from pipeline.durable import atomic_write_json, sha256_file
+from storage.reader import ChunkReadError
 from storage.store import HiddenStateStore, open_store
 
 RUN_FILE = "run.json"
 VOCAB_FILE = "vocab.safetensors"
+log = logging.getLogger("stages.train")
 AUX_CONVENTION = "decoder_layer"  # the output convention DraftConfig.aux_layer_ids uses
 
 
@@ -51,7 +54,9 @@ class TrainInputs:
 
 def _open_store(path: str) -> HiddenStateStore:
     try:
-        return open_store(path)
+        # chunks are checked against their sha256 as they are read: a corrupt one is skipped, not
+        # trained on (blosc/zstd would decode a flipped byte without complaint)
+        return open_store(path, verify_chunks=True)
     except FileNotFoundError:
         raise TrainSetupError(f"--store {path} is not a hidden-state store (no manifest.json): run stage 2 first") from None
 
@@ -140,16 +145,30 @@ def write_run_files(cfg: TrainConfig, inputs: TrainInputs, world_size: int, tota
     """Rank 0 of a new run: build the draft vocab over the training split, then ``run.json`` last."""
     run_dir = Path(cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
-    counts = supervised_counts(inputs.store, inputs.split.train, inputs.draft_config.vocab_size)
+    try:
+        counts = supervised_counts(inputs.store, inputs.split.train, inputs.draft_config.vocab_size)
+    except ChunkReadError as err:
+        raise TrainSetupError(f"--store {cfg.store}: cannot read the token ids to build the draft vocab: {err}. "
+                              f"Find the damaged shards with `python -m storage.inspect verify --deep {cfg.store}` "
+                              "and re-queue them for stage 2 with --repair") from None
     vocab = build_draft_vocab(counts, cfg.draft_vocab_size)
     vocab.save(run_dir / VOCAB_FILE)
     covered = int(counts[vocab.t2d].sum()) / max(int(counts.sum()), 1)
+    lengths = inputs.lengths[np.concatenate([inputs.split.train, inputs.split.eval])]
+    over = lengths[lengths > cfg.batch_tokens]
+    if len(over):
+        log.warning("%d samples are longer than --batch-tokens %d (longest %d tokens) and are cut to it; their "
+                    "%d tokens past the cut are not trained on: raise --batch-tokens to keep them", len(over),
+                    cfg.batch_tokens, int(over.max()), int((over - cfg.batch_tokens).sum()))
+    if inputs.split.no_loss:
+        log.warning("%d samples have no loss tokens and are not trained on", inputs.split.no_loss)
     atomic_write_json(run_dir / RUN_FILE, {
         "identity": cfg.identity(), "config": to_dict(cfg), "world_size": world_size,
         "total_steps": total_steps, "target": inputs.target_info,
         "draft_config": dataclasses.asdict(inputs.draft_config),
         "split": {"train": len(inputs.split.train), "eval": len(inputs.split.eval),
-                  "no_loss_tokens": inputs.split.no_loss},
+                  "no_loss_tokens": inputs.split.no_loss, "over_batch_tokens": len(over),
+                  "tokens_cut": int((over - cfg.batch_tokens).sum())},
         "vocab": {"file": VOCAB_FILE, "supervised_tokens": int(counts.sum()), "coverage": round(covered, 6)},
     })
     return vocab

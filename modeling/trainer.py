@@ -9,6 +9,7 @@ deterministic schedule, so a resumed run computes exactly what the uninterrupted
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -35,7 +36,7 @@ from modeling.train_model import (
 )
 from modeling.train_setup import TrainInputs, check_run_dir, load_vocab, write_run_files
 from modeling.vocab import VocabMapping
-from pipeline.durable import atomic_write_json
+from pipeline.durable import atomic_write_json, atomic_write_text
 from pipeline.faults import crash_point
 from pipeline.locks import FileLock
 
@@ -104,6 +105,10 @@ def build_engine(cfg: TrainConfig, inputs: TrainInputs, vocab: VocabMapping, tot
     return engine
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -122,6 +127,8 @@ class Trainer:
         self.vocab = self._prepare_run_dir()
         self.engine = build_engine(cfg, inputs, self.vocab, self.schedule.total_steps, ctx)
         self.sinks: MetricSinks | None = None
+        self.skipped_path = self.run_dir / f"skipped-samples-rank{ctx.rank:05d}.jsonl"
+        self.skipped = {r["id"]: r for r in _read_jsonl(self.skipped_path)}  # kept across a resume
 
     def _prepare_run_dir(self) -> VocabMapping:
         """Rank 0 creates or checks the run directory; everyone then reads the same vocab."""
@@ -151,9 +158,25 @@ class Trainer:
         finally:
             if self.sinks is not None:
                 self.sinks.close()
+        if self.skipped:
+            log.warning("rank %d: %d samples could not be read and were skipped; listed in %s",
+                        self.ctx.rank, len(self.skipped), self.skipped_path)
         if self.ctx.rank == 0:
             atomic_write_json(self.run_dir / FINISHED, {"step": step, "time": time.time()})
         return step
+
+    def _note_skipped(self, skipped: list[dict[str, Any]]) -> None:
+        """Warn once per sample a row left out (each epoch meets it again) and remember it."""
+        for rec in skipped:
+            if rec["id"] not in self.skipped:
+                log.warning("rank %d: skipped sample %r (%s row %d): %s", self.ctx.rank, rec["id"], rec["shard"],
+                            rec["row"], rec["reason"])
+                self.skipped[rec["id"]] = rec
+                self._write_skipped()
+
+    def _write_skipped(self) -> None:
+        rows = sorted(self.skipped.values(), key=lambda r: r["index"])
+        atomic_write_text(self.skipped_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     def _train_from(self, step: int) -> int:
         cfg, ga, total = self.cfg, self.cfg.grad_accum, self.schedule.total_steps
@@ -162,11 +185,12 @@ class Trainer:
         window = MetricWindow(cfg.ttt_length)
         self.engine.train()
         for micro, batch in enumerate(loader, start=step * ga):
+            self._note_skipped(batch["skipped"])
             res = self.engine(_to_device(batch, self.ctx.device))
             self.engine.backward(res["loss"])
             lr = self.engine.get_lr()[0]
             self.engine.step()
-            window.add(res, batch["num_tokens"])
+            window.add(res, batch["num_tokens"], len(batch["skipped"]))
             if (micro + 1) % ga:
                 continue
             step = (micro + 1) // ga
@@ -198,9 +222,10 @@ class Trainer:
         with torch.no_grad():
             for i in range(len(self.eval_data)):
                 batch = self.eval_data[i]
+                self._note_skipped(batch["skipped"])
                 res = self.engine(_to_device(batch, self.ctx.device))
                 if batch["counted"]:
-                    window.add(res, batch["num_tokens"])
+                    window.add(res, batch["num_tokens"], len(batch["skipped"]))
         self.engine.train()
         self._log("eval", step, window.summary(self.cfg.loss_decay, self.ctx.device))
 

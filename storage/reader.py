@@ -10,6 +10,7 @@ decodes each chunk once.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numcodecs.blosc
@@ -22,11 +23,18 @@ from storage.codecs import ArraySpec, decode_arrays
 from storage.layout import ROW_SPACES, chunk_key
 
 
+class ChunkReadError(ValueError):
+    """A chunk file is missing, truncated or corrupt; the message names the array and the file."""
+
+
 class ShardReader:
     """Index and chunk access for one shard; cheap to pickle (the chunk cache is dropped)."""
 
-    def __init__(self, name: str, shard_dir: str, table: pa.Table, specs: dict[str, ArraySpec], fs: Any):
+    def __init__(self, name: str, shard_dir: str, table: pa.Table, specs: dict[str, ArraySpec], fs: Any,
+                 checksums: dict[str, str] | None = None):
+        """``checksums``: chunk path -> sha256 to check each fetched chunk against (None: no check)."""
         self.name, self.dir, self.table, self.specs, self.fs = name, shard_dir, table, specs, fs
+        self.checksums = checksums
         self._cols = {c: table.column(c).to_numpy() for c in
                       ("num_tokens", "tok_offset", "num_last", "last_offset", "num_audio", "audio_offset",
                        "num_loss_tokens")}
@@ -64,10 +72,14 @@ class ShardReader:
         stop = start + count
         for ci in range(start // c, -(-stop // c)):
             lo, hi = max(start, ci * c), min(stop, (ci + 1) * c)
-            if hi - lo == c:  # whole chunk: decode in place
-                numcodecs.blosc.decompress(self._fetch(spec, ci), out[lo - start:hi - start])
-            else:
-                out[lo - start:hi - start] = self.chunk(spec, ci)[lo - ci * c:hi - ci * c]
+            try:
+                if hi - lo == c:  # whole chunk: decode in place
+                    numcodecs.blosc.decompress(self._fetch(spec, ci), out[lo - start:hi - start])
+                else:
+                    out[lo - start:hi - start] = self.chunk(spec, ci)[lo - ci * c:hi - ci * c]
+            except (RuntimeError, ValueError, OSError) as err:  # blosc says only "error during decompression"
+                raise ChunkReadError(f"{spec.name} chunk {ci} ({self.chunk_path(spec, ci)}): "
+                                     f"{type(err).__name__}: {err}") from err
         return out
 
     def chunk(self, spec: ArraySpec, ci: int) -> np.ndarray:
@@ -87,8 +99,12 @@ class ShardReader:
         path = self.chunk_path(spec, ci)
         if self._local:
             with open(path, "rb") as fh:
-                return fh.read()
-        return self.fs.cat_file(path)
+                data = fh.read()
+        else:
+            data = self.fs.cat_file(path)
+        if self.checksums is not None and hashlib.sha256(data).hexdigest() != self.checksums.get(path):
+            raise ValueError(f"sha256 differs from checksums.json ({len(data):,} bytes read)")
+        return data
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_cache": {}}

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.manifest import Manifest
 from storage.codecs import QUANTIZATIONS, TARGET_CHUNK_BYTES, ArraySpec, array_specs
-from storage.layout import FORMAT_VERSION, INDEX_NAME, SHARDS_DIR, read_index, spans_of
+from storage.layout import CHECKSUMS_NAME, FORMAT_VERSION, INDEX_NAME, SHARDS_DIR, read_index, spans_of
 from storage.reader import ShardReader
 
 # a store written with other settings must not be extended: these keys must agree on resume
@@ -74,16 +74,22 @@ def create_store(path: str | Path, header: dict[str, Any]) -> Manifest:
     return manifest
 
 
-def open_store(path: str | Path, storage_options: dict[str, Any] | None = None) -> HiddenStateStore:
-    """Open a store for reading; ``path`` may be a local path or an fsspec URL."""
-    return HiddenStateStore(str(path), storage_options or {})
+def open_store(path: str | Path, storage_options: dict[str, Any] | None = None, *,
+               verify_chunks: bool = False) -> HiddenStateStore:
+    """Open a store for reading; ``path`` may be a local path or an fsspec URL.
+
+    ``verify_chunks``: check every chunk file read against the shard's ``checksums.json``
+    (sha256). Blosc and zstd carry no checksum of their own, so a flipped byte inside a chunk
+    can decode to wrong values without any error; training reads with this on.
+    """
+    return HiddenStateStore(str(path), storage_options or {}, verify_chunks=verify_chunks)
 
 
 class HiddenStateStore:
     """Random access to the committed samples of a store (a map-style Dataset)."""
 
-    def __init__(self, path: str, storage_options: dict[str, Any]):
-        self.path, self.storage_options = path, storage_options
+    def __init__(self, path: str, storage_options: dict[str, Any], verify_chunks: bool = False):
+        self.path, self.storage_options, self.verify_chunks = path, storage_options, verify_chunks
         self.fs, self.root = fsspec.core.url_to_fs(path, **storage_options)
         manifest = json.loads(self.fs.cat_file(f"{self.root}/manifest.json"))
         if manifest.get("kind") != "hidden_state_store":
@@ -102,7 +108,11 @@ class HiddenStateStore:
     def _load_shard(self, name: str) -> ShardReader:
         shard_dir = f"{self.root}/{SHARDS_DIR}/{name}"
         table = read_index(self.fs.cat_file(f"{shard_dir}/{INDEX_NAME}"))
-        return ShardReader(name, shard_dir, table, self.specs, self.fs)
+        checksums = None
+        if self.verify_chunks:
+            files = json.loads(self.fs.cat_file(f"{shard_dir}/{CHECKSUMS_NAME}"))["files"]
+            checksums = {f"{shard_dir}/{rel}": digest for rel, (_size, digest) in files.items()}
+        return ShardReader(name, shard_dir, table, self.specs, self.fs, checksums)
 
     def __len__(self) -> int:
         return self._starts[-1]

@@ -1,0 +1,121 @@
+"""Stage 3 on a damaged store: unreadable or non-finite samples are skipped, named and counted.
+
+A copy of the fixture store gets one corrupt aux_hidden chunk file (64 bytes flipped, size kept:
+a bad disk block; blosc decodes it without complaint, the sha256 in checksums.json catches it)
+and one NaN planted in a stored value (a re-compressed chunk with its checksum updated: what a bit
+flip in memory before the write would give). Which samples that touches is computed from the Arrow
+index and the chunk size, independently of the reader.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numcodecs.blosc
+import numpy as np
+import pytest
+import torch
+
+from modeling.train_data import PackedRows
+from pipeline.durable import sha256_file
+from storage.store import open_store
+
+REPO = Path(__file__).resolve().parents[2]
+BF16_NAN = 0x7FC0
+NAN_ROW = 5  # a token row of the first aux_hidden chunk: its sample is the NaN case
+
+
+def _chunk_file(store_dir: Path, array: str, ci: int) -> Path:
+    (shard,) = (store_dir / "shards").iterdir()
+    return shard / "arrays" / array / f"c.{ci}.0"
+
+
+def _samples_over(store_dir: Path, rows: range) -> set[str]:
+    """Ids of the samples whose token range meets ``rows``, from the index alone."""
+    reader = open_store(store_dir).shard_readers()[0]
+    ids, off, n = reader.ids(), reader.col("tok_offset"), reader.col("num_tokens")
+    return {ids[i] for i in range(len(ids)) if off[i] < rows.stop and off[i] + n[i] > rows.start}
+
+
+@pytest.fixture(scope="module")
+def damaged(fixture_store: Path, tmp_path_factory) -> tuple[Path, set[str], str]:
+    """(store copy, ids in the corrupt chunk, id holding the NaN)."""
+    store_dir = tmp_path_factory.mktemp("damaged") / "store"
+    shutil.copytree(fixture_store, store_dir)
+    spec = open_store(store_dir).specs["aux_hidden"]
+    c = spec.chunk_rows
+    corrupt = _chunk_file(store_dir, "aux_hidden", 1)
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 64])
+    corrupt.write_bytes(bytes(data))
+
+    first = _chunk_file(store_dir, "aux_hidden", 0)
+    rows = np.empty((c, *spec.shape_tail), dtype=spec.dtype)
+    blob = first.read_bytes()
+    numcodecs.blosc.decompress(blob, rows)
+    rows[NAN_ROW, 7] = BF16_NAN
+    first.write_bytes(numcodecs.blosc.compress(rows.tobytes(), b"zstd", 1, numcodecs.blosc.SHUFFLE, rows.itemsize))
+    sums_path = first.parents[2] / "checksums.json"
+    sums = json.loads(sums_path.read_text())
+    sums["files"]["arrays/aux_hidden/c.0.0"] = [first.stat().st_size, sha256_file(first)]
+    sums_path.write_text(json.dumps(sums))
+    (nan_id,) = _samples_over(store_dir, range(NAN_ROW, NAN_ROW + 1))
+    return store_dir, _samples_over(store_dir, range(c, 2 * c)), nan_id
+
+
+def test_rows_leave_out_exactly_the_damaged_samples(damaged, fixture_store) -> None:
+    store_dir, in_chunk, nan_id = damaged
+    store, pristine = open_store(store_dir, verify_chunks=True), open_store(fixture_store)
+    every = np.arange(len(store))
+    batch = PackedRows(store, [every], batch_tokens=100_000, with_audio=True)[0]
+    skipped = {r["id"]: r for r in batch["skipped"]}
+    assert set(skipped) == in_chunk | {nan_id} and len(in_chunk) >= 2
+    assert skipped[nan_id]["reason"] == "aux_hidden has 1 non-finite values"
+    for sid in in_chunk:
+        assert skipped[sid]["reason"].startswith("unreadable: aux_hidden chunk 1 (") and "c.1.0" in skipped[sid]["reason"]
+        assert "sha256 differs from checksums.json" in skipped[sid]["reason"]
+        assert skipped[sid]["shard"] == "shard-00000-of-00001"
+    # the rest of the row is exactly what the pristine store holds
+    kept = [i for i in every if pristine[int(i)]["id"] not in skipped]
+    ref = PackedRows(pristine, [np.asarray(kept)], batch_tokens=100_000, with_audio=True)[0]
+    assert batch["num_samples"] == len(kept) and batch["skipped"] != ref["skipped"] == []
+    for key in ("input_ids", "loss_mask", "position_ids", "aux_hidden", "target_hidden", "audio_embeds"):
+        assert torch.equal(batch[key], ref[key]), key
+    # a row of damaged samples only still yields a (loss-free) row for the collective step
+    only_bad = np.asarray([i for i in every if pristine[int(i)]["id"] in in_chunk])
+    empty = PackedRows(store, [only_bad], batch_tokens=100_000, with_audio=False)[0]
+    # without the checksums, the flipped bytes decode without an error, into other values
+    unchecked = open_store(store_dir)
+    assert any(not torch.equal(unchecked[int(i)]["aux_hidden"], pristine[int(i)]["aux_hidden"]) for i in only_bad)
+    assert empty["num_tokens"] == 0 and int(empty["loss_mask"].sum()) == 0 and len(empty["skipped"]) == len(only_bad)
+
+
+def test_training_skips_names_and_counts_them(damaged, tiny_target, tmp_path) -> None:
+    store_dir, in_chunk, nan_id = damaged
+    out = tmp_path / "run"
+    # one epoch of one process visits every training row; evaluation visits every held-out row
+    cmd = [sys.executable, "-m", "stages.train", "--store", str(store_dir), "--target", str(tiny_target),
+           "--output", str(out), "--nproc", "1", "--zero-stage", "1", "--epochs", "1", "--save-every", "100",
+           "--draft-vocab-size", "256", "--batch-tokens", "512", "--eval-fraction", "0.2", "--num-workers", "1",
+           "--eval-max-batches", "0", "--log-every", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    listed = [json.loads(x) for x in (out / "skipped-samples-rank00000.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in listed} == in_chunk | {nan_id}
+    for rec in listed:
+        assert f"skipped sample {rec['id']!r} (shard-00000-of-00001 row {rec['row']}): {rec['reason']}" in text
+    assert f"{len(listed)} samples could not be read and were skipped" in text
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert all(np.isfinite(r["loss"]) for r in rows) and train
+    run = json.loads((out / "run.json").read_text())
+    skipped_train = sum(r["skipped_samples"] for r in train)
+    # every training sample was either trained on or skipped, once (one epoch)
+    trained_tokens = sum(r["tokens"] for r in train)
+    assert 0 < skipped_train <= len(listed) and trained_tokens > 0
+    assert run["split"]["train"] + run["split"]["eval"] == len(open_store(store_dir))
