@@ -92,10 +92,15 @@ def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path, *, synced: bo
     if not synced:
         fsync_tree(tmp_dir)
     crash_point("before-rename-dir", final_dir.name)
+    # old copies a killed replacement left aside (writers of one directory hold its lock)
+    for stale in final_dir.parent.glob(f".{glob.escape(final_dir.name)}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     if final_dir.exists():
-        # rename cannot replace a non-empty directory: move the old one aside first
+        # rename cannot replace a non-empty directory: move the old one aside first (a crash in
+        # between leaves no FINAL_DIR and the old one as .FINAL_DIR.old-PID; rerun the writer)
         old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
         os.replace(final_dir, old)
+        crash_point("dir-swap", final_dir.name)
         os.replace(tmp_dir, final_dir)
         shutil.rmtree(old, ignore_errors=True)
     else:

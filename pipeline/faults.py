@@ -39,6 +39,7 @@ POINTS = {
     "after-rename": "a file is renamed into place; its directory entry is not fsynced yet",
     "before-rename-dir": "a finished directory (a store shard) is fsynced, not renamed yet",
     "after-rename-dir": "a directory is renamed into place; nothing recorded it yet",
+    "dir-swap": "replacing a directory: the old one is moved aside, the new one not renamed in yet",
     "torn-append": "half of a progress-log append is written and fsynced (a torn line)",
     "train-step": "an optimizer step finished; nothing of it is saved",
 }

@@ -22,6 +22,7 @@ previous export or the complete new one.
 
 from __future__ import annotations
 
+import glob
 import logging
 import shutil
 import sys
@@ -109,6 +110,8 @@ def export(cfg: ExportConfig) -> Path:
     snap = load_draft_snapshot(step_dir)
     out = Path(cfg.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # what a killed export left
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(serving_tensors(snap, DTYPES[cfg.dtype], cfg.include_t2d), str(tmp / "model.safetensors"),

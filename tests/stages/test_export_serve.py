@@ -32,6 +32,7 @@ from modeling.draft_io import (
     save_draft_snapshot,
 )
 from modeling.vocab import build_draft_vocab, count_supervised_tokens
+from pipeline.faults import crash_chain
 from stages import export as export_stage
 from stages.benchmark import SpecCounters, format_table
 
@@ -141,6 +142,22 @@ def test_export_writes_each_engines_convention(exports: dict[str, Path]) -> None
     with safe_open(str(exports["full"] / "model.safetensors"), framework="pt") as f:
         assert "d2t" not in f.keys() and "t2d" not in f.keys()  # vLLM refuses d2t on a full-vocab draft
     assert not [p for p in exports["vllm"].parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_export_killed_at_each_step_of_the_replace_recovers_on_rerun(exports: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    """kill -9 before the rename, and between moving the old export aside and renaming the new one
+    in; each rerun leaves exactly what an uninterrupted export writes, and no debris."""
+    out = tmp_path / "draft"
+    cmd = [sys.executable, "-m", "stages.export", "--run", str(exports["run"]), "--output", str(out)]
+    runs = crash_chain(cmd, ["before-rename-dir:draft"], tmp_path / "logs-1", cwd=REPO, timeout_s=300)
+    runs += crash_chain([*cmd, "--step", "5"], ["dir-swap:draft"], tmp_path / "logs-2", cwd=REPO, timeout_s=300)
+    assert [r.returncode for r in runs] == [-9, 0, -9, 0], [r.log.read_text()[-1500:] for r in runs]
+    assert json.loads((out / "export_info.json").read_text())["source"]["step_name"] == "step-000005"
+    again = export(exports["run"], tmp_path / "reference", "--step", "5")
+    for name in ("model.safetensors", "config.json"):
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["draft", "logs-1", "logs-2", "reference"]
 
 
 def test_export_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
