@@ -14,7 +14,6 @@ user must read backwards; the exit status says which kind it was, so a Slurm scr
 from __future__ import annotations
 
 import errno
-import logging
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -33,7 +32,6 @@ EXIT_MEANING = {
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 
 C = TypeVar("C")
-log = logging.getLogger(__name__)
 
 
 def write_error(err: BaseException) -> OSError | None:
