@@ -145,6 +145,27 @@ def test_kills_and_crashes_then_rerun_reach_the_uninterrupted_weights(zero2_run,
     assert steps == list(range(1, 37))  # the killed runs' lines past their checkpoint were dropped
 
 
+def test_a_second_job_on_the_same_run_dir_is_refused(zero2_run, fixture_store, tiny_target, tmp_path):
+    """Two training jobs racing for one RUN_DIR: the second stops at the run lock, before it could
+    delete the first one's checkpoint in progress; the first ends as if alone."""
+    out = tmp_path / "run"
+    cmd = train_cmd(fixture_store, tiny_target, out, ZERO2)
+    with open(tmp_path / "first.log", "w") as fh:
+        first = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    lock = out / "locks" / "train.lock"
+    deadline = time.monotonic() + 300
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    text = second.stdout + second.stderr
+    assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert second.returncode == 2, text[-3000:]
+    assert f"python -m stages.train: error: {lock} is held by host" in text
+    ref, got = weights(zero2_run, 36), weights(out, 36)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert [r["step"] for r in metrics(out, "train")] == list(range(1, 37))
+
+
 def test_full_disk_during_a_checkpoint_is_clear_and_commits_nothing(fixture_store, tiny_target, tmp_path):
     out = tmp_path / "run"
     cmd = train_cmd(fixture_store, tiny_target, out, [*BASE, "--nproc", "2", "--zero-stage", "2",
