@@ -21,10 +21,38 @@ class AudioError(ValueError):
     """A clip cannot be used; the message names the file and the reason."""
 
 
+# with --split-long-audio, clips longer than this are still refused (20 pieces of 30 s are
+# already 15,000 audio tokens): a multi-hour recording is not decoded just to be rejected later
+MAX_SPLIT_SECONDS = 600.0
+
+
 @dataclass(frozen=True)
 class AudioLimits:
     max_seconds: float = MAX_AUDIO_SECONDS
     split_long: bool = False  # split over-long clips into max_seconds pieces instead of rejecting
+    max_split_seconds: float = MAX_SPLIT_SECONDS
+
+
+def _header_seconds(path: Path) -> float | None:
+    """Duration from the file header without decoding (None when soundfile cannot tell)."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except Exception:  # noqa: BLE001 - not a format soundfile knows: decoded below, or rejected there
+        return None
+    return info.frames / info.samplerate if info.samplerate > 0 and info.frames > 0 else None
+
+
+def _too_long(path: Path, seconds: float, limits: AudioLimits) -> AudioError | None:
+    if limits.split_long and seconds > limits.max_split_seconds:
+        return AudioError(f"{path}: audio is {seconds:.1f} s, longer than the {limits.max_split_seconds:.0f} s "
+                          "that --split-long-audio splits")
+    if not limits.split_long and seconds > limits.max_seconds:
+        return AudioError(
+            f"{path}: audio is {seconds:.1f} s, longer than the encoder's {limits.max_seconds:.0f} s "
+            f"window (pass --split-long-audio to split it into {limits.max_seconds:.0f} s pieces)")
+    return None
 
 
 def _decode(path: Path) -> tuple[np.ndarray, int]:
@@ -54,6 +82,11 @@ def load_audio(path: str | Path, limits: AudioLimits = AudioLimits()) -> list[np
         raise AudioError(f"{path}: is a directory, not an audio file")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: audio file is empty (0 bytes)")
+    header = _header_seconds(path)
+    # clearly over the limit by its header: refused unread (hours of audio would take GBs to
+    # decode); a clip near the limit is decided on its decoded length below
+    if header is not None and _too_long(path, header - 1.0, limits) is not None:
+        raise _too_long(path, header, limits)  # type: ignore[misc]
     data, rate = _decode(path)
     if data.size == 0 or data.shape[0] == 0:
         raise AudioError(f"{path}: audio has no samples")
@@ -69,13 +102,10 @@ def load_audio(path: str | Path, limits: AudioLimits = AudioLimits()) -> list[np
         raise AudioError(f"{path}: audio is shorter than one sample at {SAMPLE_RATE} Hz")
     if float(np.abs(mono).max()) == 0.0:
         raise AudioError(f"{path}: audio is digital silence (every sample is 0)")
-    seconds = mono.size / SAMPLE_RATE
     max_samples = int(limits.max_seconds * SAMPLE_RATE)
     if mono.size > max_samples:
-        if not limits.split_long:
-            raise AudioError(
-                f"{path}: audio is {seconds:.1f} s, longer than the encoder's {limits.max_seconds:.0f} s "
-                f"window (pass --split-long-audio to split it into {limits.max_seconds:.0f} s pieces)"
-            )
+        err = _too_long(path, mono.size / SAMPLE_RATE, limits)
+        if err is not None:
+            raise err
         return [mono[i : i + max_samples] for i in range(0, mono.size, max_samples)]
     return [mono]

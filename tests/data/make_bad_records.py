@@ -40,6 +40,8 @@ def write_audio_files() -> None:
     # 31 s of a constant (non-zero) level at 8 kHz: over the 30 s window, and FLAC stores
     # constant blocks in a few bytes each, so the fixture stays tiny
     sf.write(BAD / "too-long.flac", np.full((31 * 8000,), 300, dtype=np.int16), 8000, subtype="PCM_16")
+    # 20 minutes (30 KB): refused from its header, never decoded
+    sf.write(BAD / "huge.flac", np.full((20 * 60 * 8000,), 300, dtype=np.int16), 8000, subtype="PCM_16")
 
 
 def lines() -> list[bytes | dict]:
@@ -88,6 +90,8 @@ def lines() -> list[bytes | dict]:
         # in the tiny target's vocab) are over the 8,192-token context: every stage rejects it
         ({"id": "over-long", "conversations": [{"role": "user", "content": "\u8bed" * 3000}, assistant()]},
          {"field": "conversations", "reason": "longer than", "after_reading": True}),
+        ({"id": "huge-audio", "conversations": [user("bad/huge.flac"), assistant()]},
+         {"field": "conversations[0].content[0].audio", "reason": "audio is 1200.0 s, longer than the encoder's"}),
     ]
 
 

@@ -73,3 +73,21 @@ def test_long_audio_split_only_when_asked(tmp_path):
         load_audio(path)
     pieces = load_audio(path, AudioLimits(split_long=True))
     assert [p.shape[0] for p in pieces] == [480000, 480000, 80000]
+
+
+def test_hours_of_audio_refused_from_the_header_without_decoding(monkeypatch):
+    import pipeline.audio
+
+    huge = DATA / "bad" / "huge.flac"  # 20 minutes at 8 kHz (a constant level: 30 KB)
+
+    def no_decode(path):
+        raise AssertionError(f"{path} was decoded")
+
+    monkeypatch.setattr(pipeline.audio, "_decode", no_decode)
+    with pytest.raises(AudioError, match=r"audio is 1200\.0 s, longer than the encoder's 30 s window"):
+        load_audio(huge)
+    with pytest.raises(AudioError, match=r"1200\.0 s, longer than the 600 s that --split-long-audio splits"):
+        load_audio(huge, AudioLimits(split_long=True))
+    # near the limit the decoded length decides (a header can be off by a resampling rounding)
+    with pytest.raises(AssertionError, match="was decoded"):
+        load_audio(DATA / "bad" / "too-long.flac")

@@ -120,8 +120,8 @@ def test_bad_records_accepted_and_rejected_with_reasons(tmp_path, tiny_target, f
     for row in rows:
         assert row["field"] == expect[row["index"]]["field"] and expect[row["index"]]["reason"] in row["reason"]
     (entry,) = shard_entries(tmp_path / "store").values()
-    assert (entry["num_input"], entry["num_accepted"], entry["num_rejected"]) == (22, 2, 20)
-    assert sum(entry["rejected_by_field"].values()) == 20
+    assert (entry["num_input"], entry["num_accepted"], entry["num_rejected"]) == (23, 2, 21)
+    assert sum(entry["rejected_by_field"].values()) == 21
 
 
 def test_stored_values_bit_exact_at_batch_size_one(tmp_path, tiny_target, fixtures_dir, hf_hidden_states):
