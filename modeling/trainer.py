@@ -167,12 +167,13 @@ class Trainer:
 
     def _note_skipped(self, skipped: list[dict[str, Any]]) -> None:
         """Warn once per sample a row left out (each epoch meets it again) and remember it."""
-        for rec in skipped:
-            if rec["id"] not in self.skipped:
-                log.warning("rank %d: skipped sample %r (%s row %d): %s", self.ctx.rank, rec["id"], rec["shard"],
-                            rec["row"], rec["reason"])
-                self.skipped[rec["id"]] = rec
-                self._write_skipped()
+        new = [rec for rec in skipped if rec["id"] not in self.skipped]
+        for rec in new:
+            log.warning("rank %d: skipped sample %r (%s row %d): %s", self.ctx.rank, rec["id"], rec["shard"],
+                        rec["row"], rec["reason"])
+            self.skipped[rec["id"]] = rec
+        if new:  # once per row, not per sample: a whole damaged shard is thousands of them
+            self._write_skipped()
 
     def _write_skipped(self) -> None:
         rows = sorted(self.skipped.values(), key=lambda r: r["index"])
