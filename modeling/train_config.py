@@ -14,7 +14,7 @@ from pipeline.config import config_hash, opt, require
 
 # Options that may change between a run and its resume: they do not change the trained weights.
 RESUMABLE_CHANGES = ("output", "nproc", "log_every", "save_every", "keep_checkpoints", "num_workers",
-                     "eval_every", "eval_max_batches", "master_port")
+                     "eval_every", "eval_max_batches", "master_port", "num_spec_tokens", "fit_eval")
 
 
 @dataclass(kw_only=True)
@@ -48,6 +48,11 @@ class TrainConfig:
     eval_fraction: float = opt(0.05, "held-out share of samples, chosen by a stable hash of the sample id")
     eval_every: int = opt(0, "evaluate every N steps (0: at every checkpoint)")
     eval_max_batches: int = opt(200, "packed rows per evaluation, over all processes (0: the whole split)")
+    fit_eval: bool = opt(True, "after the last step, the final weights' metrics on up to --eval-max-batches "
+                               "training rows (split 'fit' in metrics.jsonl: the acceptance vLLM should "
+                               "measure on the training prompts when the served target repeats them)")
+    num_spec_tokens: int = opt(4, "draft length k of the chain/walk acceptance estimate in the log line (the "
+                                  "benchmark's --num-spec-tokens; metrics.jsonl has every k up to --ttt-length)")
     save_every: int = opt(500, "checkpoint every N optimizer steps (and at the end)")
     keep_checkpoints: int = opt(3, "committed checkpoints kept (plus step 0, the untrained reference)")
     log_every: int = opt(10, "optimizer steps per metrics line (stdout, metrics.jsonl, TensorBoard)")
@@ -60,7 +65,7 @@ class TrainConfig:
             require(bool(getattr(self, name)), f"--{name} is required")
         require(self.zero_stage in (1, 2, 3), f"--zero-stage must be 1, 2 or 3, got {self.zero_stage}")
         for name in ("epochs", "batch_tokens", "grad_accum", "ttt_length", "draft_vocab_size", "save_every",
-                     "keep_checkpoints", "log_every", "pack_window"):
+                     "keep_checkpoints", "log_every", "pack_window", "num_spec_tokens"):
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         for name in ("nproc", "max_steps", "eval_every", "eval_max_batches", "num_workers", "master_port"):
             require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")

@@ -19,33 +19,37 @@ from typing import Any
 
 import torch
 
-from modeling.ttt import simulated_acceptance
+from modeling.ttt import chain_estimates, simulated_acceptance
 from pipeline.durable import atomic_write_text
 
 log = logging.getLogger("stages.train")
 
 
 class MetricWindow:
-    """Accumulates TTT sums and token counts between two log points."""
+    """Accumulates TTT sums and token counts between two log points.
 
-    def __init__(self, ttt_length: int):
+    Layout of the summed vector (T = ttt_length): loss sums [T], correct [T], evaluated [T],
+    loss positions [T], chain/walk sums [3T + 1] (:class:`modeling.ttt.ChainStats`), teacher
+    agreement [2], then tokens, micro-batches and skipped samples.
+    """
+
+    def __init__(self, ttt_length: int, num_spec_tokens: int = 4):
         self.t = ttt_length
+        self.k = min(num_spec_tokens, ttt_length)
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(3 * self.t + 3, dtype=torch.float64)
+        self.sums = torch.zeros(7 * self.t + 6, dtype=torch.float64)
         self.start = time.monotonic()
 
     def add(self, out: Mapping[str, torch.Tensor], num_tokens: int, skipped: int = 0) -> None:
         """Add one micro-batch: ``out`` is ``TrainModule.forward``'s per-step sums; ``skipped``
         the samples of its row that could not be read."""
-        t = self.t
-        self.sums[:t] += out["step_loss_sum"].detach().cpu().double()
-        self.sums[t:2 * t] += out["step_correct"].detach().cpu().double()
-        self.sums[2 * t:3 * t] += out["step_count"].detach().cpu().double()
-        self.sums[3 * t] += num_tokens
-        self.sums[3 * t + 1] += 1
-        self.sums[3 * t + 2] += skipped
+        parts = [out[name].detach().cpu().double().reshape(-1)
+                 for name in ("step_loss_sum", "step_correct", "step_count", "step_loss_count", "chain",
+                              "teacher_agreement")]
+        vector = torch.cat(parts + [torch.tensor([num_tokens, 1, skipped], dtype=torch.float64)])
+        self.sums += vector
 
     def summary(self, loss_decay: float, device: torch.device | None = None) -> dict[str, Any]:
         """Reduce over processes (a collective: every rank calls it) and derive the metrics."""
@@ -55,21 +59,28 @@ class MetricWindow:
             torch.distributed.all_reduce(sums)
             sums = sums.cpu()
         t = self.t
-        loss_sum, correct, count = sums[:t], sums[t:2 * t], sums[2 * t:3 * t]
-        step_loss = torch.where(count > 0, loss_sum / count.clamp_min(1), 0.0)
+        loss_sum, correct, count, loss_count = (sums[i * t:(i + 1) * t] for i in range(4))
+        chain, walk = chain_estimates(sums[4 * t:7 * t + 1], t)
+        agree, supervised, (tokens, micro, skipped) = sums[7 * t + 1], sums[7 * t + 2], sums[7 * t + 3:]
+        step_loss = torch.where(loss_count > 0, loss_sum / loss_count.clamp_min(1), 0.0)
         step_acc = torch.where(count > 0, correct / count.clamp_min(1), 0.0)
         elapsed = max(time.monotonic() - self.start, 1e-9)
         decay = torch.tensor([loss_decay**k for k in range(t)], dtype=torch.float64)
         return {
             "loss": float((decay * step_loss).sum()),
             "acceptance_length": simulated_acceptance(step_acc),
+            "chain_acceptance_length": [round(x, 5) for x in chain],
+            "walk_acceptance_length": [round(x, 5) for x in walk],
+            "num_spec_tokens": self.k,
             "step_loss": [round(float(x), 5) for x in step_loss],
             "step_acc": [round(float(x), 5) for x in step_acc],
             "supervised": int(count[0]),
-            "tokens": int(sums[3 * t]),
-            "tokens_per_s": float(sums[3 * t]) / elapsed,
-            "micro_batches": int(sums[3 * t + 1]),
-            "skipped_samples": int(sums[3 * t + 2]),
+            "in_draft_vocab": round(float(loss_count[0] / count[0]), 5) if count[0] > 0 else None,
+            "teacher_matches_data": round(float(agree / supervised), 5) if supervised > 0 else None,
+            "tokens": int(tokens),
+            "tokens_per_s": float(tokens) / elapsed,
+            "micro_batches": int(micro),
+            "skipped_samples": int(skipped),
         }
 
 
@@ -104,7 +115,9 @@ class MetricSinks:
             elif isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{split}/{key}", value, step)
         self._tb.flush()
+        k = values["num_spec_tokens"]
         line = (f"{split} step {step}: loss {values['loss']:.4f} acc_len {values['acceptance_length']:.3f} "
+                f"walk@{k} {values['walk_acceptance_length'][k - 1]:.3f} "
                 f"acc {' '.join(f'{a:.2f}' for a in values['step_acc'])}")
         if "lr" in values:
             line += f" lr {values['lr']:.3g} {values['tokens_per_s']:.0f} tok/s"

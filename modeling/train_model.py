@@ -78,8 +78,10 @@ class TrainModule(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """The TTT loss and its per-step sums (a dict: ZeRO-3's hooks see only tensors in containers)."""
         res = self._ttt(batch)
+        assert res.chain is not None and res.step_loss_count is not None and res.teacher_agreement is not None
         return {"loss": res.loss, "step_loss_sum": res.step_loss_sum, "step_correct": res.step_correct,
-                "step_count": res.step_count}
+                "step_count": res.step_count, "step_loss_count": res.step_loss_count,
+                "chain": res.chain.as_tensor(), "teacher_agreement": res.teacher_agreement}
 
     def _ttt(self, batch: dict[str, Any]) -> TTTResult:
         ids = batch["input_ids"]

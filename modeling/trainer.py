@@ -124,6 +124,9 @@ class Trainer:
         self.audio = cfg.draft_audio_input == "encoder"
         rows, counted = eval_rows(inputs.split.eval, inputs.lengths, self.packing, ctx.rank, cfg.eval_max_batches)
         self.eval_data = PackedRows(inputs.store, rows, cfg.batch_tokens, self.audio, counted)
+        rows, counted = (eval_rows(inputs.split.train, inputs.lengths, self.packing, ctx.rank, cfg.eval_max_batches)
+                         if cfg.fit_eval else ([], []))
+        self.fit_data = PackedRows(inputs.store, rows, cfg.batch_tokens, self.audio, counted)
         self.vocab = self._prepare_run_dir()
         self.engine = build_engine(cfg, inputs, self.vocab, self.schedule.total_steps, ctx)
         self.sinks: MetricSinks | None = None
@@ -183,7 +186,7 @@ class Trainer:
         cfg, ga, total = self.cfg, self.cfg.grad_accum, self.schedule.total_steps
         loader = train_loader(self.inputs.store, self.schedule, step * ga, self.audio, cfg.num_workers,
                               pin_memory=self.ctx.device.type == "cuda")
-        window = MetricWindow(cfg.ttt_length)
+        window = MetricWindow(cfg.ttt_length, cfg.num_spec_tokens)
         self.engine.train()
         for micro, batch in enumerate(loader, start=step * ga):
             self._note_skipped(batch["skipped"])
@@ -203,6 +206,8 @@ class Trainer:
             paused = time.monotonic()
             if step % cfg.save_every == 0 or step == total or (cfg.eval_every and step % cfg.eval_every == 0):
                 self._evaluate(step)
+            if step == total:  # the final weights on training rows: what vLLM should measure on them
+                self._evaluate(step, "fit")
             if step % cfg.save_every == 0 or step == total:
                 self._save(step)
             window.start += time.monotonic() - paused  # tokens/s counts training time only
@@ -214,21 +219,23 @@ class Trainer:
             if split == "train":
                 self.sinks.advance(step, loss=f"{values['loss']:.3f}", acc_len=f"{values['acceptance_length']:.2f}")
 
-    def _evaluate(self, step: int) -> None:
-        """TTT metrics on the held-out rows (all ranks; padding rows are run but not counted)."""
-        if not len(self.eval_data):
+    def _evaluate(self, step: int, split: str = "eval") -> None:
+        """TTT metrics on the held-out rows, or ("fit") on up to --eval-max-batches training rows
+        (all ranks; padding rows are run but not counted)."""
+        data = self.eval_data if split == "eval" else self.fit_data
+        if not len(data):
             return
-        window = MetricWindow(self.cfg.ttt_length)
+        window = MetricWindow(self.cfg.ttt_length, self.cfg.num_spec_tokens)
         self.engine.eval()
         with torch.no_grad():
-            for i in range(len(self.eval_data)):
-                batch = self.eval_data[i]
+            for i in range(len(data)):
+                batch = data[i]
                 self._note_skipped(batch["skipped"])
                 res = self.engine(_to_device(batch, self.ctx.device))
                 if batch["counted"]:
                     window.add(res, batch["num_tokens"], len(batch["skipped"]))
         self.engine.train()
-        self._log("eval", step, window.summary(self.cfg.loss_decay, self.ctx.device))
+        self._log(split, step, window.summary(self.cfg.loss_decay, self.ctx.device))
 
     def _save(self, step: int) -> None:
         state = {"step": step, "loader": self.schedule.position(step * self.cfg.grad_accum),

@@ -5,8 +5,18 @@ represents serving position t+k. It embeds token ``ids[t+k+1]``, carries the dra
 pre-norm hidden from step k-1 (step 0: ``fc(aux[t])``), sees step-0 keys of its sample at
 positions <= t plus its own keys from steps 1..k, and is trained towards the target's
 distribution at j = t+k+1 (``lm_head(target_hidden[j])``), which predicts token t+k+2.
-Supervision: token t+k+2 has ``loss_mask == 1`` and is in the same sample as t, and the
-target's argmax at j lies in the draft vocab. Ids, teacher and mask all move with k.
+Supervision: token t+k+2 has ``loss_mask == 1`` and is in the same sample as t (the position
+is *evaluated*), and the target's argmax at j lies in the draft vocab (it also carries *loss*).
+An evaluated position whose target token the draft vocab lacks is a miss in every accuracy: the
+draft can never propose that token. Ids, teacher and mask all move with k.
+
+Acceptance estimates (all for a chain draft of k tokens, k = 1..T):
+- ``acceptance_length``: 1 + sum_k prod_{i<=k} acc_i, as if steps were independent (reads high).
+- chain: from each start position, the number of consecutive correct steps (capped at k), mean + 1.
+- walk: a greedy decode over each answer as a serving engine runs it: the first draft starts where
+  the target has produced the answer's first token, each draft accepts its correct prefix, the
+  target adds one token, and the next draft starts after it; 1 + accepted / drafts. This is the
+  number vLLM reports as mean acceptance length when the served target repeats the data.
 
 Why it is cheaper than the public trainers' loop (``modeling/ttt_reference.py``):
 - Only *active* positions (supervised at some step >= k) run queries, o_proj, MLP and
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,11 +53,77 @@ class TTTResult:
     step_correct: Tensor
     """[T] positions where the draft argmax (mapped by d2t) equals the target argmax."""
     step_count: Tensor
-    """[T] supervised positions per step."""
+    """[T] evaluated positions per step (target token in the draft vocab or not)."""
     step_accuracy: Tensor
     """[T] step_correct / step_count (0 where a step has no positions)."""
     acceptance_length: float
-    """1 + sum_k prod_{i<=k} acc_i: comparable to vLLM's mean acceptance length."""
+    """1 + sum_k prod_{i<=k} acc_i (independent steps: an optimistic estimate)."""
+    step_loss_count: Tensor | None = None
+    """[T] positions carrying loss (evaluated and target token in the draft vocab)."""
+    chain: ChainStats | None = None
+    """Chain and decode-walk acceptance sums for k = 1..T."""
+    teacher_agreement: Tensor | None = None
+    """[2] (positions where the teacher's argmax is the data's next token, supervised positions):
+    below 1 where the store's hidden states do not reproduce the answers stage 1 wrote."""
+
+
+@dataclass
+class ChainStats:
+    """Sums behind the chain and walk estimates, for draft lengths k = 1..T (index k - 1)."""
+
+    chain_accepted: Tensor  # [T] sum over start positions of min(consecutive correct, k)
+    chain_starts: Tensor  # [1] start positions
+    walk_accepted: Tensor  # [T] accepted draft tokens in the decode walk
+    walk_drafts: Tensor  # [T] drafts in the decode walk
+
+    def as_tensor(self) -> Tensor:
+        return torch.cat([self.chain_accepted, self.chain_starts, self.walk_accepted, self.walk_drafts]).double()
+
+
+def chain_stats(chain_len: Tensor, evaluated: Tensor, seg: Tensor, ttt_length: int) -> ChainStats:
+    """Chain and walk sums from per-position chain lengths [B, S] (consecutive correct steps from
+    step 0) and the positions evaluated at step 0 [B, S]. Within one answer the evaluated positions
+    are contiguous; the first of them predicts the answer's second token from its first, which the
+    target itself produced, so drafts start one position later."""
+    t = ttt_length
+    chain_acc = torch.zeros(t, dtype=torch.float64)
+    walk_acc = torch.zeros(t, dtype=torch.float64)
+    walk_drafts = torch.zeros(t, dtype=torch.float64)
+    starts = 0
+    lengths = chain_len.detach().cpu().numpy()
+    ev = evaluated.detach().cpu().numpy()
+    sg = seg.detach().cpu().numpy()
+    for b in range(ev.shape[0]):
+        pos = np.flatnonzero(ev[b])
+        if pos.size == 0:
+            continue
+        breaks = np.flatnonzero((np.diff(pos) != 1) | (sg[b, pos[1:]] != sg[b, pos[:-1]])) + 1
+        for run in np.split(pos, breaks):
+            drafts_from = run[1:]  # draft start positions of this answer, in order
+            if drafts_from.size == 0:
+                continue
+            c = lengths[b, drafts_from]
+            starts += drafts_from.size
+            for k in range(1, t + 1):
+                chain_acc[k - 1] += float(np.minimum(c, k).sum())
+                i, n_drafts, accepted = 0, 0, 0
+                while i < c.size:
+                    a = min(int(c[i]), k)
+                    n_drafts += 1
+                    accepted += a
+                    i += a + 1
+                walk_acc[k - 1] += accepted
+                walk_drafts[k - 1] += n_drafts
+    return ChainStats(chain_acc, torch.tensor([float(starts)], dtype=torch.float64), walk_acc, walk_drafts)
+
+
+def chain_estimates(sums: Tensor, ttt_length: int) -> tuple[list[float], list[float]]:
+    """(chain, walk) acceptance lengths for k = 1..T from summed :meth:`ChainStats.as_tensor`."""
+    t = ttt_length
+    chain_acc, starts, walk_acc, walk_drafts = sums[:t], sums[t], sums[t + 1:2 * t + 1], sums[2 * t + 1:3 * t + 1]
+    chain = [1.0 + float(a) / float(starts) if starts > 0 else 1.0 for a in chain_acc]
+    walk = [1.0 + float(a) / float(d) if d > 0 else 1.0 for a, d in zip(walk_acc, walk_drafts, strict=True)]
+    return chain, walk
 
 
 def simulated_acceptance(step_accuracy: Tensor) -> float:
@@ -118,21 +195,34 @@ def ttt_loss(draft: Eagle3Draft, input_ids: Tensor, loss_mask: Tensor, aux_hidde
     sup_idx = sup.reshape(-1).nonzero().squeeze(1)
     tok, probs, ok = teacher_targets(target_hidden.reshape(b * s, -1)[sup_idx], target_lm_head,
                                      draft.t2d, teacher_chunk)
-    trow = torch.full((b * s,), -1, dtype=torch.long, device=input_ids.device)
-    trow[sup_idx[ok]] = torch.arange(int(ok.sum()), device=input_ids.device)
+    dev = input_ids.device
+    agree = torch.tensor([int((tok == input_ids.reshape(-1)[sup_idx + 1]).sum()), int(sup_idx.numel())])
+    trow = torch.full((b * s,), -1, dtype=torch.long, device=dev)
+    trow[sup_idx[ok]] = torch.arange(int(ok.sum()), device=dev)
     tok, probs, trow = tok[ok], probs[ok], trow.view(b, s)
 
     # Per step: teacher row at position t (j = t+k+1, same sample) or -1; active = any later step.
-    steps = [torch.where(seg == _shift(seg, k + 1, -2), _shift(trow, k + 1, -1), -1) for k in range(ttt_length)]
+    same = [seg == _shift(seg, k + 1, -2) for k in range(ttt_length)]
+    steps = [torch.where(same[k], _shift(trow, k + 1, -1), -1) for k in range(ttt_length)]
+    evaluated = [same[k] & _shift(sup, k + 1, 0).bool() for k in range(ttt_length)]
     active = [r >= 0 for r in steps]
     for k in range(ttt_length - 2, -1, -1):
         active[k] = active[k] | active[k + 1]
 
     zero = torch.zeros(ttt_length)
+    count = torch.tensor([int(e.sum()) for e in evaluated], dtype=torch.long)
+    alive = evaluated[0].reshape(-1).clone()  # still correct at every step so far
+    chain_len = torch.zeros(b * s, dtype=torch.long, device=dev)
+
+    def finish(loss: Tensor, loss_sum: Tensor, correct: Tensor, loss_count: Tensor) -> TTTResult:
+        acc = torch.where(count > 0, correct.float() / count.clamp_min(1), 0.0)
+        return TTTResult(loss, loss_sum / loss_count.clamp_min(1), loss_sum, correct, count, acc,
+                         simulated_acceptance(acc), loss_count,
+                         chain_stats(chain_len.view(b, s), evaluated[0], seg, ttt_length), agree)
+
     act = active[0].reshape(-1).nonzero().squeeze(1)
     if act.numel() == 0:  # keep a graph so backward() and DDP still work
-        zero_loss = draft.lm_head.weight.sum() * 0.0
-        return TTTResult(zero_loss, zero, zero, zero.long(), zero.long(), zero, 1.0)
+        return finish(draft.lm_head.weight.sum() * 0.0, zero, zero.long(), zero.long())
 
     # Step 0: keys/values for every position, queries only where needed.
     x, residual = layer.attn_input(draft.embed(_shift(input_ids, 1)), draft.combine_hidden_states(aux_hidden))
@@ -146,7 +236,7 @@ def ttt_loss(draft: Eagle3Draft, input_ids: Tensor, loss_mask: Tensor, aux_hidde
     diag_v: list[Tensor] = []
     hidden: Tensor | None = None
     total = draft.lm_head.weight.new_zeros((), dtype=torch.float32)
-    loss_sum, correct, count = zero.clone(), zero.long(), zero.long()
+    loss_sum, correct, loss_count = zero.clone(), zero.long(), zero.long()
     for k in range(ttt_length):
         n = act.numel()
         if k > 0:
@@ -166,9 +256,13 @@ def ttt_loss(draft: Eagle3Draft, input_ids: Tensor, loss_mask: Tensor, aux_hidde
         ce = -(probs[rows[sel]] * logp).sum()
         total = total + loss_decay**k * ce / max(sel.numel(), 1)
         with torch.no_grad():
-            pred = draft.draft_to_target(logp.argmax(-1))
-            loss_sum[k], count[k] = ce.detach().float(), sel.numel()
-            correct[k] = (pred == tok[rows[sel]]).sum()
+            hit = draft.draft_to_target(logp.argmax(-1)) == tok[rows[sel]]
+            loss_sum[k], loss_count[k] = ce.detach().float(), sel.numel()
+            correct[k] = hit.sum()
+            right = torch.zeros_like(alive)
+            right[act[sel]] = hit
+            alive &= right  # an evaluated position without loss (target token outside the vocab) is a miss
+            chain_len += alive
 
         if k + 1 < ttt_length:  # drop positions with no supervision left
             keep = active[k + 1].reshape(-1)[act]
@@ -178,6 +272,4 @@ def ttt_loss(draft: Eagle3Draft, input_ids: Tensor, loss_mask: Tensor, aux_hidde
                 act, hidden = act[keep], hidden[keep]
                 diag_k = [t[keep] for t in diag_k]
                 diag_v = [t[keep] for t in diag_v]
-    acc = torch.where(count > 0, correct.float() / count.clamp_min(1), 0.0)
-    return TTTResult(total, loss_sum / count.clamp_min(1), loss_sum, correct, count, acc,
-                     simulated_acceptance(acc))
+    return finish(total, loss_sum, correct, loss_count)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modeling.draft import Eagle3Draft, apply_rotary
-from modeling.ttt import TTTResult, simulated_acceptance
+from modeling.ttt import TTTResult, chain_stats, simulated_acceptance
 
 
 def _left(x: Tensor, fill: float | int | bool = 0) -> Tensor:
@@ -55,9 +55,12 @@ def ttt_loss_reference(draft: Eagle3Draft, input_ids: Tensor, loss_mask: Tensor,
     cache_k: list[Tensor] = []
     cache_v: list[Tensor] = []
     total = torch.zeros(())
-    sums, corrects, counts = [], [], []
+    sums, corrects, counts, loss_counts = [], [], [], []
+    evaluated0 = pred_ok & (pred_seg == seg)
+    alive, chain_len = evaluated0.clone(), torch.zeros(b, s, dtype=torch.long)
     for k in range(ttt_length):
-        pmask = pred_ok & (pred_seg == seg) & draft.t2d[tgt_tok]
+        evaluated = pred_ok & (pred_seg == seg)  # counted in the accuracy, in the draft vocab or not
+        pmask = evaluated & draft.t2d[tgt_tok]  # carries loss
         x, residual = layer.attn_input(draft.embed(ids_in), hidden)
         cos, sin = draft.rotary(pos + k)
         q = apply_rotary(attn.q_proj(x).view(b, s, -1, d), cos, sin)
@@ -79,12 +82,15 @@ def ttt_loss_reference(draft: Eagle3Draft, input_ids: Tensor, loss_mask: Tensor,
             hit = draft.draft_to_target(logp.argmax(-1)) == tgt_tok
             sums.append(float(ce_sum))
             corrects.append(int((hit & pmask).sum()))
-            counts.append(n)
+            counts.append(int(evaluated.sum()))
+            loss_counts.append(n)
+            alive &= hit & pmask
+            chain_len += alive
         # Shift ids, teacher AND mask together (SpecForge issue #885 shifted only some).
         ids_in, tgt_tok, tgt_p = _left(ids_in), _left(tgt_tok), _left(tgt_p)
         pred_ok, pred_seg = _left(pred_ok, False), _left(pred_seg, -2)
     loss_sum = torch.tensor(sums)
-    correct, count = torch.tensor(corrects), torch.tensor(counts)
+    correct, count, loss_count = torch.tensor(corrects), torch.tensor(counts), torch.tensor(loss_counts)
     acc = torch.where(count > 0, correct.float() / count.clamp_min(1), 0.0)
-    return TTTResult(total, loss_sum / count.clamp_min(1), loss_sum, correct, count, acc,
-                     simulated_acceptance(acc))
+    return TTTResult(total, loss_sum / loss_count.clamp_min(1), loss_sum, correct, count, acc,
+                     simulated_acceptance(acc), loss_count, chain_stats(chain_len, evaluated0, seg, ttt_length))

@@ -1,4 +1,4 @@
-"""Measure an exported EAGLE-3 draft: acceptance, speed-up and output equality against the plain target.
+"""Measure an exported EAGLE-3 draft: acceptance, speed-up and losslessness against the plain target.
 
     python -m stages.benchmark --target DIR --draft DRAFT_DIR --input EVAL.jsonl --output RESULT.json \\
         [--num-spec-tokens 4 --max-new-tokens 256 --temperature 0 --num-prompts 100 --max-num-seqs 1]
@@ -7,14 +7,17 @@
 
 Each eval record gives one prompt: the conversation up to its first assistant turn (audio +
 instruction), built as token ids by :class:`pipeline.template.ChatTokenizer` exactly as stage 1
-does; that assistant turn's text, when present, is the reference for WER. Offline mode runs the
-target alone, frees it, then runs it with the draft (two engines never share the host memory),
-each after one warm-up request. Acceptance comes from vLLM's spec-decode counters, read before and
-after the timed run (``LLM.get_metrics()`` offline, the server's Prometheus ``/metrics`` online):
-mean acceptance length = 1 + accepted / drafts, per-position rate = accepted_at_pos / drafts.
+does; that turn's text, when present, is the reference for WER, and its ``token_ids`` (stage 1's
+output directory is a valid ``--input``) show whether the served target still says what stage 1
+wrote. Offline mode runs the target alone, frees it, then runs it with the draft (two engines
+never share the host memory); each engine gets one warm-up request, then ``--repeats`` timed
+passes over all prompts (medians and ranges in the report). Acceptance comes from vLLM's
+spec-decode counters (:mod:`pipeline.spec_counters`) read around the timed passes.
 
-Writes RESULT.json (see the README, "Export, serve and benchmark"), ``RESULT.outputs.jsonl`` (per prompt:
-both runs' token ids and texts) and prints a table.
+At temperature 0, prompts whose plain and speculative outputs differ are checked by
+:mod:`modeling.tie_check`: a divergence at a near-tie of the fp32 target is rounding noise of the
+engine's dtype, anything else a real mismatch. Writes RESULT.json (README, "Export, serve and
+benchmark"), ``RESULT.outputs.jsonl`` (per prompt: both runs' ids and texts) and prints a table.
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ import dataclasses
 import gc
 import json
 import logging
-import re
+import statistics
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +37,13 @@ from typing import Any
 from pipeline.audio import AudioLimits
 from pipeline.cli import stage_main
 from pipeline.config import opt, require
-from pipeline.data import RecordError, Rejection, read_conversations
+from pipeline.data import RecordError, Rejection
 from pipeline.durable import atomic_write_json, atomic_write_text
 from pipeline.engine import Generator, GenRequest, GenResult, Sampling
+from pipeline.spec_counters import SpecCounters, scrape_spec
+from stages.benchmark_report import build_report, format_table
 
 log = logging.getLogger("stages.benchmark")
-SPEC_PREFIX = "vllm:spec_decode_"
 
 
 @dataclass(kw_only=True)
@@ -49,7 +52,8 @@ class BenchmarkConfig:
 
     target: str = opt("", "target model directory (its tokenizer builds the prompts in every mode)")
     draft: str = opt("", "exported draft directory (stages.export --engine vllm); empty: plain run only")
-    input: str = opt("", "eval conversation jsonl; the first assistant turn of each record is the reference")
+    input: str = opt("", "eval conversations: a jsonl or stage 1's output directory; the first assistant "
+                         "turn of each record is the reference")
     output: str = opt("", "RESULT.json path (RESULT.outputs.jsonl is written next to it)")
     num_spec_tokens: int = opt(4, "draft tokens proposed per step (k)")
     max_new_tokens: int = opt(256, "generated tokens per prompt at most")
@@ -57,9 +61,14 @@ class BenchmarkConfig:
     num_prompts: int = opt(100, "prompts taken from the start of --input")
     max_num_seqs: int = opt(1, "sequences decoded at once (offline) / requests in flight (server); 1 = latency")
     max_model_len: int | None = opt(None, "context length of the offline engines (default: the model's)")
-    dtype: str = opt("auto", "weight dtype of the offline engines")
+    dtype: str = opt("auto", "compute dtype of the offline engines (float32 on CPU: batch-invariant greedy "
+                             "output; bf16 outputs are equal only up to near-ties)")
     seed: int = opt(0, "engine seed; request i samples with seed + i")
-    warmup_requests: int = opt(1, "untimed requests before each timed run (kernel set-up, caches)")
+    warmup_requests: int = opt(1, "untimed requests before each engine's timed passes (kernel set-up, caches)")
+    repeats: int = opt(3, "timed passes over all prompts per engine; tok/s and speedup are medians with ranges")
+    tie_check: bool = opt(True, "score each plain/speculative divergence with the fp32 target (transformers) "
+                                "to tell near-ties from real mismatches")
+    tie_check_device: str = opt("auto", "device of the tie check's target: auto (cuda if available), cpu, cuda")
     server: str = opt("", "URL of a running server WITH the draft: benchmark it instead of offline engines")
     baseline_server: str = opt("", "URL of a running server WITHOUT the draft (server mode baseline)")
     request_timeout_s: float = opt(600.0, "server mode: seconds before a request fails")
@@ -70,8 +79,11 @@ class BenchmarkConfig:
         require(self.num_spec_tokens >= 1, f"--num-spec-tokens must be >= 1, got {self.num_spec_tokens}")
         require(self.max_new_tokens >= 1 and self.num_prompts >= 1 and self.max_num_seqs >= 1,
                 "--max-new-tokens, --num-prompts and --max-num-seqs must be >= 1")
+        require(self.repeats >= 1, f"--repeats must be >= 1, got {self.repeats}")
         require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
         require(not self.baseline_server or bool(self.server), "--baseline-server needs --server")
+        require(self.tie_check_device in ("auto", "cpu", "cuda") or self.tie_check_device.startswith("cuda:"),
+                f"--tie-check-device must be auto, cpu or cuda[:N], got {self.tie_check_device!r}")
 
 
 @dataclass
@@ -79,17 +91,20 @@ class EvalPrompt:
     id: str
     request: GenRequest
     reference: str | None
+    reference_ids: list[int] | None = None  # stage 1's generated ids for this turn
+    reference_finish: str | None = None
 
 
 def build_prompts(cfg: BenchmarkConfig) -> tuple[list[EvalPrompt], list[Rejection]]:
     """The first ``num_prompts`` usable records as requests, and every record passed over on the
     way, each with its reason (unreadable line, bad audio, prompt + answer over the context)."""
+    from pipeline.inputs import read_input
     from pipeline.samples import load_record_audio, load_target_processor, target_context_length
     from pipeline.template import ChatTokenizer, num_audio_tokens
 
     chat = ChatTokenizer(load_target_processor(cfg.target)[0])
     context = cfg.max_model_len or target_context_length(cfg.target)
-    read = read_conversations(cfg.input, require_assistant=False)
+    read = read_input(cfg.input)
     rejected: list[Rejection] = []
     prompts: list[EvalPrompt] = []
     stop = read.total  # input records from here on were not needed
@@ -109,8 +124,11 @@ def build_prompts(cfg: BenchmarkConfig) -> tuple[list[EvalPrompt], list[Rejectio
                                        f"{cfg.max_new_tokens} is longer than the context ({context})"))
             continue
         sampling = Sampling(cfg.max_new_tokens, cfg.temperature, 1.0, cfg.seed + len(prompts))
-        reference = turns[t].text if t < len(turns) and turns[t].text.strip() else None
-        prompts.append(EvalPrompt(rec.id, GenRequest(ids, audios, sampling, turns[:t]), reference))
+        answer = turns[t] if t < len(turns) else None
+        reference = answer.text if answer is not None and answer.text.strip() else None
+        prompts.append(EvalPrompt(rec.id, GenRequest(ids, audios, sampling, turns[:t]), reference,
+                                  None if answer is None else answer.token_ids,
+                                  None if answer is None else answer.extra.get("finish_reason")))
         if len(prompts) == cfg.num_prompts:
             stop = rec.index + 1
             break
@@ -123,90 +141,43 @@ def build_prompts(cfg: BenchmarkConfig) -> tuple[list[EvalPrompt], list[Rejectio
 
 
 @dataclass
-class SpecCounters:
-    """vLLM's cumulative spec-decode counters (summed over engines/labels)."""
-
-    drafts: int = 0
-    draft_tokens: int = 0
-    accepted: int = 0
-    accepted_per_pos: list[int] = dataclasses.field(default_factory=list)
-
-    def __sub__(self, before: SpecCounters) -> SpecCounters:
-        pos = [a - (before.accepted_per_pos[i] if i < len(before.accepted_per_pos) else 0)
-               for i, a in enumerate(self.accepted_per_pos)]
-        return SpecCounters(self.drafts - before.drafts, self.draft_tokens - before.draft_tokens,
-                            self.accepted - before.accepted, pos)
-
-    def _add(self, name: str, value: float, position: str | None) -> None:
-        key = name.removeprefix(SPEC_PREFIX).removesuffix("_total")
-        if key == "num_accepted_tokens_per_pos" and position is not None:
-            i = int(position)
-            self.accepted_per_pos += [0] * (i + 1 - len(self.accepted_per_pos))
-            self.accepted_per_pos[i] += int(value)
-        elif key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
-            field = {"num_drafts": "drafts", "num_draft_tokens": "draft_tokens", "num_accepted_tokens": "accepted"}[key]
-            setattr(self, field, getattr(self, field) + int(value))
-
-    @classmethod
-    def from_snapshot(cls, metrics: list[Any]) -> SpecCounters:
-        """From ``LLM.get_metrics()`` (Counter / Vector objects)."""
-        out = cls()
-        for m in metrics:
-            if not m.name.startswith(SPEC_PREFIX):
-                continue
-            if hasattr(m, "values"):  # the per-position Vector
-                for i, v in enumerate(m.values):
-                    out._add(m.name, v, str(i))
-            elif hasattr(m, "value"):
-                out._add(m.name, m.value, None)
-        return out
-
-    @classmethod
-    def from_prometheus(cls, text: str) -> SpecCounters:
-        """From a server's ``/metrics`` page."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        out = cls()
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name.startswith(SPEC_PREFIX) and s.name.endswith("_total"):
-                    out._add(s.name, s.value, s.labels.get("position"))
-        return out
-
-    def summary(self, k: int) -> dict[str, Any]:
-        drafts = max(self.drafts, 1)
-        pos = (self.accepted_per_pos + [0] * k)[:k]
-        return {"mean_acceptance_length": 1 + self.accepted / drafts if self.drafts else None,
-                "per_position_acceptance_rate": [p / drafts for p in pos] if self.drafts else None,
-                "draft_acceptance_rate": self.accepted / self.draft_tokens if self.draft_tokens else None,
-                "num_drafts": self.drafts, "num_draft_tokens": self.draft_tokens, "num_accepted_tokens": self.accepted}
-
-
-@dataclass
 class RunResult:
+    """One engine's timed passes: the outputs of the first, the wall time of each."""
+
     results: list[GenResult]
-    wall_s: float
+    wall_s: list[float]
     spec: SpecCounters | None = None
+    dtype: str | None = None  # the engine's compute dtype (offline), None if unknown (server)
+    repeats_equal: bool = True  # every timed pass produced the same ids
 
     def summary(self) -> dict[str, Any]:
         tokens = sum(len(r.token_ids) for r in self.results)
+        rates = [tokens / w for w in self.wall_s]
         return {"requests": len(self.results), "errors": sum(r.error is not None for r in self.results),
-                "output_tokens": tokens, "wall_s": self.wall_s, "output_tokens_per_s": tokens / self.wall_s,
-                "requests_per_s": len(self.results) / self.wall_s}
+                "output_tokens": tokens, "repeats": len(self.wall_s), "wall_s": statistics.median(self.wall_s),
+                "wall_s_all": [round(w, 4) for w in self.wall_s],
+                "output_tokens_per_s": statistics.median(rates),
+                "output_tokens_per_s_range": [min(rates), max(rates)],
+                "requests_per_s": len(self.results) / statistics.median(self.wall_s),
+                "dtype": self.dtype, "repeat_outputs_equal": self.repeats_equal}
 
 
-def _timed(engine: Generator, prompts: list[EvalPrompt], warmup: int,
+def _timed(engine: Generator, prompts: list[EvalPrompt], warmup: int, repeats: int,
            read_spec: Callable[[], SpecCounters | None]) -> RunResult:
-    """Warm up, then time one pass over every prompt, reading the spec counters around it."""
+    """Warm up, then time ``repeats`` passes over every prompt, reading the spec counters around them."""
     if warmup:
         engine.generate([dataclasses.replace(p.request, sampling=Sampling(min(16, p.request.sampling.max_tokens)))
                          for p in prompts[:warmup]])
     before = read_spec()
-    start = time.perf_counter()
-    results = engine.generate([p.request for p in prompts])
-    wall = time.perf_counter() - start
+    passes, walls = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        passes.append(engine.generate([p.request for p in prompts]))
+        walls.append(time.perf_counter() - start)
     after = read_spec()
-    return RunResult(results, wall, None if before is None else after - before)
+    equal = all([r.token_ids for r in p] == [r.token_ids for r in passes[0]] for p in passes[1:])
+    return RunResult(passes[0], walls, None if before is None or after is None else after - before,
+                     repeats_equal=equal)
 
 
 def check_vllm_draft(draft: str | Path) -> None:
@@ -223,8 +194,10 @@ def run_offline(cfg: BenchmarkConfig, prompts: list[EvalPrompt], draft: str | No
     """One engine (with ``draft`` as EAGLE-3 draft, if given) over the prompts; freed afterwards."""
     from pipeline.engine import OfflineGenerator, build_llm
 
-    # stats on in both runs: the counters need them, and both runs then pay the same overhead
-    extra: dict[str, Any] = {"max_num_seqs": cfg.max_num_seqs, "disable_log_stats": False}
+    # stats on in both runs: the counters need them, and both runs then pay the same overhead;
+    # no prefix cache: every timed pass then does the same work (a cache would make passes 2.. cheaper)
+    extra: dict[str, Any] = {"max_num_seqs": cfg.max_num_seqs, "disable_log_stats": False,
+                             "enable_prefix_caching": False}
     if draft:
         extra["speculative_config"] = {"method": "eagle3", "model": str(draft),
                                        "num_speculative_tokens": cfg.num_spec_tokens}
@@ -232,107 +205,19 @@ def run_offline(cfg: BenchmarkConfig, prompts: list[EvalPrompt], draft: str | No
     engine = OfflineGenerator(llm)
     try:
         read = (lambda: SpecCounters.from_snapshot(llm.get_metrics())) if draft else (lambda: None)
-        return _timed(engine, prompts, cfg.warmup_requests, read)
+        result = _timed(engine, prompts, cfg.warmup_requests, cfg.repeats, read)
+        result.dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        return result
     finally:
         engine.close()  # stops the engine process, which holds the weights and KV cache
-
-
-def scrape_spec(url: str, timeout_s: float = 30.0) -> SpecCounters:
-    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout_s) as resp:
-        return SpecCounters.from_prometheus(resp.read().decode("utf-8"))
 
 
 def run_server(cfg: BenchmarkConfig, prompts: list[EvalPrompt], url: str, spec: bool) -> RunResult:
     from pipeline.server_client import ServerClient, ServerGenerator
 
     engine = ServerGenerator(ServerClient([url], timeout_s=cfg.request_timeout_s), max_concurrency=cfg.max_num_seqs)
-    return _timed(engine, prompts, cfg.warmup_requests, (lambda: scrape_spec(url)) if spec else (lambda: None))
-
-
-def normalize_text(text: str) -> str:
-    """Lower case, punctuation removed, single spaces: the usual ASR scoring normalisation."""
-    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
-
-
-def word_error_rate(prompts: list[EvalPrompt], texts: list[str]) -> float | None:
-    """Corpus WER over prompts with a non-empty reference; None when there are none."""
-    import jiwer
-
-    pairs = [(normalize_text(p.reference), normalize_text(t)) for p, t in zip(prompts, texts, strict=True)
-             if p.reference and normalize_text(p.reference)]
-    return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])) if pairs else None
-
-
-def build_report(cfg: BenchmarkConfig, prompts: list[EvalPrompt], runs: dict[str, RunResult],
-                 decode: Callable[[list[int]], str],
-                 rejected: list[Rejection]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """RESULT.json contents and the per-prompt output rows."""
-    report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "mode": "server" if cfg.server else "offline",
-                              "num_prompts": len(prompts), "rejected_records": len(rejected),
-                              "rejected": [r.to_dict() for r in rejected], "device": _device()}
-    texts = {name: [decode(r.token_ids) for r in run.results] for name, run in runs.items()}
-    for name in ("plain", "speculative"):
-        run = runs.get(name)
-        report[name] = None if run is None else {**run.summary(), "wer": word_error_rate(prompts, texts[name])}
-    spec = runs.get("speculative")
-    report["acceptance"] = None if spec is None or spec.spec is None else spec.spec.summary(cfg.num_spec_tokens)
-    both = report["plain"] is not None and report["speculative"] is not None
-    report["speedup"] = (report["speculative"]["output_tokens_per_s"] / report["plain"]["output_tokens_per_s"]
-                         if both else None)
-    rows, mismatched = [], []
-    for i, p in enumerate(prompts):
-        row: dict[str, Any] = {"id": p.id, "reference": p.reference}
-        for name, run in runs.items():
-            r = run.results[i]  # prompt_tokens: as the engine counted them (audio expanded)
-            row[name] = {"token_ids": r.token_ids, "text": texts[name][i], "prompt_tokens": r.prompt_tokens,
-                         "error": r.error}
-        pair = [runs["plain"].results[i], spec.results[i]] if both else []  # type: ignore[union-attr]
-        if pair and all(r.error is None for r in pair) and pair[0].token_ids != pair[1].token_ids:
-            mismatched.append(p.id)  # failed requests count as errors, not as mismatches
-        rows.append(row)
-    report["outputs_equal"] = (not mismatched) if both else None
-    report["num_mismatched"] = len(mismatched) if both else None
-    report["mismatched_ids"] = mismatched[:20]
-    if both and cfg.temperature > 0:
-        report["outputs_equal_note"] = "temperature > 0: sampled outputs are not expected to be equal"
-    if cfg.draft:
-        info = Path(cfg.draft) / "export_info.json"
-        report["draft_export_info"] = json.loads(info.read_text()) if info.is_file() else None
-    return report, rows
-
-
-def _device() -> dict[str, Any]:
-    import os
-    import platform
-
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"gpu": gpu, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
-
-
-def _fmt(value: Any, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec) if isinstance(value, float) else str(value)
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The human-readable summary printed at the end."""
-    lines = [f"{'':24}{'plain':>12}{'eagle3':>12}"]
-    for key, label in (("requests", "requests"), ("output_tokens", "output tokens"), ("wall_s", "wall time (s)"),
-                       ("output_tokens_per_s", "output tokens/s"), ("requests_per_s", "requests/s"),
-                       ("wer", "WER"), ("errors", "errors")):
-        cells = [_fmt((report.get(n) or {}).get(key)) for n in ("plain", "speculative")]
-        lines.append(f"{label:24}{cells[0]:>12}{cells[1]:>12}")
-    acc = report.get("acceptance") or {}
-    k = report["config"]["num_spec_tokens"]
-    lines.append(f"{'speedup':24}{_fmt(report.get('speedup')) + 'x':>24}")
-    lines.append(f"{'mean acceptance length':24}{_fmt(acc.get('mean_acceptance_length')):>24}  (k={k})")
-    rates = acc.get("per_position_acceptance_rate")
-    lines.append(f"{'per-position acceptance':24}{' '.join(f'{r:.3f}' for r in rates) if rates else '-':>24}")
-    equal = report.get("outputs_equal")
-    verdict = "-" if equal is None else f"{'yes' if equal else 'NO'} ({report['num_mismatched']}/{report['num_prompts']} differ)"
-    lines.append(f"{'outputs equal':24}{verdict:>24}")
-    return "\n".join(lines)
+    return _timed(engine, prompts, cfg.warmup_requests, cfg.repeats,
+                  (lambda: scrape_spec(url)) if spec else (lambda: None))
 
 
 def run(cfg: BenchmarkConfig) -> dict[str, Any]:

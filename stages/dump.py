@@ -18,14 +18,13 @@ same batches, so a resumed store is bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,8 +32,9 @@ from modeling.capture import TargetCapture, aux_layer_ids, check_audio_spans, lo
 from pipeline.audio import AudioLimits
 from pipeline.cli import stage_main
 from pipeline.config import ConfigError, opt, require
-from pipeline.data import Record, RecordError, Rejection, read_conversations
+from pipeline.data import Record, RecordError, Rejection
 from pipeline.durable import DurableJsonl, atomic_write_text, sha256_file
+from pipeline.inputs import InputSet, read_input
 from pipeline.locks import LockHeld
 from pipeline.manifest import Manifest, ManifestMismatch
 from pipeline.progress import Progress
@@ -77,69 +77,6 @@ class DumpConfig:
         for name in ("num_shards", "batch_tokens", "sort_window", "max_length"):
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         require(self.device == "cpu" or self.device.startswith("cuda"), f"--device {self.device!r}: use cpu or cuda[:N]")
-
-
-# ---- input -------------------------------------------------------------------------------------
-
-
-@dataclass
-class InputSet:
-    """Every input record in one stable order (``index`` is global across stage 1 shards)."""
-
-    records: list[Record]
-    rejected: list[Rejection]
-    total: int
-    files: list[Path]
-    sha256: str  # over the input files' contents, in order: what the store was made from
-
-
-def stage1_files(directory: Path) -> list[Path]:
-    """The jsonl files of stage 1's completed shards, in shard order, checked against their hashes."""
-    manifest = Manifest(directory)
-    if not manifest.exists():
-        raise ValueError(f"--input {directory} is a directory without manifest.json: give a jsonl file "
-                         f"or a stage 1 output directory")
-    data = manifest.load()
-    done = sorted((int(k), v) for k, v in data.get("shards", {}).items() if v.get("status") == "done")
-    expected = data.get("num_shards")
-    if expected is not None and len(done) < int(expected):
-        log.warning("%s: only %d of %s stage 1 shards are complete; dumping those", directory, len(done), expected)
-    files = []
-    for index, entry in done:
-        names = [n for n in entry.get("files", {}) if n.startswith(f"shard-{index:05d}-")]
-        found = [directory / n for n in names] or sorted(directory.glob(f"shard-{index:05d}-of-*.jsonl"))
-        if len(found) != 1 or not found[0].is_file():
-            raise ValueError(f"{directory}: stage 1 shard {index} is marked done but its jsonl is missing")
-        recorded = entry.get("files", {}).get(found[0].name, {}).get("sha256")
-        if recorded is not None and recorded != sha256_file(found[0]):
-            raise ValueError(f"{found[0]} changed after stage 1 completed it (sha256 differs from the manifest)")
-        files.append(found[0])
-    return files
-
-
-def read_input(path: str | Path) -> InputSet:
-    """Read a jsonl or a stage 1 directory. Audio is decoded later, per shard, by prepare_sample."""
-    path = Path(path)
-    files = stage1_files(path) if path.is_dir() else [path]
-    records: list[Record] = []
-    rejected: list[Rejection] = []
-    first_seen: dict[str, Record] = {}
-    offset = 0
-    for file in files:
-        result = read_conversations(file, check_audio=False)
-        rejected += [replace(r, index=r.index + offset) for r in result.rejected]
-        for rec in result.records:
-            rec = replace(rec, index=rec.index + offset)
-            if rec.id in first_seen:  # ids key resume: they must be unique across stage 1 shards
-                seen = first_seen[rec.id]
-                rejected.append(rec.reject("id",
-                                          f"duplicate id {rec.id!r} (first seen at {seen.source}:{seen.line})"))
-                continue
-            first_seen[rec.id] = rec
-            records.append(rec)
-        offset += result.total
-    digest = hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
-    return InputSet(records, sorted(rejected, key=lambda r: r.index), offset, files, digest)
 
 
 # ---- target and store -----------------------------------------------------------------------------

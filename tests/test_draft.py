@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from modeling.draft import Eagle3Draft
 from modeling.draft_config import DraftConfig, aux_ids_for_engine, default_aux_layer_ids
 from modeling.target_weights import read_target_embedding, read_target_lm_head
-from modeling.ttt import ttt_loss
+from modeling.ttt import chain_estimates, chain_stats, ttt_loss
 from modeling.ttt_reference import ttt_loss_reference
 from modeling.vocab import VocabMapping, build_draft_vocab, count_supervised_tokens
 
@@ -109,6 +109,10 @@ def test_fast_ttt_equals_reference_loss_and_grads(norm_before_residual: bool, kv
     torch.testing.assert_close(fast.loss, ref.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.step_loss_sum, ref.step_loss_sum, atol=1e-4, rtol=1e-5)
     assert fast.acceptance_length == pytest.approx(ref.acceptance_length)
+    # out-of-vocab teacher tokens: evaluated (a miss) but no loss, the same in both implementations
+    assert torch.equal(fast.step_loss_count, ref.step_loss_count)
+    assert bool((fast.step_count >= fast.step_loss_count).all()) and bool((fast.step_count > fast.step_loss_count).any())
+    assert torch.equal(fast.chain.as_tensor(), ref.chain.as_tensor()) and float(ref.chain.chain_starts[0]) > 0
     assert grads[0].keys() == grads[1].keys() and "embed_tokens.weight" not in grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
@@ -391,3 +395,22 @@ def test_config_from_qwen2_audio_and_hf_export() -> None:
 
     loaded = LlamaConfig(**hf)
     assert loaded.rope_parameters["rope_theta"] == 10000.0 and loaded.head_dim == 128
+
+
+def test_chain_and_walk_estimates_by_hand() -> None:
+    """Two answers in one row; per-position chain lengths set by hand, both estimates worked out."""
+    chain_len = torch.zeros(1, 16, dtype=torch.long)
+    evaluated = torch.zeros(1, 16, dtype=torch.bool)
+    evaluated[0, 2:9] = True  # answer 1: position 2 predicts from the target's own first token
+    evaluated[0, 12:15] = True  # answer 2
+    chain_len[0, 3:9] = torch.tensor([2, 0, 4, 1, 0, 3])
+    chain_len[0, 13:15] = torch.tensor([1, 0])
+    chain_len[0, 2] = 7  # never a draft start: must not count
+    stats = chain_stats(chain_len, evaluated, torch.ones(1, 16, dtype=torch.long), ttt_length=4)
+    chain, walk = chain_estimates(stats.as_tensor(), 4)
+    # k=4 walk: answer 1 drafts at 3 (2 accepted), 6 (1), 8 (3); answer 2 at 13 (1): 7 / 4
+    assert walk[3] == pytest.approx(1 + 7 / 4)
+    # k=1 walk: answer 1 at 3, 5, 7 (0 accepted), 8; answer 2 at 13: 4 accepted in 5 drafts
+    assert walk[0] == pytest.approx(1 + 4 / 5)
+    assert chain[3] == pytest.approx(1 + 11 / 8) and chain[0] == pytest.approx(1 + 5 / 8)
+    assert stats.walk_drafts.tolist()[3] == 4 and float(stats.chain_starts[0]) == 8

@@ -99,26 +99,37 @@ def test_batch_size_one_is_bit_exact(capture, samples, hf_hidden_states):
     assert len(two.encoded.audio_spans) == 2
 
 
-def _close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    """bf16 agreement: a different padded shape changes matmul blocking, not the values' meaning."""
+def _errors(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     diff = (got.float() - ref.float()).abs()
-    scale = ref.float().abs()
-    assert diff.max() <= 2**-5 * scale.max(), f"{what}: max diff {diff.max():.3g} vs scale {scale.max():.3g}"
-    assert diff.mean() <= 2**-7 * scale.mean(), f"{what}: mean diff {diff.mean():.3g} vs {scale.mean():.3g}"
+    return float(diff.mean()), float(diff.max())
 
 
 def test_mixed_batch_matches_to_bf16_tolerance(capture, samples, hf_hidden_states):
+    """Batched bf16 vs an fp32 reference, judged against what batch size 1 in bf16 achieves vs the
+    same reference: a padded batch changes matmul blocking (with native bf16 the rounding too),
+    not the size of the error. The bounds are ratios to the same-test batch-1 error, so they hold
+    whether this CPU rounds bf16 natively or emulates it."""
     lengths = [s.length for s in samples]
     assert max(lengths) > 2.5 * min(lengths)  # short text-only next to long multi-turn audio
     batch = capture.capture(samples)
+    ratios = []
     for sample, got in zip(samples, batch, strict=True):
-        hs = hf_hidden_states(sample)
+        ref, single = hf_hidden_states(sample, torch.float32), hf_hidden_states(sample)  # fp32 / bf16, batch 1
         assert got.num_tokens == sample.length  # no padding stored
-        for k, layer in enumerate(capture.aux_layers):
-            _close(got.aux_hidden[:, k], hs[layer + 1], f"{sample.record.id} aux {layer}")
-        _close(got.last_hidden, hs[-1][got.last_hidden_positions], f"{sample.record.id} last")
+        pos = got.last_hidden_positions
+        pairs = [(f"aux {layer}", got.aux_hidden[:, k], ref[layer + 1], single[layer + 1])
+                 for k, layer in enumerate(capture.aux_layers)]
+        pairs.append(("last", got.last_hidden, ref[-1][pos], single[-1][pos]))
         if sample.waveforms:
-            _close(got.audio_embeds, torch.cat([hs[0][s:e] for s, e in sample.encoded.audio_spans]), "audio")
+            spans = sample.encoded.audio_spans
+            pairs.append(("audio", got.audio_embeds, *(torch.cat([h[0][s:e] for s, e in spans]) for h in (ref, single))))
+        for what, value, fp32, bs1 in pairs:
+            (mean, peak), (mean1, peak1) = _errors(value, fp32), _errors(bs1, fp32)
+            floor = 2**-9 * float(fp32.float().abs().mean())  # below one bf16 rounding step: exact enough
+            ratios.append((mean / max(mean1, floor), f"{sample.record.id} {what}"))
+            assert mean <= 2 * max(mean1, floor), f"{sample.record.id} {what}: mean error {mean:.3g} vs batch-1 {mean1:.3g}"
+            assert peak <= 4 * max(peak1, floor), f"{sample.record.id} {what}: max error {peak:.3g} vs batch-1 {peak1:.3g}"
+    print(f"\nbatched / batch-1 mean error vs fp32: max {max(ratios)[0]:.2f} ({max(ratios)[1]})")
 
 
 def test_last_hidden_all_and_fp32_target(tiny_target, samples, hf_hidden_states):

@@ -77,14 +77,21 @@ def test_zero2_learns_and_writes_the_run_layout(zero2_run, tmp_path):
     train = metrics(zero2_run, "train")
     assert [r["step"] for r in train] == list(range(1, 37))
     assert [r["step"] for r in metrics(zero2_run, "eval")] == [0, 12, 24, 36]
-    # step 1's forward ran on the untrained draft; the last steps on the trained one (same rows)
-    before = train[0]["acceptance_length"]
-    after = float(np.mean([r["acceptance_length"] for r in train[-3:]]))
+    # step 1's forward ran on the untrained draft; the last steps on the trained one (same rows).
+    # The fixture store holds the human transcripts, not the target's answers, so the target's
+    # argmax is in the draft vocab (built from the data) at only ~40% of positions: every other
+    # position is a miss whatever the draft learns, and the honest metrics say so.
+    (fit,) = metrics(zero2_run, "fit")
+    before, after = train[0], fit
+    in_vocab = after["in_draft_vocab"]
     tok_s = float(np.median([r["tokens_per_s"] for r in train]))
-    print(f"train acceptance untrained {before:.3f} -> trained {after:.3f}; "
-          f"eval {metrics(zero2_run, 'eval')[0]['acceptance_length']:.3f} -> "
-          f"{metrics(zero2_run, 'eval')[-1]['acceptance_length']:.3f}; median {tok_s:.0f} tokens/s")
-    assert before < 1.3 and after > before + 1.0
+    print(f"step-0 accuracy untrained {before['step_acc'][0]:.3f} -> trained {after['step_acc'][0]:.3f} "
+          f"(target token in the draft vocab at {in_vocab:.2f}); walk acceptance at k=4 "
+          f"{before['walk_acceptance_length'][3]:.3f} -> {after['walk_acceptance_length'][3]:.3f}, "
+          f"independent-steps {after['acceptance_length']:.3f}; median {tok_s:.0f} tokens/s")
+    assert before["step_acc"][0] < 0.1 * in_vocab and after["step_acc"][0] > 0.5 * in_vocab
+    assert after["walk_acceptance_length"][3] > before["walk_acceptance_length"][3] + 0.2
+    assert fit["step"] == 36 and fit["supervised"] > train[-1]["supervised"]  # every training row
     assert train[-1]["lr"] < train[5]["lr"] <= 3e-3  # cosine decay after warmup
     assert all(len(r["step_acc"]) == 7 and np.isfinite(r["loss"]) for r in train)
 
