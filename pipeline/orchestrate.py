@@ -26,7 +26,9 @@ class PipelineConfig:
     target: str = opt("", "target model directory; with build_tiny_target, where the tiny one is built")
     build_tiny_target: bool = opt(False, "build the tiny random Qwen2-Audio into `target` first (demo, tests)")
     input: str = opt("", "training conversations (jsonl) for stage 1")
-    eval_input: str = opt("", "evaluation conversations for the benchmark (default: `input`)")
+    eval_input: str = opt("", "evaluation conversations for the benchmark (jsonl or stage 1 directory); default: "
+                              "stage 1's output, i.e. the training prompts with the answers the target wrote, "
+                              "so the benchmark also shows whether the served target still says them")
     stages: list[str] = opt(list(STAGES), "stages to run, in order")
     baseline_untrained: bool = opt(True, "also benchmark an untrained draft of the same shape, for reference")
     python: str = opt("python", "interpreter for stage subprocesses (Slurm scripts)")
@@ -77,15 +79,18 @@ class Paths:
         return self.root / "benchmark.json"
 
 
+def eval_input(cfg: PipelineConfig, paths: Paths) -> str:
+    return cfg.eval_input or str(paths.regen)
+
+
 def stage_path_args(stage: str, cfg: PipelineConfig, paths: Paths) -> list[str]:
     """The flags that link ``stage`` to its neighbours (they override the YAML section)."""
-    eval_input = cfg.eval_input or cfg.input
     table = {
         "regenerate": ["--target", cfg.target, "--input", cfg.input, "--output", str(paths.regen)],
         "dump": ["--target", cfg.target, "--input", str(paths.regen), "--store", str(paths.store)],
         "train": ["--target", cfg.target, "--store", str(paths.store), "--output", str(paths.run)],
         "export": ["--run", str(paths.run), "--output", str(paths.draft)],
-        "benchmark": ["--target", cfg.target, "--draft", str(paths.draft), "--input", eval_input,
+        "benchmark": ["--target", cfg.target, "--draft", str(paths.draft), "--input", eval_input(cfg, paths),
                       "--output", str(paths.benchmark)],
     }
     return table[stage]
@@ -158,3 +163,39 @@ def status_report(paths: Paths) -> str:
     out.append(f"{'export':10s} {'done' if stage_complete('export', paths) else 'not done'}")
     out.append(f"{'benchmark':10s} {'done' if stage_complete('benchmark', paths) else 'not done'}")
     return "\n".join(out)
+
+
+def _fit_metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """The trainer's "fit" evaluations (final weights on training rows) by step."""
+    path = run_dir / "metrics.jsonl"
+    out: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("split") == "fit":
+            out[int(row["step"])] = row
+    return out
+
+
+def training_vs_serving(paths: Paths) -> list[dict[str, Any]]:
+    """Per benchmarked draft (untrained = step 0, trained = last step): training's decode-walk
+    acceptance estimate at the benchmark's k beside vLLM's measured mean acceptance length."""
+    fits = _fit_metrics(paths.run)
+    rows = []
+    for name, result_path, pick in (("untrained", paths.root / "benchmark-untrained.json", min),
+                                    ("trained", paths.benchmark, max)):
+        if not result_path.exists() or not fits:
+            continue
+        result = json.loads(result_path.read_text())
+        k = int(result["config"]["num_spec_tokens"])
+        fit = fits[pick(fits)]
+        walk = fit["walk_acceptance_length"]
+        estimate = walk[min(k, len(walk)) - 1]
+        measured = (result.get("acceptance") or {}).get("mean_acceptance_length")
+        rows.append({"draft": name, "step": fit["step"], "k": k, "training_walk_estimate": estimate,
+                     "training_independent_estimate": fit["acceptance_length"], "vllm_acceptance": measured,
+                     "relative_difference": None if not measured else (estimate - measured) / measured,
+                     "reproduced": (result.get("reference_reproduced") or {}).get("fraction")})
+    return rows

@@ -104,7 +104,7 @@ def build_prompts(cfg: BenchmarkConfig) -> tuple[list[EvalPrompt], list[Rejectio
 
     chat = ChatTokenizer(load_target_processor(cfg.target)[0])
     context = cfg.max_model_len or target_context_length(cfg.target)
-    read = read_input(cfg.input)
+    read = read_input(cfg.input, require_assistant=False)
     rejected: list[Rejection] = []
     prompts: list[EvalPrompt] = []
     stop = read.total  # input records from here on were not needed
