@@ -174,23 +174,24 @@ def _with_range(value: float | None, span: list[float] | None) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The human-readable summary printed at the end."""
     plain, spec = report.get("plain") or {}, report.get("speculative") or {}
-    lines = [f"{'':24}{'plain':>22}{'eagle3':>22}"]
+    w = 25  # "156.77 [128.35-161.81]" fits with room
+    lines = [f"{'':24}{'plain':>{w}}{'eagle3':>{w}}"]
     for key, label in (("requests", "requests"), ("output_tokens", "output tokens"), ("repeats", "timed passes"),
                        ("wall_s", "wall time (s), median"), ("requests_per_s", "requests/s, median"),
                        ("wer", "WER"), ("errors", "errors"), ("dtype", "engine dtype")):
-        lines.append(f"{label:24}{_fmt(plain.get(key)):>22}{_fmt(spec.get(key)):>22}")
+        lines.append(f"{label:24}{_fmt(plain.get(key)):>{w}}{_fmt(spec.get(key)):>{w}}")
     cells = [_with_range(r.get("output_tokens_per_s"), r.get("output_tokens_per_s_range")) for r in (plain, spec)]
-    lines.append(f"{'output tokens/s [range]':24}{cells[0]:>22}{cells[1]:>22}")
+    lines.append(f"{'output tokens/s [range]':24}{cells[0]:>{w}}{cells[1]:>{w}}")
     acc = report.get("acceptance") or {}
     k = report["config"]["num_spec_tokens"]
     speed = _with_range(report.get("speedup"), report.get("speedup_range"))
-    lines.append(f"{'speedup [range]':24}{(speed + 'x') if report.get('speedup') else '-':>44}")
-    lines.append(f"{'mean acceptance length':24}{_fmt(acc.get('mean_acceptance_length')):>44}  (k={k})")
+    lines.append(f"{'speedup [range]':24}{(speed + 'x') if report.get('speedup') else '-':>{2 * w}}")
+    lines.append(f"{'mean acceptance length':24}{_fmt(acc.get('mean_acceptance_length')):>{2 * w}}  (k={k})")
     rates = acc.get("per_position_acceptance_rate")
-    lines.append(f"{'per-position acceptance':24}{' '.join(f'{r:.3f}' for r in rates) if rates else '-':>44}")
-    lines.append(f"{'lossless':24}{report.get('lossless_verdict') or '-':>44}")
+    lines.append(f"{'per-position acceptance':24}{' '.join(f'{r:.3f}' for r in rates) if rates else '-':>{2 * w}}")
+    lines.append(f"{'lossless':24}{report.get('lossless_verdict') or '-':>{2 * w}}")
     repro = report.get("reference_reproduced")
     if repro:
         text = f"{repro['equal']}/{repro['compared']} ({repro['fraction']:.0%})"
-        lines.append(f"{'stage-1 answers repeated':24}{text:>44}")
+        lines.append(f"{'stage-1 answers repeated':24}{text:>{2 * w}}")
     return "\n".join(lines)

@@ -1,7 +1,10 @@
 """The whole chain on CPU: regenerate -> dump -> train -> export -> benchmark, via run_pipeline.py.
 
 The trained draft served by vLLM must accept clearly more tokens than the untrained draft of the
-same shape (step 0 of the same run), and speculative outputs must equal plain outputs at T=0.
+same shape (step 0 of the same run). Stage 1 and the benchmark run in fp32, whose greedy decoding
+does not depend on the batch plan on CPU, so exactness is asserted where it holds: speculative
+outputs equal plain ones token for token, the served target repeats every stage-1 answer, and
+training's decode-walk estimate is what vLLM then measures (within 15%).
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ def test_full_pipeline_trained_draft_beats_untrained(tiny_target, fixtures_dir, 
         "target": str(tiny_target),
         "input": str(fixtures_dir / "speech.jsonl"),
         "baseline_untrained": True,
-        "regenerate": {"num_shards": 2, "max_new_tokens": 32, "batch_size": 32, "max_model_len": 1024},
+        "regenerate": {"num_shards": 2, "max_new_tokens": 32, "batch_size": 32, "max_model_len": 1024,
+                       "dtype": "float32"},
         "dump": {"num_shards": 2, "batch_tokens": 4096, "max_length": 1024, "dtype": "fp32"},
         "train": {"nproc": 2, "zero_stage": 2, "precision": "fp32", "epochs": 1000, "max_steps": 120,
                   "lr": 3e-3, "warmup_ratio": 0.05, "batch_tokens": 2048, "draft_vocab_size": 512,
                   "eval_fraction": 0.0, "save_every": 120, "log_every": 20, "num_workers": 0},
-        "benchmark": {"num_spec_tokens": 4, "max_new_tokens": 32, "num_prompts": 12, "max_model_len": 1024},
+        "benchmark": {"num_spec_tokens": 4, "max_new_tokens": 32, "num_prompts": 12, "max_model_len": 1024,
+                      "dtype": "float32", "repeats": 1},
     }
     cfg_path = tmp_path / "pipeline.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
@@ -42,8 +47,19 @@ def test_full_pipeline_trained_draft_beats_untrained(tiny_target, fixtures_dir, 
     print(f"\nmean acceptance length in vLLM: untrained {acc_untrained:.3f} -> trained {acc_trained:.3f}")
     print(run.stdout[-2500:])
     assert acc_trained > acc_untrained + 0.5, (acc_untrained, acc_trained)
-    assert trained["outputs_equal"] and untrained["outputs_equal"]
-    assert "mean acceptance length" in run.stdout  # the printed table
+    for result in (trained, untrained):
+        assert result["lossless_verdict"] == "equal" and result["outputs_equal"], result["divergences"]
+        assert result["reference_reproduced"]["fraction"] == 1.0, result["reference_reproduced"]
+        assert result["plain"]["dtype"] == result["speculative"]["dtype"] == "float32"
+    assert "mean acceptance length" in run.stdout and "training's estimate vs vLLM" in run.stdout
+
+    from pipeline.orchestrate import Paths, training_vs_serving
+
+    rows = {r["draft"]: r for r in training_vs_serving(Paths(work))}
+    print(rows)
+    assert rows["trained"]["step"] == 120 and rows["untrained"]["step"] == 0
+    assert rows["trained"]["vllm_acceptance"] == acc_trained
+    assert abs(rows["trained"]["relative_difference"]) <= 0.15, rows["trained"]
 
     # a second run finds every stage complete and starts nothing
     again = subprocess.run([sys.executable, "run_pipeline.py", "--config", str(cfg_path)], cwd=ROOT,
