@@ -165,8 +165,9 @@ def corpus_lines() -> list[str]:
     return lines + [line.lower() for line in lines]
 
 
-def _train_tokenizer(vocab: int) -> Any:
-    """Train Qwen2's tokenizer pipeline (NFC, Qwen2 split regex, byte-level BPE) to ``vocab`` ids.
+def train_tokenizer(vocab: int, lines: list[str] | None = None) -> Any:
+    """Train Qwen2's tokenizer pipeline (NFC, Qwen2 split regex, byte-level BPE) to ``vocab`` ids
+    on ``lines`` (default: :func:`corpus_lines`).
 
     All 256 byte symbols are in the initial alphabet, so any UTF-8 text round-trips (after the NFC
     normalisation the real Qwen2 tokenizer also applies). Special tokens get the last ids.
@@ -191,7 +192,7 @@ def _train_tokenizer(vocab: int) -> Any:
         special_tokens=[],
         show_progress=False,
     )
-    tok.train_from_iterator(corpus_lines(), trainer)
+    tok.train_from_iterator(corpus_lines() if lines is None else lines, trainer)
     if tok.get_vocab_size() != bpe_size:
         # The corpus ran out of pairs to merge: the vocab would silently be smaller than asked for.
         raise ValueError(
@@ -201,11 +202,11 @@ def _train_tokenizer(vocab: int) -> Any:
     return tok
 
 
-def _build_processor(vocab: int) -> Any:
-    """A ``Qwen2AudioProcessor`` around the trained tokenizer, as the real checkpoint ships it."""
+def build_processor(vocab: int, lines: list[str] | None = None) -> Any:
+    """A ``Qwen2AudioProcessor`` around a tokenizer trained on ``lines``, as the real checkpoint ships it."""
     from transformers import Qwen2AudioProcessor, Qwen2Tokenizer, WhisperFeatureExtractor
 
-    model_json = json.loads(_train_tokenizer(vocab).to_str())["model"]
+    model_json = json.loads(train_tokenizer(vocab, lines).to_str())["model"]
     # Going through Qwen2Tokenizer (not a generic fast tokenizer) makes save_pretrained write the
     # tokenizer_class and special-token fields that transformers 5 and vLLM expect for Qwen2.
     tokenizer = Qwen2Tokenizer(
@@ -228,11 +229,13 @@ def _build_processor(vocab: int) -> Any:
 
 
 def model_config(
-    *, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, token_ids: dict[str, int]
+    *, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, token_ids: dict[str, int],
+    intermediate: int | None = None, audio: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """``config.json`` with the structure of Qwen2-Audio-7B-Instruct's, at the given sizes.
 
-    ``token_ids`` maps each of :data:`SPECIAL_TOKENS` to its id.
+    ``token_ids`` maps each of :data:`SPECIAL_TOKENS` to its id; ``intermediate`` defaults to
+    4 x hidden; ``audio`` overrides encoder sizes (``d_model``, ``encoder_layers``, ...).
     """
     if hidden % heads or hidden // heads != REQUIRED_HEAD_DIM:
         raise ValueError(
@@ -257,6 +260,7 @@ def model_config(
             "max_source_positions": 1500,
             "num_mel_bins": 128,
             "scale_embedding": False,
+            **(audio or {}),
         },
         "audio_token_index": token_ids[AUDIO_TOKEN],
         "ignore_index": -100,
@@ -268,7 +272,7 @@ def model_config(
             "eos_token_id": token_ids["<|im_end|>"],
             "hidden_act": "silu",
             "hidden_size": hidden,
-            "intermediate_size": 4 * hidden,
+            "intermediate_size": intermediate or 4 * hidden,
             "max_position_embeddings": 8192,
             "num_attention_heads": heads,
             "num_hidden_layers": layers,
@@ -330,14 +334,24 @@ def _write_checkpoint(
     out: Path, *, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, seed: int
 ) -> None:
     """Write every file of the checkpoint into ``out`` (an existing, empty directory)."""
-    from safetensors.torch import save_file
-
-    processor = _build_processor(vocab)
-    token_ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    processor = build_processor(vocab)
+    token_ids = special_token_ids(processor)
     config = model_config(
         layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, vocab=vocab, token_ids=token_ids
     )
     state = _random_state_dict(config, seed, [token_ids[t] for t in NEVER_GENERATED])
+    write_checkpoint_files(out, config, state, processor)
+
+
+def special_token_ids(processor: Any) -> dict[str, int]:
+    return {t: processor.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+def write_checkpoint_files(out: Path, config: dict[str, Any], state: dict[str, Any], processor: Any) -> None:
+    """Weights (Hub key layout), config, generation config and processor files into ``out``."""
+    from safetensors.torch import save_file
+
+    token_ids = special_token_ids(processor)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out / "config.json", config)
     # Only the stop/pad ids: the real file's sampling defaults (repetition_penalty, top_p, ...) would be

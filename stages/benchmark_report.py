@@ -16,29 +16,21 @@ import dataclasses
 import json
 import os
 import platform
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.data import Rejection
+from pipeline.wer import corpus_wer
 
 if TYPE_CHECKING:
     from stages.benchmark import BenchmarkConfig, EvalPrompt, RunResult
 
 
-def normalize_text(text: str) -> str:
-    """Lower case, punctuation removed, single spaces: the usual ASR scoring normalisation."""
-    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
-
-
 def word_error_rate(prompts: list[EvalPrompt], texts: list[str]) -> float | None:
     """Corpus WER over prompts with a non-empty reference; None when there are none."""
-    import jiwer
-
-    pairs = [(normalize_text(p.reference), normalize_text(t)) for p, t in zip(prompts, texts, strict=True)
-             if p.reference and normalize_text(p.reference)]
-    return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])) if pairs else None
+    pairs = [(p.reference, t) for p, t in zip(prompts, texts, strict=True) if p.reference]
+    return corpus_wer([r for r, _ in pairs], [h for _, h in pairs])
 
 
 def speedup(plain: RunResult, spec: RunResult) -> tuple[float, list[float]]:
