@@ -23,9 +23,12 @@ from pipeline.wer import corpus_wer
 TRANSCRIPTION_TASKS = ("transcribe", "capitals")
 
 
-def prompt_ids(chat: ChatTokenizer, u: Utterance, num_samples: int) -> list[int]:
+def prompt_ids(chat: ChatTokenizer, u: Utterance, num_samples: int | None = None) -> list[int]:
+    """The generation prompt for ``u``: the audio placeholder expanded for a clip of ``num_samples``
+    (what transformers takes), or a single placeholder when None (what vLLM takes)."""
     turns = [Turn("user", [Part("audio", audio=Path(f"{u.id}.flac")), Part("text", text=u.instruction)])]
-    return chat.encode(turns, until_turn=1, audio_token_counts=[num_audio_tokens(num_samples)]).input_ids.tolist()
+    counts = None if num_samples is None else [num_audio_tokens(num_samples)]
+    return chat.encode(turns, until_turn=1, audio_token_counts=counts).input_ids.tolist()
 
 
 @torch.inference_mode()
