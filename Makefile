@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv venv-gpu test demo lint clean-venv
+.PHONY: venv venv-gpu test test-slurm demo lint clean-venv
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ venv-gpu:
 test: venv
 	$(VPY) -m ruff check .
 	$(VPY) -m pytest -q tests
+
+# the cluster path alone, on a one-node Slurm the test starts (and installs with apt-get when missing, as root)
+test-slurm: venv
+	$(VPY) -m pytest -q tests/test_slurm.py
 
 demo: venv
 	$(VPY) run_pipeline.py --config configs/demo.yaml

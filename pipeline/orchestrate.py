@@ -126,15 +126,41 @@ def stage_complete(stage: str, paths: Paths) -> bool:
 
 
 def _lock_lines(out_dir: Path) -> list[str]:
+    from pipeline.locks import FileLock
+
     lines = []
     for lock in sorted((out_dir / "locks").glob("*.lock")) if (out_dir / "locks").exists() else []:
         try:
             info = json.loads(lock.read_text())
             age = time.time() - lock.stat().st_mtime
-            lines.append(f"    running: {lock.stem} on {info.get('host')} pid {info.get('pid')} "
-                         f"(heartbeat {age:.0f} s ago)")
         except (OSError, json.JSONDecodeError):
             lines.append(f"    lock: {lock.name} (unreadable)")
+            continue
+        # a killed or preempted task leaves its lock behind; the next task on the shard takes it over
+        state = "stale lock (owner gone)" if FileLock(lock)._is_stale() else "running"
+        job = f" Slurm job {info['slurm_job']}" if info.get("slurm_job") else ""
+        lines.append(f"    {state}: {lock.stem} on {info.get('host')} pid {info.get('pid')}{job} "
+                     f"(heartbeat {age:.0f} s ago)")
+    return lines
+
+
+def _store_progress_lines(store: Path) -> list[str]:
+    """Shards being written: the samples their progress log says are durable (its last commit line).
+    Read only: a torn last line of a running or killed writer is skipped, not repaired."""
+    from storage.layout import PROGRESS_NAME, SHARDS_DIR
+
+    lines = []
+    for log in sorted((store / SHARDS_DIR).glob(f".shard-*.tmp/{PROGRESS_NAME}")):
+        durable = 0
+        for raw in log.read_bytes().splitlines():
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if row.get("kind") == "commit":
+                durable = int(row["num_samples"])
+        lines.append(f"    in progress: shard {log.parent.name[len('.shard-'):-len('.tmp')]} "
+                     f"({durable} samples durable)")
     return lines
 
 
@@ -154,6 +180,7 @@ def status_report(paths: Paths) -> str:
                 with open(log, "rb") as fh:
                     n = sum(1 for _ in fh)
                 out.append(f"    in progress: {log.stem} ({n} records durable)")
+        out.extend(_store_progress_lines(out_dir) if stage == "dump" else [])
         out.extend(_lock_lines(out_dir))
     latest = paths.run / "checkpoints" / "latest"
     step = latest.read_text().strip() if latest.exists() else "none"

@@ -6,6 +6,8 @@
     python -m stages.train --nproc 2 --store STORE --target DIR --output RUN_DIR --zero-stage 2
     # multi-node: deepspeed --hostfile HOSTS --module stages.train ...; or per node under Slurm:
     srun torchrun --nnodes N --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HEAD:29500 -m stages.train ...
+    # the same checks alone, exit 0 or 2 (torchrun reports any failed rank as 1; Slurm scripts run this first)
+    python -m stages.train --check-only --nproc WORLD_SIZE --store STORE --target DIR --output RUN_DIR
 
 Rerunning the same command resumes from the newest committed checkpoint of RUN_DIR and, with
 the same seed and process count, ends with the same weights as an uninterrupted run. Layout
@@ -97,13 +99,26 @@ def _check_and_train(cfg: TrainConfig, argv: list[str]) -> int:
     return 0
 
 
+def _check_only(cfg: TrainConfig) -> int:
+    """The launcher's checks without training: a job of ``--nproc`` processes may start (or resume)."""
+    check_inputs(cfg)
+    check_run_dir(cfg, max(cfg.nproc, 1))
+    log.info("inputs and run directory %s are fine for %d processes", cfg.output, max(cfg.nproc, 1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, check inputs, then relaunch (``--nproc``) or train in this process; exit statuses as
-    in :mod:`pipeline.cli` (every rank reports its own failure the same way)."""
+    in :mod:`pipeline.cli` (every rank reports its own failure the same way). ``--check-only``
+    stops after the checks (exit 0 or 2), for launchers such as torchrun that report every
+    failed rank as 1."""
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    check_only = "--check-only" in argv
+    argv = [a for a in argv if a != "--check-only"]
+    body = _check_only if check_only else (lambda cfg: _check_and_train(cfg, argv))
     return stage_main("python -m stages.train", TrainConfig, "train",
                       "Stage 3: train the EAGLE-3 draft from a hidden-state store (DeepSpeed ZeRO).", argv,
-                      lambda cfg: _check_and_train(cfg, argv), input_errors=(TrainSetupError, LockHeld))
+                      body, input_errors=(TrainSetupError, LockHeld))
 
 
 if __name__ == "__main__":

@@ -259,6 +259,18 @@ def test_input_errors_fail_before_any_work(fixture_store, tiny_target, tmp_path,
     assert not (tmp_path / "run").exists()  # nothing was created
 
 
+def test_check_only_runs_the_launchers_checks_and_nothing_else(zero2_run, fixture_store, tiny_target, tmp_path,
+                                                               capsys):
+    """What 03-train.sbatch runs before srun torchrun (which reports any failed rank as exit 1)."""
+    fresh = train_cmd(fixture_store, tiny_target, tmp_path / "run", ZERO2)[3:]
+    assert main([*fresh, "--check-only"]) == 0 and not (tmp_path / "run").exists()
+    resume = train_cmd(fixture_store, tiny_target, zero2_run, ZERO2)[3:]
+    assert main([*resume, "--check-only"]) == 0
+    resume[resume.index("--nproc") + 1] = "4"  # the world size of the job about to start
+    assert main([*resume, "--check-only"]) == 2
+    assert "was trained with 2 processes, now 4" in capsys.readouterr().err
+
+
 def test_resume_with_other_settings_is_refused(zero2_run, fixture_store, tiny_target, capsys):
     argv = train_cmd(fixture_store, tiny_target, zero2_run, ZERO2)[3:]
     argv[argv.index("--lr") + 1] = "1e-4"
