@@ -25,6 +25,7 @@ from pipeline.orchestrate import (
     Paths,
     PipelineConfig,
     load_pipeline_config,
+    prepare_inputs,
     stage_complete,
     stage_path_args,
     status_report,
@@ -68,10 +69,7 @@ def run(config_path: str, only: list[str] | None) -> int:
     cfg, _raw = load_pipeline_config(config_path)
     paths = Paths(Path(cfg.workdir))
     paths.root.mkdir(parents=True, exist_ok=True)
-    if cfg.build_tiny_target:
-        from pipeline.tiny_target import ensure_tiny_target
-
-        ensure_tiny_target(cfg.target)
+    prepare_inputs(cfg)
     for stage in cfg.stages:
         if only and stage not in only:
             continue
@@ -81,11 +79,11 @@ def run(config_path: str, only: list[str] | None) -> int:
         run_stage(stage, cfg, config_path, paths)
         if stage == "benchmark" and cfg.baseline_untrained:
             run_untrained_baseline(cfg, config_path, paths)
-    print_summary(paths)
+    print_summary(paths, "eval" if cfg.eval_input else "fit")
     return 0
 
 
-def print_summary(paths: Paths) -> None:
+def print_summary(paths: Paths, split: str = "fit") -> None:
     from stages.benchmark_report import format_table
 
     for name in ("benchmark-untrained.json", "benchmark.json"):
@@ -93,9 +91,10 @@ def print_summary(paths: Paths) -> None:
         if path.exists():
             print(f"\n== {name} ==")
             print(format_table(json.loads(path.read_text())))
-    rows = training_vs_serving(paths)
+    rows = training_vs_serving(paths, split)
     if rows:
-        print("\n== training's estimate vs vLLM (mean acceptance length on the eval prompts) ==")
+        where = "training prompts" if split == "fit" else "held-out: the trainer's eval rows vs the eval prompts"
+        print(f"\n== training's estimate vs vLLM (mean acceptance length; {where}) ==")
         print(f"{'draft':10}{'step':>6}{'k':>3}{'training walk':>15}{'independent':>13}{'vLLM':>8}{'diff':>8}"
               f"{'stage-1 answers repeated':>26}")
         for r in rows:
@@ -120,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "emit-slurm":
         from pipeline.slurm import emit_slurm
+
+        prepare_inputs(load_pipeline_config(args.config)[0])  # jobs read them: build them first
 
         for path in emit_slurm(args.config, Path(args.out)):
             print(path)

@@ -25,17 +25,27 @@ class PipelineConfig:
     workdir: str = opt("work/pipeline", "root of every artifact of this run (one folder per stage)")
     target: str = opt("", "target model directory; with build_tiny_target, where the tiny one is built")
     build_tiny_target: bool = opt(False, "build the tiny random Qwen2-Audio into `target` first (demo, tests)")
-    input: str = opt("", "training conversations (jsonl) for stage 1")
+    input: str = opt("", "training conversations (jsonl) for stage 1 (default with synth_train_clips: the "
+                         "synthesised clips)")
     eval_input: str = opt("", "evaluation conversations for the benchmark (jsonl or stage 1 directory); default: "
                               "stage 1's output, i.e. the training prompts with the answers the target wrote, "
                               "so the benchmark also shows whether the served target still says them")
     stages: list[str] = opt(list(STAGES), "stages to run, in order")
     baseline_untrained: bool = opt(True, "also benchmark an untrained draft of the same shape, for reference")
     python: str = opt("python", "interpreter for stage subprocesses (Slurm scripts)")
+    synth_train_clips: int = opt(0, "speak N clips of the ASR sentence generator's train split (espeak-ng) into "
+                                    "WORKDIR/clips-train and train on them (the trained tiny ASR target's demo)")
+    synth_eval_clips: int = opt(0, "speak N clips of its held-out split into WORKDIR/clips-eval and benchmark on them")
+    synth_seed: int = opt(0, "seed of the synthesised clips (voices, speeds, tasks, sentence order)")
 
     def __post_init__(self) -> None:
         require(bool(self.target), "pipeline: `target` is required")
-        require(bool(self.input), "pipeline: `input` is required")
+        require(self.synth_train_clips >= 0 and self.synth_eval_clips >= 0, "pipeline: synth_*_clips must be >= 0")
+        if self.synth_train_clips and not self.input:
+            self.input = str(Path(self.workdir) / "clips-train" / "data.jsonl")
+        if self.synth_eval_clips and not self.eval_input:
+            self.eval_input = str(Path(self.workdir) / "clips-eval" / "data.jsonl")
+        require(bool(self.input), "pipeline: `input` is required (or synth_train_clips)")
         unknown = [s for s in self.stages if s not in STAGES]
         require(not unknown, f"pipeline: unknown stages {unknown} (known: {list(STAGES)})")
 
@@ -81,6 +91,21 @@ class Paths:
 
 def eval_input(cfg: PipelineConfig, paths: Paths) -> str:
     return cfg.eval_input or str(paths.regen)
+
+
+def prepare_inputs(cfg: PipelineConfig) -> None:
+    """Build what the config asks to be built before stage 1: the tiny random target, the
+    synthesised ASR clips (each skipped when a complete build is already there)."""
+    if cfg.build_tiny_target:
+        from pipeline.tiny_target import ensure_tiny_target
+
+        ensure_tiny_target(cfg.target)
+    from pipeline.asr.speech import ensure_dataset
+
+    for split, count, path in (("train", cfg.synth_train_clips, cfg.input), ("eval", cfg.synth_eval_clips,
+                                                                          cfg.eval_input)):
+        if count:
+            ensure_dataset(Path(path).parent, split, count, cfg.synth_seed)
 
 
 def stage_path_args(stage: str, cfg: PipelineConfig, paths: Paths) -> list[str]:
@@ -192,8 +217,8 @@ def status_report(paths: Paths) -> str:
     return "\n".join(out)
 
 
-def _fit_metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
-    """The trainer's "fit" evaluations (final weights on training rows) by step."""
+def _split_metrics(run_dir: Path, split: str) -> dict[int, dict[str, Any]]:
+    """The trainer's evaluations of one split ("fit": training rows, "eval": held-out rows) by step."""
     path = run_dir / "metrics.jsonl"
     out: dict[int, dict[str, Any]] = {}
     for line in path.read_text().splitlines() if path.exists() else []:
@@ -201,15 +226,17 @@ def _fit_metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if row.get("split") == "fit":
+        if row.get("split") == split:
             out[int(row["step"])] = row
     return out
 
 
-def training_vs_serving(paths: Paths) -> list[dict[str, Any]]:
+def training_vs_serving(paths: Paths, split: str = "fit") -> list[dict[str, Any]]:
     """Per benchmarked draft (untrained = step 0, trained = last step): training's decode-walk
-    acceptance estimate at the benchmark's k beside vLLM's measured mean acceptance length."""
-    fits = _fit_metrics(paths.run)
+    acceptance estimate at the benchmark's k beside vLLM's measured mean acceptance length.
+    ``split``: "fit" when the benchmark runs on the training prompts, "eval" (the trainer's held-out
+    rows) when it runs on held-out data."""
+    fits = _split_metrics(paths.run, split)
     rows = []
     for name, result_path, pick in (("untrained", paths.root / "benchmark-untrained.json", min),
                                     ("trained", paths.benchmark, max)):
@@ -221,7 +248,7 @@ def training_vs_serving(paths: Paths) -> list[dict[str, Any]]:
         walk = fit["walk_acceptance_length"]
         estimate = walk[min(k, len(walk)) - 1]
         measured = (result.get("acceptance") or {}).get("mean_acceptance_length")
-        rows.append({"draft": name, "step": fit["step"], "k": k, "training_walk_estimate": estimate,
+        rows.append({"draft": name, "step": fit["step"], "k": k, "split": split, "training_walk_estimate": estimate,
                      "training_independent_estimate": fit["acceptance_length"], "vllm_acceptance": measured,
                      "relative_difference": None if not measured else (estimate - measured) / measured,
                      "reproduced": (result.get("reference_reproduced") or {}).get("fraction")})
