@@ -1,0 +1,299 @@
+"""The Qwen3-ASR target family (Qwen/Qwen3-ASR-0.6B-hf, -1.7B-hf): one adapter for the whole pipeline.
+
+transformers 5.19 ``Qwen3ASRForConditionalGeneration`` (config ``qwen3_asr``): a Whisper-like encoder with
+three stride-2 conv2d layers over 100-frame chunks (13 embeddings per second of audio), a two-layer
+projector, and a Qwen3 decoder (QK-norm, explicit ``head_dim``) whose ``lm_head`` is tied to the
+embedding. vLLM 0.32 serves the same checkpoint with its own ``Qwen3ASRForConditionalGeneration``.
+
+The chat template (the -hf checkpoints', see :data:`CHAT_TEMPLATE`) is not ChatML per message: it
+renders ONE system turn (all system texts joined, empty by default), ONE user turn holding every
+audio of the conversation and no user text at all, then each assistant turn::
+
+    <|im_start|>system\\n{system texts}<|im_end|>\\n
+    <|im_start|>user\\n<|audio_start|><|audio_pad|><|audio_end|>...<|im_end|>\\n
+    <|im_start|>assistant\\n[ANSWER<|im_end|>]\\n                      ([...] = loss mask 1)
+
+So the prompt for regenerating assistant turn k (``until_turn=k``) is the rendering of the turns
+before k plus ``<|im_start|>assistant\\n``; it is not a prefix of the full rendering when a later
+turn adds audio, because every audio sits in the one user turn. The template's own generation mask
+also covers the ``\\n`` after ``<|im_end|>``; no engine generates it (generation stops at
+``<|im_end|>``), so as for Qwen2-Audio the answer and its ``<|im_end|>`` carry the loss, not that ``\\n``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline.data import Turn
+from pipeline.template import Segment
+
+ARCHITECTURE = "Qwen3ASRForConditionalGeneration"
+END_OF_TEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+AUDIO_START = "<|audio_start|>"
+AUDIO_END = "<|audio_end|>"
+AUDIO_TOKEN = "<|audio_pad|>"
+ASR_TEXT = "<asr_text>"  # the real model answers "language English<asr_text>the transcript"
+TIMESTAMP = "<timestamp>"  # forced-aligner marker; the config names its id
+
+SAMPLING_RATE = 16_000
+HOP_SAMPLES = 160  # one mel frame per 10 ms
+CHUNK_FRAMES = 100  # the encoder convolves 2 * n_window = 100-frame chunks (n_window = 50)
+# Qwen3ASRFeatureExtractor zero-pads clips shorter than this to it and counts the padding as valid audio
+MIN_SAMPLES = 8_000
+# The official qwen_asr library's per-call limit (MAX_ASR_INPUT_SECONDS, 20 min): transformers and
+# vLLM's offline engine truncate nothing, so this is the longest clip the family is used with.
+MAX_AUDIO_SECONDS = 1200.0
+
+# Verbatim: ASR_CHAT_TEMPLATE of transformers' convert_qwen3_asr_to_hf.py, the template the -hf
+# checkpoints ship (the original repo's chat_template.json extended with assistant turns).
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system_text='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'system' -%}"
+    "{%- if m.content is string -%}"
+    "{%- set ns.system_text = ns.system_text + m.content -%}"
+    "{%- else -%}"
+    "{%- for c in m.content -%}"
+    "{%- if c.type == 'text' and (c.text is defined) -%}"
+    "{%- set ns.system_text = ns.system_text + c.text -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set ns2 = namespace(audio_tokens='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.content is not string -%}"
+    "{%- for c in m.content -%}"
+    "{%- if c.type == 'audio' or ('audio' in c) or ('audio_url' in c) -%}"
+    "{%- set ns2.audio_tokens = ns2.audio_tokens + '<|audio_start|><|audio_pad|><|audio_end|>' -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- '<|im_start|>system\n' + ns.system_text + '<|im_end|>\n' -}}"
+    "{{- '<|im_start|>user\n' + ns2.audio_tokens + '<|im_end|>\n' -}}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{%- set ns3 = namespace(assistant_text='') -%}"
+    "{%- if m.content is string -%}"
+    "{%- set ns3.assistant_text = m.content -%}"
+    "{%- else -%}"
+    "{%- for c in m.content -%}"
+    "{%- if c.type == 'text' and (c.text is defined) -%}"
+    "{%- set ns3.assistant_text = ns3.assistant_text + c.text -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>assistant\n' -}}"
+    "{% generation %}"
+    "{{- ns3.assistant_text + '<|im_end|>\n' -}}"
+    "{% endgeneration %}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\n' -}}"
+    "{%- endif -%}"
+)
+
+_DTYPES = ("bf16", "fp32")
+
+
+def _post_cnn_length(frames: int) -> int:
+    """Embeddings of one chunk of ``frames`` mel frames: three convs (k=3, s=2, p=1); none for none."""
+    for _ in range(3):
+        frames = (frames - 1) // 2 + 1 if frames > 0 else 0
+    return frames
+
+
+def render_text(turns: list[Turn], *, add_generation_prompt: bool = False) -> str:
+    """The string the chat template renders (each answer followed by its ``<|im_end|>``)."""
+    segs = Qwen3ASRFamily.render_segments(turns, until_turn=len(turns) if add_generation_prompt else None)
+    return "".join(s.text + (IM_END if s.kind == "answer" else "") for s in segs)
+
+
+class Qwen3ASRFamily:
+    """Everything the pipeline needs to know about Qwen3-ASR targets (stateless: use the class itself)."""
+
+    name: ClassVar[str] = "qwen3-asr"
+    architectures: ClassVar[tuple[str, ...]] = (ARCHITECTURE,)
+    special_tokens: ClassVar[dict[str, str]] = {
+        "audio": AUDIO_TOKEN, "audio_start": AUDIO_START, "audio_end": AUDIO_END, "turn_end": IM_END,
+    }
+    # generation_config.json of the -hf checkpoints: eos_token_id (151643, 151645)
+    end_tokens: ClassVar[tuple[str, ...]] = (IM_END, END_OF_TEXT)
+    max_audio_seconds: ClassVar[float] = MAX_AUDIO_SECONDS
+
+    @staticmethod
+    def text_config(config: dict[str, Any]) -> dict[str, Any]:
+        """The decoder's shape from a ``config.json`` dict.
+
+        Raises ValueError where transformers and vLLM would read the checkpoint differently: tie flags
+        that differ between the levels (HF reads the top level, default True; vLLM ``text_config``,
+        default False), or no RoPE theta (HF defaults to 1e4, vLLM's Qwen3ASRTextConfig to 5e6).
+        """
+        text = config.get("text_config") or {}
+        tie_top = bool(config.get("tie_word_embeddings", True))
+        tie_text = bool(text.get("tie_word_embeddings", False))
+        if tie_top != tie_text:
+            raise ValueError(f"tie_word_embeddings is {tie_top} at the top level but {tie_text} in text_config: "
+                             "transformers and vLLM would build different lm_heads")
+        theta = (text.get("rope_parameters") or {}).get("rope_theta", text.get("rope_theta"))
+        if theta is None:
+            raise ValueError("text_config has no rope_theta: transformers and vLLM default to different values")
+        heads = int(text["num_attention_heads"])
+        return {
+            "num_hidden_layers": int(text["num_hidden_layers"]),
+            "hidden_size": int(text["hidden_size"]),
+            "vocab_size": int(text["vocab_size"]),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(text.get("num_key_value_heads") or heads),
+            "head_dim": int(text.get("head_dim") or 128),  # both engines' default; never hidden // heads
+            "intermediate_size": int(text["intermediate_size"]),
+            "rms_norm_eps": float(text.get("rms_norm_eps", 1e-6)),
+            "rope_theta": float(theta),
+            "max_position_embeddings": int(text["max_position_embeddings"]),
+            "tie_word_embeddings": tie_top,
+        }
+
+    @staticmethod
+    def render_segments(turns: list[Turn], *, until_turn: int | None = None,
+                        system_prompt: str | None = None) -> list[Segment]:
+        """Segments of :data:`CHAT_TEMPLATE` for ``turns``.
+
+        ``until_turn``: the generation prompt for that assistant turn (the turns before it, then the
+        assistant header). ``system_prompt``: system text when the conversation has no system turn
+        (the template's default is empty).
+        """
+        shown = turns if until_turn is None else turns[:until_turn]
+        system_turns = [i for i, t in enumerate(shown) if t.role == "system"]
+        system = "".join(shown[i].text for i in system_turns) if system_turns else (system_prompt or "")
+        segs = [Segment("text", f"{IM_START}system\n{system}{IM_END}\n", system_turns[0] if system_turns else -1),
+                Segment("text", f"{IM_START}user\n")]
+        for i, turn in enumerate(shown):  # every clip of every turn goes into the one user turn
+            for part in turn.parts:
+                if part.kind == "audio":
+                    segs += [Segment("text", AUDIO_START, i), Segment("audio", AUDIO_TOKEN, i),
+                             Segment("text", AUDIO_END, i)]
+        segs.append(Segment("text", f"{IM_END}\n"))
+        for i, turn in enumerate(shown):
+            if turn.role == "assistant":
+                segs += [Segment("text", f"{IM_START}assistant\n", i), Segment("answer", turn.text, i),
+                         Segment("text", "\n", i)]
+        if until_turn is not None:
+            segs.append(Segment("text", f"{IM_START}assistant\n", until_turn))
+        return segs
+
+    @staticmethod
+    def num_audio_tokens(num_samples: int) -> int:
+        """Embeddings the encoder emits for a clip of ``num_samples`` at 16 kHz, featurized alone.
+
+        Alone, the feature extractor marks ``floor(n / 160)`` frames valid (its STFT drops the last
+        partial frame; a clip padded inside a batch would get ``ceil``), after first padding clips
+        under 0.5 s to 0.5 s. Each full 100-frame chunk gives 13 embeddings, the rest chunk fewer.
+        """
+        frames = max(int(num_samples), MIN_SAMPLES) // HOP_SAMPLES
+        full, rest = divmod(frames, CHUNK_FRAMES)
+        return full * _post_cnn_length(CHUNK_FRAMES) + _post_cnn_length(rest)
+
+    @staticmethod
+    def audio_inputs(feature_extractor: Any, waveforms: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """``input_features`` [N, 128, T] float32 and ``input_features_mask`` [N, T] int64 for the HF forward.
+
+        Each clip is featurized alone, as vLLM's processor does for every clip, then zero-padded to the
+        longest: featurizing them as one batch would mark ``ceil`` instead of ``floor`` frames valid for
+        the shorter clips and give them a different token count than vLLM. No clips: no audio kwargs.
+        """
+        if not waveforms:
+            return {}
+        feats = [feature_extractor(np.asarray(w, dtype=np.float32), sampling_rate=SAMPLING_RATE, padding="longest",
+                                   return_attention_mask=True, return_tensors=None) for w in waveforms]
+        width = max(f["input_features"].shape[-1] for f in feats)
+        mel = feats[0]["input_features"].shape[1]
+        features = np.zeros((len(feats), mel, width), dtype=np.float32)
+        mask = np.zeros((len(feats), width), dtype=np.int64)
+        for i, f in enumerate(feats):
+            n = f["input_features"].shape[-1]
+            features[i, :, :n] = f["input_features"][0]
+            mask[i, :n] = f["attention_mask"][0]
+        return {"input_features": features, "input_features_mask": mask}
+
+    @staticmethod
+    def load_model(target_dir: str | Path, dtype: str = "bf16", device: str = "cpu") -> Any:
+        """The stock transformers ``Qwen3ASRForConditionalGeneration``, eval, frozen."""
+        import torch
+        from transformers import Qwen3ASRForConditionalGeneration
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        model = Qwen3ASRForConditionalGeneration.from_pretrained(str(target_dir), dtype=torch_dtype)
+        return model.to(device).eval().requires_grad_(False)
+
+    @staticmethod
+    def decoder(model: Any) -> Any:
+        """The Qwen3 decoder: ``.layers`` are the hook targets, it is called with ``inputs_embeds=``."""
+        return model.model.language_model
+
+    @staticmethod
+    def inner_forward(model: Any, input_ids: Any, attention_mask: Any, **audio_kwargs: Any) -> Any:
+        """Final post-norm hidden states [B, T, H] of the inner model: the lm_head never runs."""
+        import torch
+
+        kwargs = {k: torch.as_tensor(v, device=model.device) for k, v in audio_kwargs.items()}
+        if "input_features" in kwargs:
+            # the HF encoder convolves without casting (vLLM casts to the tower's dtype): match the model
+            kwargs["input_features"] = kwargs["input_features"].to(model.dtype)
+        out = model.model(input_ids=torch.as_tensor(input_ids, device=model.device),
+                          attention_mask=torch.as_tensor(attention_mask, device=model.device),
+                          use_cache=False, **kwargs)
+        return out.last_hidden_state
+
+    @staticmethod
+    def embedding_key(config: dict[str, Any]) -> str:
+        return "model.language_model.embed_tokens.weight"
+
+    @staticmethod
+    def lm_head_key(config: dict[str, Any]) -> str | None:
+        """None when tied (the -hf checkpoints): the embedding is the lm_head and no such tensor is stored.
+        An untied checkpoint would store ``lm_head.weight``, which vLLM's weight mapper has no rule for."""
+        return None if Qwen3ASRFamily.text_config(config)["tie_word_embeddings"] else "lm_head.weight"
+
+    @staticmethod
+    def vllm_register() -> None:
+        """Point vLLM's registry entry at the plugin's class, resolved lazily (idempotent).
+
+        Resolving it (only when vLLM loads or inspects the model) makes vLLM's ``qwen3_asr`` module
+        importable without torchvision and sets the ``image_token_index`` the EAGLE proposer reads;
+        see :mod:`modeling.targets.qwen3_asr_vllm`.
+        """
+        from modeling.targets import qwen3_asr_vllm
+
+        qwen3_asr_vllm.register(ARCHITECTURE)
+
+    @staticmethod
+    def build_tiny(out_dir: str | Path, *, layers: int = 8, hidden: int = 256, heads: int = 4, kv_heads: int = 2,
+                   vocab: int = 640, seed: int = 0) -> Path:
+        """A tiny random checkpoint both transformers and vLLM load (see :mod:`modeling.targets.qwen3_asr_tiny`)."""
+        from modeling.targets.qwen3_asr_tiny import build
+
+        return build(out_dir, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, vocab=vocab, seed=seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build a tiny random Qwen3-ASR checkpoint (transformers + vLLM).")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (replaced)")
+    for name, default in (("layers", 8), ("hidden", 256), ("heads", 4), ("kv-heads", 2), ("vocab", 640), ("seed", 0)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    args = vars(parser.parse_args(argv))
+    print(Qwen3ASRFamily.build_tiny(args.pop("out"), **args))
+
+
+if __name__ == "__main__":
+    main()
