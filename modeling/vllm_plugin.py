@@ -46,6 +46,9 @@ def register() -> None:
     from vllm import ModelRegistry
 
     ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:{CLASS_ATTRIBUTE}")
+    from modeling.targets.qwen3_asr import Qwen3ASRFamily  # lazy like the rest: registers, imports no model
+
+    Qwen3ASRFamily.vllm_register()
 
 
 def eagle3_model_class() -> type:
