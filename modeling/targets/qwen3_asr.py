@@ -23,6 +23,7 @@ also covers the ``\\n`` after ``<|im_end|>``; no engine generates it (generation
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -287,10 +288,13 @@ class Qwen3ASRFamily:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m modeling.targets.qwen3_asr --out DIR [--layers 8 --hidden 256 ...]``"""
     parser = argparse.ArgumentParser(description="Build a tiny random Qwen3-ASR checkpoint (transformers + vLLM).")
     parser.add_argument("--out", required=True, type=Path, help="output directory (replaced)")
-    for name, default in (("layers", 8), ("hidden", 256), ("heads", 4), ("kv-heads", 2), ("vocab", 640), ("seed", 0)):
-        parser.add_argument(f"--{name}", type=int, default=default)
+    # the defaults are written once, in build_tiny's signature
+    for p in inspect.signature(Qwen3ASRFamily.build_tiny).parameters.values():
+        if p.kind is inspect.Parameter.KEYWORD_ONLY:
+            parser.add_argument(f"--{p.name.replace('_', '-')}", type=int, default=p.default)
     args = vars(parser.parse_args(argv))
     print(Qwen3ASRFamily.build_tiny(args.pop("out"), **args))
 

@@ -212,7 +212,7 @@ def test_audio_token_counts_equal_the_encoder_output(target: Path, processor: An
     clips = [load_clip(p) for p in sorted((DATA / "audio").glob("clip-*.flac"))]
     rng = np.random.default_rng(0)
     clips += [(rng.standard_normal(int(s * 16_000)) * 0.1).astype(np.float32)
-              for s in (0.3, 0.5, 0.99, 1.0, 1.005, 2.5, 7.77, 10.0, 30.0)]
+              for s in (0.3, 0.5, 0.99, 1.0, 1.005, 2.5, 7.77, 10.0, 30.0, 45.0)]  # no 30 s cut
     extractor = processor.feature_extractor
 
     def encoder_rows(waves: list[np.ndarray]) -> int:
@@ -344,7 +344,11 @@ def vllm_run(target: Path, processor: Any, records: dict[str, Any], tmp_path_fac
 def test_vllm_serves_the_tiny_target_as_eagle3_and_matches_transformers(vllm_run: dict, target: Path,
                                                                         processor: Any, records: dict) -> None:
     tok = processor.tokenizer
-    assert vllm_run["registry"].endswith("qwen3_asr_vllm:Qwen3ASREagle3ForConditionalGeneration")
+    assert vllm_run["registry"] == "modeling.targets.qwen3_asr_vllm:Qwen3ASREagle3ForConditionalGeneration"
+    assert vllm_run["lazy"]  # registering imported no vLLM model code and aliased nothing
+    assert vllm_run["subclass"] and vllm_run["same_name"] and vllm_run["pickles"]
+    assert vllm_run["new_members"] == ["__init__"]  # only the image_token_index shim is new
+    assert vllm_run["torchvision_alias"] and not vllm_run["thinker_has_image_token_index"]
     assert vllm_run["errors"] == [None] * len(VLLM_CLIPS)
     # the draft ran: EAGLE-3 accepted for this target (SupportsEagle3 seen, image_token_index found)
     assert vllm_run["spec"]["num_drafts"] > 0, vllm_run["log"][-3000:]
@@ -367,12 +371,25 @@ def test_vllm_serves_the_tiny_target_as_eagle3_and_matches_transformers(vllm_run
 
 
 def serve(args: dict) -> None:
-    """Subprocess body: the plugin-registered target with a random EAGLE-3 draft, greedy, fp32."""
+    """Subprocess body: the plugin's registration and class, then the plugin-registered target with a random
+    EAGLE-3 draft, greedy, fp32."""
+    import pickle
+
     from vllm import ModelRegistry
 
+    from modeling import vllm_plugin
+    from modeling.targets import qwen3_asr_vllm
     from pipeline.engine import GenRequest, OfflineGenerator, Sampling, build_llm
     from pipeline.spec_counters import SpecCounters
 
+    def entry() -> str:
+        model = ModelRegistry.models[F.architectures[0]]
+        return f"{getattr(model, 'module_name', '')}:{getattr(model, 'class_name', '')}"
+
+    vllm_plugin.register()
+    F.vllm_register()  # again: idempotent
+    checks: dict[str, Any] = {"registry": entry(), "lazy": not any(
+        m in sys.modules for m in ("vllm.model_executor.models.qwen3_asr", qwen3_asr_vllm._TORCHVISION_MODULE))}
     llm = build_llm(args["target"], dtype="float32", max_num_seqs=4, enable_prefix_caching=False,
                     disable_log_stats=False, speculative_config={
                         "method": "eagle3", "model": args["draft"], "num_speculative_tokens": 2})
@@ -384,11 +401,21 @@ def serve(args: dict) -> None:
         spec = SpecCounters.from_snapshot(llm.get_metrics()).summary(2)
     finally:
         engine.close()
-    entry = ModelRegistry.models[F.architectures[0]]
+    from vllm.model_executor.models.interfaces import supports_eagle3
+    from vllm.model_executor.models.qwen3_asr import Qwen3ASRForConditionalGeneration as Upstream
+    from vllm.transformers_utils.configs.qwen3_asr import Qwen3ASRThinkerConfig
+
+    cls = qwen3_asr_vllm.Qwen3ASREagle3ForConditionalGeneration  # what the registry's lazy entry resolves
+    checks.update(
+        subclass=issubclass(cls, Upstream) and supports_eagle3(cls) and supports_eagle3(Upstream),
+        same_name=cls.__name__ == F.architectures[0], pickles=pickle.loads(pickle.dumps(cls)) is cls,
+        new_members=[k for k in vars(cls) if not k.startswith("_")] + [k for k in ("__init__",) if k in vars(cls)],
+        torchvision_alias=qwen3_asr_vllm.alias_torchvision_free_qwen2_vl(),
+        # why the shim: the config vLLM's class keeps has no image_token_index of its own
+        thinker_has_image_token_index=hasattr(Qwen3ASRThinkerConfig(), "image_token_index"))
     Path(args["out"]).write_text(json.dumps({
         "token_ids": [r.token_ids for r in results], "errors": [r.error for r in results],
-        "prompt_tokens": [r.prompt_tokens for r in results], "spec": spec,
-        "registry": f"{getattr(entry, 'module_name', '')}:{getattr(entry, 'class_name', '')}"}))
+        "prompt_tokens": [r.prompt_tokens for r in results], "spec": spec, **checks}))
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
