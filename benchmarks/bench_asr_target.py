@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
+    from modeling.targets.qwen2_audio import Qwen2AudioFamily
     from pipeline.asr.quality import TRANSCRIPTION_TASKS, greedy_quality, score
     from pipeline.asr.speech import ensure_dataset, utterances
     from pipeline.engine import GenRequest, OfflineGenerator, Sampling, build_llm
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.asr.quality import prompt_ids
 
-    chat = ChatTokenizer(processor.tokenizer)
+    chat = ChatTokenizer(processor.tokenizer, Qwen2AudioFamily)
     requests = [GenRequest(prompt_ids(chat, u), [w], Sampling(32)) for u, w in zip(utts, waves, strict=True)]
     for dtype in ("bfloat16", "float32"):
         outs = {}

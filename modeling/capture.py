@@ -1,4 +1,9 @@
-"""Capture EAGLE-3 training inputs from an unmodified transformers Qwen2-Audio, by forward hooks.
+"""Capture EAGLE-3 training inputs from an unmodified transformers audio LLM, by forward hooks.
+
+Where the hooks go and how the model is called are the target family's (:mod:`modeling.targets`):
+its ``decoder(model)`` (the module whose ``.layers`` are hooked and whose ``inputs_embeds`` are the
+merged audio + text embeddings), ``inner_forward`` (the model without its lm_head) and
+``audio_inputs`` (the audio keyword arguments).
 
 One padded forward per batch gives, per sample and sliced to its real length:
 
@@ -12,8 +17,8 @@ One padded forward per batch gives, per sample and sliced to its real length:
 - ``audio_embeds`` [n_audio, H]: the projector output as merged into ``inputs_embeds``, taken
   from what reaches the language model (a pre-hook), not recomputed.
 
-The forward calls the inner ``Qwen2AudioModel``, so the 156k-vocab ``lm_head`` (about 5 TFLOP
-for 4k tokens of a 7B model, ~9% of the forward, and a 2.5 GB fp32 logits tensor) never runs.
+The forward calls the inner model, so the 156k-vocab ``lm_head`` (about 5 TFLOP for 4k tokens of
+a 7B model, ~9% of the forward, and a 2.5 GB fp32 logits tensor) never runs.
 The forward is not cut short after the last aux layer: the final norm needs every layer.
 """
 
@@ -29,15 +34,11 @@ import numpy as np
 import torch
 
 from pipeline.data import RecordError
-from pipeline.samples import PreparedSample, audio_features
+from pipeline.samples import PreparedSample
 from storage.sample import CapturedSample
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NUM_AUX_LAYERS = 3  # EAGLE-3's fc is Linear(3H -> H); engines expect exactly three ids
 LastHidden = Literal["loss", "all"]
-# transformers treats a batch with no two adjacent <|AUDIO|> tokens as unexpanded ("legacy")
-# input and re-expands every placeholder, which would silently shift all positions
-MIN_AUDIO_TOKENS = 2
 
 
 def default_aux_layers(num_layers: int) -> list[int]:
@@ -73,34 +74,26 @@ def aux_layer_ids(num_layers: int, spec: str | Sequence[int] = "auto") -> tuple[
 
 
 def load_target_model(target_dir: str | Path, dtype: str = "bf16", device: str = "cpu") -> Any:
-    """The unmodified transformers ``Qwen2AudioForConditionalGeneration``, eval, frozen."""
-    from transformers import Qwen2AudioForConditionalGeneration
+    """The target's stock transformers model (its family's class), eval, frozen."""
+    from modeling.targets import family_of
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(str(target_dir), dtype=DTYPES[dtype])
-    model.to(device).eval().requires_grad_(False)
-    return model
+    return family_of(target_dir).load_model(target_dir, dtype, device)
 
 
 @dataclass
 class ModelInputs:
-    """One right-padded batch as the model takes it."""
+    """One right-padded batch as the model takes it: ids, attention mask and the family's audio kwargs."""
 
     input_ids: torch.Tensor  # [B, T] int64
     attention_mask: torch.Tensor  # [B, T] 1 = real token
-    input_features: torch.Tensor | None  # [N, 128, 3000] for every clip of the batch, in order
-    feature_attention_mask: torch.Tensor | None  # [N, 3000]
+    audio: dict[str, torch.Tensor]  # e.g. input_features + its mask, for every clip of the batch in order
 
     def to(self, device: torch.device | str) -> ModelInputs:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
         return ModelInputs(self.input_ids.to(device), self.attention_mask.to(device),
-                           move(self.input_features), move(self.feature_attention_mask))
+                           {k: v.to(device) for k, v in self.audio.items()})
 
 
-def collate(samples: Sequence[PreparedSample], feature_extractor: Any, pad_token_id: int) -> ModelInputs:
+def collate(samples: Sequence[PreparedSample], family: Any, feature_extractor: Any, pad_token_id: int) -> ModelInputs:
     """Right-pad ids (so real positions keep RoPE positions 0..S-1) and featurize every clip."""
     width = max(s.length for s in samples)
     ids = np.full((len(samples), width), pad_token_id, dtype=np.int64)
@@ -109,19 +102,17 @@ def collate(samples: Sequence[PreparedSample], feature_extractor: Any, pad_token
         ids[b, : s.length] = s.encoded.input_ids
         mask[b, : s.length] = 1
     clips = [w for s in samples for w in s.waveforms]
-    feats = fmask = None
-    if clips:  # a text-only batch must pass no features, or the audio tower runs on nothing
-        f, m = audio_features(feature_extractor, clips)
-        feats, fmask = torch.from_numpy(f), torch.from_numpy(m)
-    return ModelInputs(torch.from_numpy(ids), torch.from_numpy(mask), feats, fmask)
+    # a text-only batch passes no audio kwargs, or the audio tower runs on nothing
+    audio = {k: torch.from_numpy(v) for k, v in family.audio_inputs(feature_extractor, clips).items()} if clips else {}
+    return ModelInputs(torch.from_numpy(ids), torch.from_numpy(mask), audio)
 
 
-def check_audio_spans(sample: PreparedSample) -> None:
-    """Raise RecordError for a clip shorter than :data:`MIN_AUDIO_TOKENS` audio tokens (< ~40 ms)."""
+def check_audio_spans(sample: PreparedSample, min_tokens: int) -> None:
+    """Raise RecordError for a clip shorter than ``min_tokens`` audio tokens (the family's minimum)."""
     for i, (start, end) in enumerate(sample.encoded.audio_spans):
-        if end - start < MIN_AUDIO_TOKENS:
+        if end - start < min_tokens:
             raise RecordError("audio", f"clip {i + 1} gives {end - start} audio token(s); at least "
-                                       f"{MIN_AUDIO_TOKENS} are needed (~40 ms of audio)")
+                                       f"{min_tokens} are needed")
 
 
 def loss_positions(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -135,18 +126,19 @@ class TargetCapture:
     Use as a context manager (or call :meth:`close`) so the hooks leave the model afterwards.
     """
 
-    def __init__(self, model: Any, feature_extractor: Any, *, aux_layers: Sequence[int],
-                 pad_token_id: int, last_hidden: LastHidden = "loss"):
+    def __init__(self, model: Any, family: Any, feature_extractor: Any, *, aux_layers: Sequence[int],
+                 pad_token_id: int, audio_token_id: int, last_hidden: LastHidden = "loss"):
         self.model = model
+        self.family = family
         self.feature_extractor = feature_extractor
         self.aux_layers = list(aux_layers)
         self.last_hidden = last_hidden
         self.pad_token_id = pad_token_id
-        if pad_token_id == model.config.audio_token_id:
+        if pad_token_id == audio_token_id:
             raise ValueError("the pad id must not be the audio token id (padding would count as audio)")
         # stored tensors must be half precision (CapturedSample); an fp32 target is stored as bf16
         self.store_dtype = model.dtype if model.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        lm = model.model.language_model
+        lm = family.decoder(model)
         self._acts: dict[str, torch.Tensor] = {}
         self._hooks = [lm.register_forward_pre_hook(self._grab_embeds, with_kwargs=True)]
         for k, layer_id in enumerate(self.aux_layers):
@@ -167,11 +159,8 @@ class TargetCapture:
         """Padded activations: ``embeds``, ``aux0..`` [B, T, H] and ``last`` (post-norm) [B, T, H]."""
         self._acts.clear()
         try:
-            out = self.model.model(  # the inner model: no lm_head, no logits
-                input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                input_features=inputs.input_features, feature_attention_mask=inputs.feature_attention_mask,
-                use_cache=False)
-            acts = {**self._acts, "last": out.last_hidden_state}
+            last = self.family.inner_forward(self.model, inputs.input_ids, inputs.attention_mask, **inputs.audio)
+            acts = {**self._acts, "last": last}
         finally:
             self._acts.clear()
         missing = [k for k in ("embeds", *(f"aux{k}" for k in range(len(self.aux_layers)))) if k not in acts]
@@ -182,8 +171,8 @@ class TargetCapture:
     def capture(self, samples: Sequence[PreparedSample]) -> list[CapturedSample]:
         """One forward over ``samples``; one :class:`CapturedSample` each, in the given order."""
         for sample in samples:
-            check_audio_spans(sample)
-        inputs = collate(samples, self.feature_extractor, self.pad_token_id).to(self.device)
+            check_audio_spans(sample, self.family.min_audio_tokens)
+        inputs = collate(samples, self.family, self.feature_extractor, self.pad_token_id).to(self.device)
         acts = self.forward(inputs)
         return [self._sample(s, b, acts) for b, s in enumerate(samples)]
 

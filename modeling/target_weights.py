@@ -57,26 +57,38 @@ def read_tensor(checkpoint_dir: str | Path, names: Sequence[str],
     raise KeyError(f"none of {list(names)} found in {root}")
 
 
-def _tied(checkpoint_dir: Path) -> bool:
-    cfg_path = checkpoint_dir / "config.json"
-    if not cfg_path.is_file():
-        return False
-    cfg = json.loads(cfg_path.read_text())
-    text = cfg.get("text_config") or {}
-    return bool(text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False)))
+def _family_keys(checkpoint_dir: Path) -> tuple[str | None, str | None, bool]:
+    """(embedding key, lm_head key, tied) as the target's family names them; unknown: (None, None, False)."""
+    from modeling.targets import UnsupportedTarget, family_of
+
+    try:
+        family = family_of(checkpoint_dir)
+        cfg = json.loads((checkpoint_dir / "config.json").read_text())
+        head = family.lm_head_key(cfg)
+        return family.embedding_key(cfg), head, head is None
+    except (UnsupportedTarget, OSError, ValueError, KeyError):
+        # no known family: the config's own tie flag (text_config first, as vLLM reads it)
+        try:
+            cfg = json.loads((checkpoint_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            return None, None, False
+        text = cfg.get("text_config") or {}
+        return None, None, bool(text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False)))
 
 
 def read_target_embedding(checkpoint_dir: str | Path, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The target LM's input embedding table [vocab, Ht]."""
-    return read_tensor(checkpoint_dir, EMBED_NAMES, dtype)[1]
+    key, _, _ = _family_keys(Path(checkpoint_dir))
+    return read_tensor(checkpoint_dir, ((key,) if key else ()) + EMBED_NAMES, dtype)[1]
 
 
 def read_target_lm_head(checkpoint_dir: str | Path, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The target's output head [vocab, Ht] (the embedding table when weights are tied)."""
+    """The target's output head [vocab, Ht] (the embedding table when the family says it is tied)."""
     root = Path(checkpoint_dir)
+    _, key, tied = _family_keys(root)
     try:
-        return read_tensor(root, LM_HEAD_NAMES, dtype)[1]
+        return read_tensor(root, ((key,) if key else ()) + LM_HEAD_NAMES, dtype)[1]
     except KeyError:
-        if _tied(root):
+        if tied:
             return read_target_embedding(root, dtype)
         raise

@@ -86,32 +86,29 @@ class TieChecker:
     """
 
     def __init__(self, target: str | Path, device: str = "cpu"):
+        from modeling.targets import family_of
         from pipeline.samples import load_target_processor
 
         self.target, self.device = target, device
+        self.family = family_of(target)
         self.tokenizer, self.extractor = load_target_processor(target)
         self._loaded: tuple[str, Any] | None = None
-        self.audio_token_id = int(self.model("fp32").config.audio_token_id)
+        self.audio_token_id = int(self.tokenizer.convert_tokens_to_ids(self.family.special_tokens["audio"]))
 
     def model(self, dtype: str) -> Any:
         """The target in ``dtype`` ("fp32" or "bf16"); the other one is freed first."""
-        from modeling.capture import load_target_model
-
         if self._loaded is None or self._loaded[0] != dtype:
             self._loaded = None
-            self._loaded = (dtype, load_target_model(self.target, dtype, self.device))
+            self._loaded = (dtype, self.family.load_model(self.target, dtype, self.device))
         return self._loaded[1]
 
     def last_logits(self, ids: list[int], audios: list[np.ndarray], dtype: str = "fp32") -> torch.Tensor:
         """fp32 copy of the logits after ``ids`` (audio placeholders already expanded)."""
-        from pipeline.samples import audio_features
-
         model = self.model(dtype)
-        kwargs: dict[str, Any] = {}
-        if audios:
-            feats, mask = audio_features(self.extractor, audios)
-            kwargs = {"input_features": torch.from_numpy(feats).to(model.device, model.dtype),
-                      "feature_attention_mask": torch.from_numpy(mask).to(model.device)}
+        kwargs: dict[str, Any] = {k: torch.from_numpy(v).to(model.device)
+                                  for k, v in self.family.audio_inputs(self.extractor, audios).items()}
+        if "input_features" in kwargs:
+            kwargs["input_features"] = kwargs["input_features"].to(model.dtype)
         input_ids = torch.tensor([ids], device=model.device)
         with torch.inference_mode():
             out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False,
@@ -120,9 +117,7 @@ class TieChecker:
 
     def expanded(self, case: DivergenceCase, position: int) -> list[int]:
         """Prompt with each placeholder expanded to the encoder's token count, plus the shared prefix."""
-        from pipeline.template import num_audio_tokens
-
-        counts = iter(num_audio_tokens(a.shape[0]) for a in case.audios)
+        counts = iter(self.family.num_audio_tokens(a.shape[0]) for a in case.audios)
         ids: list[int] = []
         for tok in case.prompt_ids:
             ids.extend([tok] * next(counts) if tok == self.audio_token_id else [tok])

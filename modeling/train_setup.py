@@ -25,7 +25,7 @@ from modeling.train_config import TrainConfig
 from modeling.train_data import Split, split_samples, store_columns, supervised_counts
 from modeling.vocab import VocabMapping, build_draft_vocab
 from pipeline.config import to_dict
-from pipeline.durable import atomic_write_json, sha256_file
+from pipeline.durable import atomic_write_json
 from storage.reader import ChunkReadError
 from storage.store import HiddenStateStore, open_store
 
@@ -61,14 +61,14 @@ def _open_store(path: str) -> HiddenStateStore:
         raise TrainSetupError(f"--store {path} is not a hidden-state store (no manifest.json): run stage 2 first") from None
 
 
-def _check_store_target(store: HiddenStateStore, target: Path, config_sha: str, hidden: int) -> list[int]:
+def _check_store_target(store: HiddenStateStore, target: Path, identity: str, hidden: int) -> list[int]:
     """The store's aux layer ids (output convention) after checking it came from ``target``."""
     made_with = store.header.get("target", {})
-    if made_with.get("config_hash") != config_sha:
+    if made_with.get("config_hash") != identity:
         raise TrainSetupError(
-            f"--store {store.path} was dumped from target {made_with.get('path')} (config.json sha256 "
-            f"{str(made_with.get('config_hash'))[:12]}), but --target {target} has config.json sha256 "
-            f"{config_sha[:12]}: train with the target the store was made from")
+            f"--store {store.path} was dumped from target {made_with.get('path')} (identity sha256 "
+            f"{str(made_with.get('config_hash'))[:12]}), but --target {target} has identity sha256 "
+            f"{identity[:12]} (config, tokenizer, chat template): train with the target the store was made from")
     if store.header["hidden_size"] != hidden or store.header["num_aux_layers"] != 3:
         raise TrainSetupError(f"--store {store.path}: hidden size {store.header['hidden_size']} x "
                               f"{store.header['num_aux_layers']} aux layers; the draft needs {hidden} x 3")
@@ -89,23 +89,25 @@ def _read_tables(target: Path) -> tuple[Tensor, Tensor]:
 
 def check_inputs(cfg: TrainConfig) -> TrainInputs:
     """Every check that needs no GPU and no DeepSpeed (see the module docstring)."""
+    from modeling.targets import UnsupportedTarget, family_of, target_identity
+
     target = Path(cfg.target).resolve()
-    config_path = target / "config.json"
-    if not config_path.is_file():
-        raise TrainSetupError(f"--target {target}: no config.json (expected a Qwen2-Audio model directory)")
-    target_config = json.loads(config_path.read_text())
-    text = target_config.get("text_config") or target_config
-    vocab = int(text.get("vocab_size") or target_config.get("vocab_size"))
+    try:
+        family = family_of(target)
+        identity = target_identity(target)
+        text = family.text_config(json.loads((target / "config.json").read_text()))
+    except (UnsupportedTarget, ValueError) as err:
+        raise TrainSetupError(f"--target {target}: {err}") from None
+    vocab = int(text["vocab_size"])
     if cfg.draft_vocab_size >= vocab:
         raise TrainSetupError(f"--draft-vocab-size {cfg.draft_vocab_size} must be smaller than the target vocab "
                               f"({vocab}): pick e.g. {min(32000, vocab // 2)}")
     store = _open_store(cfg.store)
     if len(store) == 0:
         raise TrainSetupError(f"--store {cfg.store} has no committed samples (is stage 2 finished?)")
-    config_sha = sha256_file(config_path)
     try:
-        draft_config = DraftConfig.from_target_config(target_config, cfg.draft_vocab_size, cfg.draft_overrides())
-        aux = _check_store_target(store, target, config_sha, draft_config.target_hidden_size)
+        draft_config = DraftConfig.from_target_config(text, cfg.draft_vocab_size, cfg.draft_overrides())
+        aux = _check_store_target(store, target, identity["sha256"], draft_config.target_hidden_size)
         draft_config = dataclasses.replace(draft_config, aux_layer_ids=tuple(aux))
     except (ValueError, TypeError) as err:
         raise TrainSetupError(str(err)) from None
@@ -118,8 +120,9 @@ def check_inputs(cfg: TrainConfig) -> TrainInputs:
         raise TrainSetupError(f"--store {cfg.store}: all {len(split.eval)} samples with loss tokens are held out; "
                               f"lower --eval-fraction ({cfg.eval_fraction})")
     embed, lm_head = _read_tables(target)
-    info = {"path": str(target), "config_sha256": config_sha, "vocab_size": vocab,
-            "store": str(Path(cfg.store).resolve()), "store_target": store.header.get("target")}
+    info = {**identity, "identity_sha256": identity["sha256"], "vocab_size": vocab,
+            "num_layers": text["num_hidden_layers"], "store": str(Path(cfg.store).resolve()),
+            "store_target": store.header.get("target")}
     return TrainInputs(store, split, lengths, draft_config, embed, lm_head, info)
 
 

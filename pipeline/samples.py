@@ -1,4 +1,4 @@
-"""From a validated record to what the target model consumes: ids, loss mask, audio features.
+"""From a validated record to what the target model consumes: ids, loss mask, waveforms.
 
 Shared by stage 2 (dump), the viewer and the tests, so that every consumer expands audio and
 masks the loss the same way.
@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.audio import AudioError, AudioLimits, load_audio
 from pipeline.data import Record, RecordError
-from pipeline.template import ChatTokenizer, Encoded, num_audio_tokens
+from pipeline.template import ChatTokenizer, Encoded
 
 
 @dataclass
@@ -70,7 +70,7 @@ def prepare_sample(record: Record, chat: ChatTokenizer, *, limits: AudioLimits =
     # pieces come from the original clips; the split record only gives each piece its placeholder
     waveforms = load_record_audio(record, limits)
     record = split_audio_parts(record, limits)
-    counts = [num_audio_tokens(w.shape[0]) for w in waveforms]
+    counts = [chat.num_audio_tokens(w.shape[0]) for w in waveforms]
     encoded = chat.encode(record.turns, audio_token_counts=counts)
     length = int(encoded.input_ids.shape[0])
     if max_length is not None and length > max_length:
@@ -86,16 +86,8 @@ def prepare_sample(record: Record, chat: ChatTokenizer, *, limits: AudioLimits =
     return PreparedSample(record, encoded, waveforms)
 
 
-def audio_features(feature_extractor: Any, waveforms: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Whisper log-mel features padded to the 30 s window, as Qwen2-Audio's processor makes them:
-    ``input_features`` [N, 128, 3000] float32 and ``feature_attention_mask`` [N, 3000]."""
-    out = feature_extractor(waveforms, sampling_rate=16_000, return_attention_mask=True,
-                            padding="max_length", return_tensors="np")
-    return out["input_features"].astype(np.float32), out["attention_mask"].astype(np.int64)
-
-
 def load_target_processor(target_dir: str | Path) -> tuple[Any, Any]:
-    """The target's tokenizer and Whisper feature extractor."""
+    """The target's tokenizer and audio feature extractor (from its processor files)."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(target_dir))
@@ -110,5 +102,9 @@ def target_context_length(target: str | Path) -> int | None:
     if not path.is_file():
         return None
     config = json.loads(path.read_text())
-    value = (config.get("text_config") or {}).get("max_position_embeddings") or config.get("max_position_embeddings")
-    return int(value) if value else None
+    from modeling.targets import family_of
+
+    try:
+        return int(family_of(config).text_config(config)["max_position_embeddings"])
+    except (KeyError, ValueError):
+        return None

@@ -7,10 +7,12 @@ error, timeout, HTTP 429 or 5xx) is retried on the next URL with exponential bac
 final. Audio travels as base64 float32 WAV at 16 kHz (``input_audio``): float keeps the samples
 bit-exact, and 16 kHz spares the server a resampling step (which needs torchaudio there).
 
-Prompt fidelity: each user turn is sent as its audio items plus ONE text item that already holds
-the template's ``Audio N: <|audio_bos|><|AUDIO|><|audio_eos|>\\n`` placeholders in place, so vLLM
-adds none and renders the same string as :func:`pipeline.template.render_text`; with
-``return_token_ids`` the exact generated ids come back. For a single-turn record this gives the
+Prompt fidelity: for a family with ``inline_audio_placeholders`` (Qwen2-Audio) each user turn is
+sent as its audio items plus ONE text item that already holds the template's placeholders in place
+(``Audio N: <|audio_bos|><|AUDIO|><|audio_eos|>\\n``), so vLLM adds none and renders the same string
+as the family's ``render_segments``; other families send each turn's audio and text items as they
+are and the server's own chat template renders them. With ``return_token_ids`` the exact
+generated ids come back. For a single-turn record this gives the
 same prompt ids, hence the same output, as offline mode. Earlier assistant turns, however, can
 only be sent as text, and the server re-tokenizes it: generated ids do not always survive a
 decode/encode round trip (BPE may merge differently), so later turns of a multi-turn record may be
@@ -38,7 +40,6 @@ import numpy as np
 from pipeline.audio import SAMPLE_RATE
 from pipeline.data import Turn
 from pipeline.engine import GenRequest, GenResult
-from pipeline.template import render_segments
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +60,30 @@ def wav_base64(samples: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def to_messages(turns: list[Turn], audios: list[np.ndarray]) -> list[dict[str, Any]]:
+def to_messages(turns: list[Turn], audios: list[np.ndarray], family: Any) -> list[dict[str, Any]]:
     """Chat messages whose rendering equals the stage's own template (see the module docstring)."""
-    segs = render_segments(turns)
+    segs = family.render_segments(turns) if family.inline_audio_placeholders else []
     clips = iter(audios)
     messages: list[dict[str, Any]] = []
     for i, turn in enumerate(turns):
         if turn.role != "user":
             messages.append({"role": turn.role, "content": turn.text})
             continue
-        # the turn's content as the template renders it: drop the role header and the closing tag
-        body = [s for s in segs if s.turn == i][1:-1]
-        content: list[dict[str, Any]] = [
-            {"type": "input_audio", "input_audio": {"data": wav_base64(next(clips)), "format": "wav"}}
-            for s in body if s.kind == "audio"
-        ]
-        content.append({"type": "text", "text": "".join(s.text for s in body)})
+        content: list[dict[str, Any]] = []
+        if family.inline_audio_placeholders:
+            # the turn's content as the template renders it: drop the role header and the closing tag
+            body = [s for s in segs if s.turn == i][1:-1]
+            content = [_audio_item(next(clips)) for s in body if s.kind == "audio"]
+            content.append({"type": "text", "text": "".join(s.text for s in body)})
+        else:
+            content = [_audio_item(next(clips)) if p.kind == "audio" else {"type": "text", "text": p.text or ""}
+                       for p in turn.parts]
         messages.append({"role": "user", "content": content})
     return messages
+
+
+def _audio_item(samples: np.ndarray) -> dict[str, Any]:
+    return {"type": "input_audio", "input_audio": {"data": wav_base64(samples), "format": "wav"}}
 
 
 class ServerClient:
@@ -141,8 +148,9 @@ class ServerClient:
 class ServerGenerator:
     """Serves :class:`GenRequest` batches through :class:`ServerClient`, ``max_concurrency`` at a time."""
 
-    def __init__(self, client: ServerClient, *, max_concurrency: int = 8, model: str | None = None):
+    def __init__(self, client: ServerClient, family: Any, *, max_concurrency: int = 8, model: str | None = None):
         self.client = client
+        self.family = family
         self.max_concurrency = max_concurrency
         info = client.call("/v1/models")["data"]
         card = next((m for m in info if model in (None, m["id"])), None)
@@ -155,7 +163,7 @@ class ServerGenerator:
         s = req.sampling
         # top_k/repetition_penalty explicit: otherwise the server applies generation_config.json
         # defaults, which the offline engine (explicit SamplingParams) does not
-        return {"model": self.model, "messages": to_messages(req.turns, req.audios), "max_tokens": s.max_tokens,
+        return {"model": self.model, "messages": to_messages(req.turns, req.audios, self.family), "max_tokens": s.max_tokens,
                 "temperature": s.temperature, "top_p": s.top_p, "top_k": 0, "repetition_penalty": 1.0,
                 "seed": s.seed, "n": 1, "return_token_ids": True}
 

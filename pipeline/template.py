@@ -1,15 +1,11 @@
-"""The Qwen2-Audio chat template as token segments, with the loss mask and audio expansion.
+"""Chat templates as token segments, with the loss mask and audio expansion, for any target family.
 
-The rendering mirrors the model's Jinja chat template exactly (a test compares the two), but
-works segment by segment so that (a) assistant spans are known without guessing from text,
+A family (:mod:`modeling.targets`) renders its chat template as :class:`Segment` s (template text,
+one audio placeholder per clip, assistant answers); :class:`ChatTokenizer` turns them into ids.
+Working segment by segment means (a) assistant spans are known without guessing from text,
 (b) stage 1's generated token ids go in as generated (re-tokenizing decoded text can give other
-ids), and (c) each ``<|AUDIO|>`` becomes exactly as many tokens as the audio encoder outputs.
-
-Layout of one conversation::
-
-    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n        (default system turn)
-    <|im_start|>user\\nAudio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\\nTranscribe.<|im_end|>\\n
-    <|im_start|>assistant\\n[THE ANSWER<|im_end|>]\\n                    ([...] = loss_mask 1)
+ids), and (c) each audio placeholder becomes exactly as many tokens as the audio encoder outputs.
+Each family's rendering is tested against its own Jinja template token for token.
 """
 
 from __future__ import annotations
@@ -21,31 +17,10 @@ import numpy as np
 
 from pipeline.data import Turn
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-AUDIO_TOKEN = "<|AUDIO|>"
-AUDIO_BOS = "<|audio_bos|>"
-AUDIO_EOS = "<|audio_eos|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-END_OF_TEXT = "<|endoftext|>"
-HOP_SAMPLES = 160  # Whisper feature extractor: one mel frame per 10 ms at 16 kHz
-MAX_MEL_FRAMES = 3000  # the encoder's 30 s window
-
-
-def num_mel_frames(num_samples: int) -> int:
-    """Mel frames the feature extractor marks valid for a clip of ``num_samples`` at 16 kHz."""
-    return min(-(-num_samples // HOP_SAMPLES), MAX_MEL_FRAMES)
-
-
-def num_audio_tokens(num_samples: int) -> int:
-    """Tokens the Qwen2-Audio encoder emits for a clip: conv stride 2, then avg-pool stride 2."""
-    frames = num_mel_frames(num_samples)
-    return (((frames - 1) // 2 + 1) - 2) // 2 + 1
-
 
 @dataclass
 class Segment:
-    kind: str  # "text": template/prompt text, "audio": one <|AUDIO|>, "answer": assistant content
+    kind: str  # "text": template/prompt text, "audio": one audio placeholder, "answer": assistant content
     text: str = ""
     turn: int = -1  # index of the turn this segment belongs to
 
@@ -58,57 +33,36 @@ class Encoded:
     answer_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (turn, start, end)
 
 
-def render_segments(turns: list[Turn], *, until_turn: int | None = None,
-                    system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[Segment]:
-    """Segments of the chat template. ``until_turn``: stop at that assistant turn's content,
-    i.e. the generation prompt for regenerating it."""
-    segs: list[Segment] = []
-    if turns and turns[0].role != "system":
-        segs.append(Segment("text", f"{IM_START}system\n{system_prompt}{IM_END}\n"))
-    audio_count = 0
-    for i, turn in enumerate(turns):
-        segs.append(Segment("text", f"{IM_START}{turn.role}\n", i))
-        if i == until_turn:
-            return segs
-        if turn.role == "assistant":
-            segs.append(Segment("answer", turn.text, i))
-            segs.append(Segment("text", "\n", i))
-            continue
-        for part in turn.parts:
-            if part.kind == "audio":
-                audio_count += 1
-                segs.append(Segment("text", f"Audio {audio_count}: {AUDIO_BOS}", i))
-                segs.append(Segment("audio", AUDIO_TOKEN, i))
-                segs.append(Segment("text", f"{AUDIO_EOS}\n", i))
-            else:
-                segs.append(Segment("text", part.text or "", i))
-        segs.append(Segment("text", f"{IM_END}\n", i))
-    if until_turn is not None and until_turn >= len(turns):
-        segs.append(Segment("text", f"{IM_START}assistant\n", len(turns)))
-    return segs
-
-
-def render_text(turns: list[Turn], *, add_generation_prompt: bool = False) -> str:
-    """The exact string the Jinja chat template renders (answers end with <|im_end|>)."""
-    out = []
-    for seg in render_segments(turns, until_turn=len(turns) if add_generation_prompt else None):
-        out.append(seg.text + (IM_END if seg.kind == "answer" else ""))
-    return "".join(out)
-
-
 class ChatTokenizer:
-    """Turns conversations into ids with a loss mask, using the target's tokenizer."""
+    """Turns conversations into ids with a loss mask, using the target's tokenizer and family.
 
-    def __init__(self, tokenizer: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+    ``family`` is a :class:`modeling.targets.base.TargetFamily` (duck-typed here: its
+    ``render_segments``, ``special_tokens``, ``end_tokens``, ``num_audio_tokens``).
+    """
+
+    def __init__(self, tokenizer: Any, family: Any, system_prompt: str | None = None):
         self.tokenizer = tokenizer
+        self.family = family
         self.system_prompt = system_prompt
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (AUDIO_TOKEN, IM_END, END_OF_TEXT, IM_START)}
+        names = [family.special_tokens["audio"], family.special_tokens["turn_end"], *family.end_tokens]
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in names}
         missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
         if missing:
-            raise ValueError(f"tokenizer lacks the Qwen2-Audio special tokens {missing}")
-        self.audio_token_id = ids[AUDIO_TOKEN]
-        self.im_end_id = ids[IM_END]
-        self.end_ids = {ids[IM_END], ids[END_OF_TEXT]}
+            raise ValueError(f"tokenizer lacks the {family.name} special tokens {missing}")
+        self.audio_token_id = ids[family.special_tokens["audio"]]
+        self.im_end_id = ids[family.special_tokens["turn_end"]]  # closes an answer (carries loss)
+        self.end_ids = {ids[t] for t in family.end_tokens}
+
+    @classmethod
+    def for_target(cls, target: Any) -> ChatTokenizer:
+        """The chat tokenizer of a target directory: its tokenizer and the family its config names."""
+        from modeling.targets import family_of
+        from pipeline.samples import load_target_processor
+
+        return cls(load_target_processor(target)[0], family_of(target))
+
+    def num_audio_tokens(self, num_samples: int) -> int:
+        return int(self.family.num_audio_tokens(num_samples))
 
     def _text_ids(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
@@ -117,11 +71,11 @@ class ChatTokenizer:
                until_turn: int | None = None, use_generated_ids: bool = True) -> Encoded:
         """Token ids, loss mask and spans.
 
-        ``audio_token_counts``: expand the i-th ``<|AUDIO|>`` to that many tokens (training);
+        ``audio_token_counts``: expand the i-th audio placeholder to that many tokens (training);
         None keeps one placeholder per clip (a prompt for vLLM, which expands it itself).
         Assistant turns carrying stage 1's ``token_ids`` use them verbatim.
         """
-        segs = render_segments(turns, until_turn=until_turn, system_prompt=self.system_prompt)
+        segs = self.family.render_segments(turns, until_turn=until_turn, system_prompt=self.system_prompt)
         ids: list[int] = []
         mask: list[int] = []
         audio_spans: list[tuple[int, int]] = []
@@ -162,7 +116,7 @@ class ChatTokenizer:
             if answer and answer[-1] in self.end_ids:
                 return answer, [1] * len(answer)
             # cut by max_new_tokens: the target never produced an end token here, so the closing
-            # <|im_end|> keeps the template valid but carries no loss
+            # turn-end token keeps the template valid but carries no loss
             return answer + [self.im_end_id], [1] * len(answer) + [0]
         answer = self._text_ids(turn.text) + [self.im_end_id]
         return answer, [1] * len(answer)

@@ -13,7 +13,7 @@ import sys
 
 from pipeline.audio import AudioLimits
 from pipeline.data import RecordError, read_conversations
-from pipeline.samples import load_target_processor, prepare_sample
+from pipeline.samples import prepare_sample
 from pipeline.template import ChatTokenizer, Encoded
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.index not in by_index:
         print(f"no record {args.index} in {args.input} ({result.total} records)", file=sys.stderr)
         return 1
-    tokenizer, _ = load_target_processor(args.target)
+    chat = ChatTokenizer.for_target(args.target)
+    tokenizer = chat.tokenizer
     try:
-        sample = prepare_sample(by_index[args.index], ChatTokenizer(tokenizer), limits=AudioLimits())
+        sample = prepare_sample(by_index[args.index], chat, limits=AudioLimits(max_seconds=chat.family.max_audio_seconds))
     except RecordError as err:
         print(f"record {args.index}: {err}", file=sys.stderr)
         return 1

@@ -99,10 +99,11 @@ def build_prompts(cfg: BenchmarkConfig) -> tuple[list[EvalPrompt], list[Rejectio
     """The first ``num_prompts`` usable records as requests, and every record passed over on the
     way, each with its reason (unreadable line, bad audio, prompt + answer over the context)."""
     from pipeline.inputs import read_input
-    from pipeline.samples import load_record_audio, load_target_processor, target_context_length
-    from pipeline.template import ChatTokenizer, num_audio_tokens
+    from pipeline.samples import load_record_audio, target_context_length
+    from pipeline.template import ChatTokenizer
 
-    chat = ChatTokenizer(load_target_processor(cfg.target)[0])
+    chat = ChatTokenizer.for_target(cfg.target)
+    limits = AudioLimits(max_seconds=chat.family.max_audio_seconds)
     context = cfg.max_model_len or target_context_length(cfg.target)
     read = read_input(cfg.input, require_assistant=False)
     rejected: list[Rejection] = []
@@ -112,13 +113,13 @@ def build_prompts(cfg: BenchmarkConfig) -> tuple[list[EvalPrompt], list[Rejectio
         turns = rec.turns
         t = next((j for j, turn in enumerate(turns) if turn.role == "assistant"), len(turns))
         try:
-            audios = load_record_audio(rec, AudioLimits())[: sum(len(turn.audio_paths) for turn in turns[:t])]
+            audios = load_record_audio(rec, limits)[: sum(len(turn.audio_paths) for turn in turns[:t])]
         except RecordError as err:
             rejected.append(rec.reject(err.field, err.reason))
             continue
         ids = chat.encode(turns, until_turn=t).input_ids.tolist()
-        # vLLM expands each <|AUDIO|> placeholder to the encoder's token count
-        length = len(ids) + sum(num_audio_tokens(a.shape[0]) - 1 for a in audios)
+        # vLLM expands each audio placeholder to the encoder's token count
+        length = len(ids) + sum(chat.num_audio_tokens(a.shape[0]) - 1 for a in audios)
         if context and length + cfg.max_new_tokens > context:
             rejected.append(rec.reject("conversations", f"prompt of {length} tokens + --max-new-tokens "
                                        f"{cfg.max_new_tokens} is longer than the context ({context})"))
@@ -213,9 +214,11 @@ def run_offline(cfg: BenchmarkConfig, prompts: list[EvalPrompt], draft: str | No
 
 
 def run_server(cfg: BenchmarkConfig, prompts: list[EvalPrompt], url: str, spec: bool) -> RunResult:
+    from modeling.targets import family_of
     from pipeline.server_client import ServerClient, ServerGenerator
 
-    engine = ServerGenerator(ServerClient([url], timeout_s=cfg.request_timeout_s), max_concurrency=cfg.max_num_seqs)
+    engine = ServerGenerator(ServerClient([url], timeout_s=cfg.request_timeout_s), family_of(cfg.target),
+                             max_concurrency=cfg.max_num_seqs)
     return _timed(engine, prompts, cfg.warmup_requests, cfg.repeats,
                   (lambda: scrape_spec(url)) if spec else (lambda: None))
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from modeling.capture import TargetCapture, aux_layer_ids, check_audio_spans, load_target_model, plan_batches
+from modeling.capture import TargetCapture, aux_layer_ids, check_audio_spans, plan_batches
 from pipeline.audio import AudioLimits
 from pipeline.cli import stage_main
 from pipeline.config import ConfigError, opt, require
@@ -83,40 +83,44 @@ class DumpConfig:
 
 
 class Target:
-    """The target's identity and layer ids at once (from config.json); the model on first use."""
+    """The target's family, identity and layer ids at once (from its files); the model on first use."""
 
     def __init__(self, cfg: DumpConfig):
+        from modeling.targets import UnsupportedTarget, family_of, target_identity
+
         self.cfg = cfg
         self.path = Path(cfg.target).resolve()
-        config_path = self.path / "config.json"
-        if not config_path.is_file():
-            raise ValueError(f"--target {self.path}: no config.json (expected a Qwen2-Audio model directory)")
-        text = json.loads(config_path.read_text()).get("text_config")
-        if not isinstance(text, dict) or "num_hidden_layers" not in text:
-            raise ValueError(f"--target {self.path}: config.json has no text_config (not a Qwen2-Audio model)")
-        self.num_layers, self.hidden_size = int(text["num_hidden_layers"]), int(text["hidden_size"])
+        try:
+            self.family = family_of(self.path)
+            self.identity = target_identity(self.path)
+            config = json.loads((self.path / "config.json").read_text())
+            text = self.family.text_config(config)
+        except (UnsupportedTarget, ValueError) as err:
+            raise ConfigError(f"--target {self.path}: {err}") from None
+        self.num_layers, self.hidden_size = text["num_hidden_layers"], text["hidden_size"]
         try:
             self.aux_out, self.aux_in = aux_layer_ids(self.num_layers, cfg.aux_layers)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        self.config_sha256 = sha256_file(config_path)
         self._loaded: tuple[ChatTokenizer, TargetCapture] | None = None
 
     def load(self) -> tuple[ChatTokenizer, TargetCapture]:
         """The chat tokenizer and the hooked model, loaded once (a rerun of done shards never loads)."""
         if self._loaded is None:
             tokenizer, features = load_target_processor(self.path)
-            model = load_target_model(self.path, self.cfg.dtype, self.cfg.device)
-            capture = TargetCapture(model, features, aux_layers=self.aux_out,
-                                    pad_token_id=tokenizer.pad_token_id, last_hidden=self.cfg.last_hidden)
-            self._loaded = (ChatTokenizer(tokenizer), capture)
+            chat = ChatTokenizer(tokenizer, self.family)
+            model = self.family.load_model(self.path, self.cfg.dtype, self.cfg.device)
+            capture = TargetCapture(model, self.family, features, aux_layers=self.aux_out,
+                                    pad_token_id=tokenizer.pad_token_id, audio_token_id=chat.audio_token_id,
+                                    last_hidden=self.cfg.last_hidden)
+            self._loaded = (chat, capture)
         return self._loaded
 
 
 def open_store_for(cfg: DumpConfig, target: Target, inputs: InputSet) -> Manifest:
     """Create the store or check that it was made from this target, layers, input and settings."""
     header = make_header(
-        target_path=str(target.path), target_config_hash=target.config_sha256, hidden_size=target.hidden_size,
+        target_path=str(target.path), target_config_hash=target.identity["sha256"], hidden_size=target.hidden_size,
         layer_ids=target.aux_out, layer_convention="decoder_layer",
         layer_ids_by_convention={"decoder_layer": target.aux_out, "hf_hidden_states": target.aux_in},
         dtype="bfloat16", quantization=cfg.quantize)
@@ -227,13 +231,13 @@ def _run_window(cfg: DumpConfig, chat: ChatTokenizer, capture: TargetCapture, wi
     The batch plan covers the whole window (done samples included), so a resumed window runs
     exactly the batches, and so gets exactly the numbers, of an uninterrupted run.
     """
-    limits = AudioLimits(split_long=cfg.split_long_audio)
+    limits = AudioLimits(max_seconds=chat.family.max_audio_seconds, split_long=cfg.split_long_audio)
     prepared: list[PreparedSample] = []
     rejected: list[Rejection] = []
     for rec in window:
         try:
             sample = prepare_sample(rec, chat, limits=limits, max_length=cfg.max_length, truncate=cfg.truncate)
-            check_audio_spans(sample)
+            check_audio_spans(sample, chat.family.min_audio_tokens)
             prepared.append(sample)
         except RecordError as err:
             if rec.index not in done:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from modeling.targets import family_of, target_identity
 from pipeline.audio import AudioLimits
 from pipeline.cli import stage_main
 from pipeline.config import ConfigError, config_hash, opt, require
@@ -48,7 +49,7 @@ from pipeline.progress import Progress
 from pipeline.samples import load_record_audio, split_audio_parts
 from pipeline.server_client import RequestFailed
 from pipeline.shards import Shard, plan_shards, resolve_shard_index, run_shards
-from pipeline.template import ChatTokenizer, num_audio_tokens
+from pipeline.template import ChatTokenizer
 
 log = logging.getLogger("stages.regenerate")
 
@@ -56,8 +57,6 @@ log = logging.getLogger("stages.regenerate")
 RUNTIME_OPTIONS = ("target", "input", "output", "shard_index", "batch_size", "server", "tensor_parallel_size",
                    "request_timeout_s", "max_concurrency", "retries", "log_every_s")
 MUST_MATCH = ("stage", "input_sha256", "target_config_hash", "sampling", "config_hash", "num_shards", "engine")
-TARGET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "chat_template.jinja", "chat_template.json")
 
 
 @dataclass(kw_only=True)
@@ -98,9 +97,8 @@ class RegenerateConfig:
         require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         require(self.max_concurrency >= 1 and self.retries >= 0, "--max-concurrency >= 1 and --retries >= 0")
 
-    @property
-    def limits(self) -> AudioLimits:
-        return AudioLimits(split_long=self.split_long_audio)
+    def limits(self, family: Any) -> AudioLimits:
+        return AudioLimits(max_seconds=family.max_audio_seconds, split_long=self.split_long_audio)
 
 
 @dataclass
@@ -142,7 +140,7 @@ def make_engine(cfg: RegenerateConfig) -> Generator:
         from pipeline.server_client import ServerClient, ServerGenerator
 
         client = ServerClient(cfg.server, timeout_s=cfg.request_timeout_s, retries=cfg.retries)
-        return ServerGenerator(client, max_concurrency=cfg.max_concurrency)
+        return ServerGenerator(client, family_of(cfg.target), max_concurrency=cfg.max_concurrency)
     from pipeline.engine import OfflineGenerator, build_llm
 
     return OfflineGenerator(build_llm(cfg.target, tensor_parallel_size=cfg.tensor_parallel_size,
@@ -216,19 +214,20 @@ class _ShardWork:
     def __init__(self, cfg: RegenerateConfig, engine: Generator):
         self.cfg, self.engine = cfg, engine
         self.tokenizer = _tokenizer(str(Path(cfg.target).resolve()))
-        self.chat = ChatTokenizer(self.tokenizer)
+        self.chat = ChatTokenizer(self.tokenizer, family_of(cfg.target))
+        self.limits = cfg.limits(self.chat.family)
         limits = [n for n in (engine.max_model_len, cfg.max_model_len) if n]
         self.context = min(limits) if limits else sys.maxsize
 
     def _chains(self, rec: Record) -> list[_Chain]:
         """One chain per response; raises RecordError for unusable audio."""
-        audios = load_record_audio(rec, self.cfg.limits)
+        audios = load_record_audio(rec, self.limits)
         # split clips become several placeholders; only the prompt sees them, the output keeps
         # the original parts (stage 2 splits them the same way with the same flag)
-        prompt_rec = split_audio_parts(rec, self.cfg.limits) if self.cfg.split_long_audio else rec
+        prompt_rec = split_audio_parts(rec, self.limits) if self.cfg.split_long_audio else rec
         turns = _with_final_turn(prompt_rec.turns)
         targets = [i for i, t in enumerate(turns) if t.role == "assistant"]
-        counts = [num_audio_tokens(a.shape[0]) for a in audios]
+        counts = [self.chat.num_audio_tokens(a.shape[0]) for a in audios]
         return [_Chain(rec, k, list(turns), targets, audios, counts) for k in range(self.cfg.n)]
 
     def _request(self, chain: _Chain, t: int) -> GenRequest | Rejection:
@@ -390,23 +389,12 @@ def _commit(cfg: RegenerateConfig, shard: Shard, rows: dict[int, dict[str, Any]]
     return result
 
 
-def target_config_hash(target: str | Path) -> str:
-    """Hash of the target's config, generation defaults, tokenizer and chat template (not of the
-    weights: hashing 15 GB at every shard job start would cost minutes)."""
-    digest = hashlib.sha256()
-    for name in TARGET_FILES:
-        path = Path(target) / name
-        if path.is_file():
-            digest.update(f"{name}:{sha256_file(path)}\n".encode())
-    return digest.hexdigest()[:16]
-
-
 def manifest_header(cfg: RegenerateConfig, total: int) -> dict[str, Any]:
     """The run's identity; resuming requires the :data:`MUST_MATCH` keys to be equal."""
     return {
         "stage": "regenerate", "input": str(Path(cfg.input).resolve()), "input_sha256": sha256_file(cfg.input),
         "input_records": total, "target": str(Path(cfg.target).resolve()),
-        "target_config_hash": target_config_hash(cfg.target), "num_shards": cfg.num_shards,
+        "target_config_hash": target_identity(cfg.target)["sha256"], "num_shards": cfg.num_shards,
         "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "n": cfg.n, "seed": cfg.seed},
         "engine": "server" if cfg.server else "offline", "config_hash": config_hash(cfg, exclude=RUNTIME_OPTIONS),
@@ -437,7 +425,8 @@ def run(cfg: RegenerateConfig, engine: Generator | None = None) -> list[ShardRes
     start = time.monotonic()
     # audio is decoded per shard while generating, not here: every job of a 1000-task array
     # would otherwise decode the whole dataset's audio just to find its own records
-    read = read_conversations(cfg.input, require_assistant=False, check_audio=False, audio_limits=cfg.limits)
+    family = family_of(cfg.target)  # an unsupported target is refused before any work
+    read = read_conversations(cfg.input, require_assistant=False, check_audio=False, audio_limits=cfg.limits(family))
     shards = plan_shards(read.total, cfg.num_shards)
     try:
         shard_index = resolve_shard_index(cfg.shard_index, cfg.num_shards)

@@ -92,7 +92,7 @@ def format_store_summary(s: dict[str, Any]) -> str:
     tokens = max(s["tokens"], 1)
     lines = [
         f"hidden-state store {s['path']}",
-        f"  target      {s['target'].get('path')} (config sha256 {s['target'].get('config_hash')})",
+        f"  target      {s['target'].get('path')} (identity sha256 {s['target'].get('config_hash')})",
         f"  aux layers  {layers.get('convention')} {layers.get('ids')}" + (f" (= {others})" if others else ""),
         f"  values      hidden size {s['hidden_size']}, {s['dtype']}, quantization {s['quantization']}",
         *(f"  {name:27s} {codec}" for name, codec in s["arrays"].items()),

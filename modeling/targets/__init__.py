@@ -1,0 +1,77 @@
+"""Target families behind one interface (:class:`modeling.targets.base.TargetFamily`), chosen from the
+target's ``config.json`` ``architectures``; an unsupported architecture is refused before any work.
+
+Adding a family: a module here with a ``TargetFamily`` subclass (see ``qwen3_asr.py``), its vLLM class
+spec in :mod:`modeling.targets.vllm_classes` if vLLM lacks EAGLE-3 for it, one line in
+:data:`FAMILIES`, and its tests under ``tests/targets/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from modeling.targets.base import TargetFamily
+from pipeline.config import ConfigError
+
+# name -> "module:Class"; imported on use, so a family's dependencies load only when it is used
+FAMILIES: dict[str, str] = {
+    "qwen2-audio": "modeling.targets.qwen2_audio:Qwen2AudioFamily",
+    "qwen3-asr": "modeling.targets.qwen3_asr:Qwen3ASRFamily",
+}
+# the files that decide what a target computes and how its prompts are built
+IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json")
+
+
+class UnsupportedTarget(ConfigError):
+    """The target's architecture is not one of the supported families."""
+
+
+def family_named(name: str) -> type[TargetFamily]:
+    if name not in FAMILIES:
+        raise UnsupportedTarget(f"unknown target family {name!r}; supported: {sorted(FAMILIES)}")
+    module, cls = FAMILIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _config(target: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    if isinstance(target, dict):
+        return target, "config"
+    path = Path(target) / "config.json"
+    if not path.is_file():
+        raise UnsupportedTarget(f"{target}: no config.json (expected a model directory)")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as err:
+        raise UnsupportedTarget(f"{path}: not valid JSON ({err})") from None
+
+
+def family_of(target: str | Path | dict[str, Any]) -> type[TargetFamily]:
+    """The family serving a target directory (or its ``config.json`` dict), by ``architectures``."""
+    config, where = _config(target)
+    archs = config.get("architectures") or []
+    for name in FAMILIES:
+        family = family_named(name)
+        if any(a in family.architectures for a in archs):
+            return family
+    supported = sorted(a for n in FAMILIES for a in family_named(n).architectures)
+    raise UnsupportedTarget(f"{where}: architectures {archs} are not supported; supported: {supported}")
+
+
+def target_identity(target: str | Path) -> dict[str, Any]:
+    """What every stage records as the target's identity: path, family, architecture and one sha256
+    over :data:`IDENTITY_FILES` (config, generation defaults, tokenizer, chat template, processor)."""
+    path = Path(target).resolve()
+    config, _ = _config(path)
+    family = family_of(config)
+    digest = hashlib.sha256()
+    for name in IDENTITY_FILES:
+        file = path / name
+        if file.is_file():
+            digest.update(name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+    return {"path": str(path), "family": family.name, "architecture": (config.get("architectures") or ["?"])[0],
+            "sha256": digest.hexdigest()}

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from modeling.targets.base import TargetFamily
 from pipeline.data import Turn
 from pipeline.template import Segment
 
@@ -119,7 +120,7 @@ def render_text(turns: list[Turn], *, add_generation_prompt: bool = False) -> st
     return "".join(s.text + (IM_END if s.kind == "answer" else "") for s in segs)
 
 
-class Qwen3ASRFamily:
+class Qwen3ASRFamily(TargetFamily):
     """Everything the pipeline needs to know about Qwen3-ASR targets (stateless: use the class itself)."""
 
     name: ClassVar[str] = "qwen3-asr"
@@ -272,11 +273,11 @@ class Qwen3ASRFamily:
 
         Resolving it (only when vLLM loads or inspects the model) makes vLLM's ``qwen3_asr`` module
         importable without torchvision and sets the ``image_token_index`` the EAGLE proposer reads;
-        see :mod:`modeling.targets.qwen3_asr_vllm`.
+        see :mod:`modeling.targets.qwen3_asr_vllm` and :mod:`modeling.targets.vllm_classes`.
         """
-        from modeling.targets import qwen3_asr_vllm
+        from modeling.targets import vllm_classes
 
-        qwen3_asr_vllm.register(ARCHITECTURE)
+        vllm_classes.register(ARCHITECTURE, "Qwen3ASREagle3ForConditionalGeneration")
 
     @staticmethod
     def build_tiny(out_dir: str | Path, *, layers: int = 8, hidden: int = 256, heads: int = 4, kv_heads: int = 2,

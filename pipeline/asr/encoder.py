@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.template import num_audio_tokens, num_mel_frames
+from modeling.targets.qwen2_audio import Qwen2AudioFamily, num_mel_frames
 
 EXTRA_FRAMES = 2  # frames past the last valid one that still reach a valid output (conv receptive field)
 
@@ -50,7 +50,7 @@ def encode_audio(model: Any, feats: torch.Tensor, num_samples: list[int]) -> tor
         x = x[0] if isinstance(x, tuple) else x
     x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)
     keep = torch.arange(x.shape[1], device=x.device)[None] < torch.tensor(
-        [num_audio_tokens(n) for n in num_samples], device=x.device)[:, None]
+        [Qwen2AudioFamily.num_audio_tokens(n) for n in num_samples], device=x.device)[:, None]
     # one boolean index (row-major: clip by clip), not a slice per clip: each slice's backward
     # would allocate and zero a whole [N, T, H] gradient (1.4 s of a 7 s step at batch 32)
     return model.model.multi_modal_projector(tower.layer_norm(x[keep]))

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.asr.speech import Utterance
 from pipeline.data import Part, Turn
-from pipeline.template import ChatTokenizer, num_audio_tokens
+from pipeline.template import ChatTokenizer
 from pipeline.wer import corpus_wer
 
 TRANSCRIPTION_TASKS = ("transcribe", "capitals")
@@ -27,7 +28,7 @@ def prompt_ids(chat: ChatTokenizer, u: Utterance, num_samples: int | None = None
     """The generation prompt for ``u``: the audio placeholder expanded for a clip of ``num_samples``
     (what transformers takes), or a single placeholder when None (what vLLM takes)."""
     turns = [Turn("user", [Part("audio", audio=Path(f"{u.id}.flac")), Part("text", text=u.instruction)])]
-    counts = None if num_samples is None else [num_audio_tokens(num_samples)]
+    counts = None if num_samples is None else [Qwen2AudioFamily.num_audio_tokens(num_samples)]
     return chat.encode(turns, until_turn=1, audio_token_counts=counts).input_ids.tolist()
 
 
@@ -35,16 +36,15 @@ def prompt_ids(chat: ChatTokenizer, u: Utterance, num_samples: int | None = None
 def greedy_answers(model: Any, processor: Any, utts: Sequence[Utterance], waves: Sequence[np.ndarray],
                    max_new_tokens: int = 32) -> list[tuple[str, list[float]]]:
     """(decoded answer, top-1 probability of each generated token) per clip, greedy, batch 1."""
-    from pipeline.samples import audio_features
-
-    chat = ChatTokenizer(processor.tokenizer)
+    chat = ChatTokenizer(processor.tokenizer, Qwen2AudioFamily)
     out = []
     for u, wave in zip(utts, waves, strict=True):
         ids = torch.tensor([prompt_ids(chat, u, wave.shape[0])])
-        feats, mask = audio_features(processor.feature_extractor, [wave])
+        audio = Qwen2AudioFamily.audio_inputs(processor.feature_extractor, [wave])
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             input_features=torch.from_numpy(feats).to(model.dtype),
-                             feature_attention_mask=torch.from_numpy(mask), max_new_tokens=max_new_tokens,
+                             input_features=torch.from_numpy(audio["input_features"]).to(model.dtype),
+                             feature_attention_mask=torch.from_numpy(audio["feature_attention_mask"]),
+                             max_new_tokens=max_new_tokens,
                              do_sample=False, output_scores=True, return_dict_in_generate=True,
                              eos_token_id=list(chat.end_ids), pad_token_id=processor.tokenizer.pad_token_id)
         tokens = gen.sequences[0, ids.shape[1]:].tolist()

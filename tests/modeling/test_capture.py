@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from modeling.capture import TargetCapture, aux_layer_ids, load_target_model, loss_positions, plan_batches
+from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.data import read_conversations
 from pipeline.samples import load_target_processor, prepare_sample
 from pipeline.template import ChatTokenizer
@@ -35,7 +36,7 @@ def samples(tmp_path_factory, fixtures_dir, tiny_target):
     path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, two]))
     records = {r.id: r for r in read_conversations(path).records}
     tokenizer, _ = load_target_processor(tiny_target)
-    chat = ChatTokenizer(tokenizer)
+    chat = ChatTokenizer(tokenizer, Qwen2AudioFamily)
     return [prepare_sample(records[i], chat) for i in PICK]
 
 
@@ -44,7 +45,8 @@ def capture(tiny_target):
     tokenizer, extractor = load_target_processor(tiny_target)
     model = load_target_model(tiny_target, "bf16")
     out_ids, _ = aux_layer_ids(model.config.text_config.num_hidden_layers)
-    with TargetCapture(model, extractor, aux_layers=out_ids, pad_token_id=tokenizer.pad_token_id) as cap:
+    with TargetCapture(model, Qwen2AudioFamily, extractor, aux_layers=out_ids, pad_token_id=tokenizer.pad_token_id,
+                       audio_token_id=model.config.audio_token_id) as cap:
         yield cap
 
 
@@ -136,7 +138,8 @@ def test_last_hidden_all_and_fp32_target(tiny_target, samples, hf_hidden_states)
     tokenizer, extractor = load_target_processor(tiny_target)
     model = load_target_model(tiny_target, "fp32")
     sample = samples[PICK.index("multi-02")]
-    with TargetCapture(model, extractor, aux_layers=[0, 2, 6], pad_token_id=tokenizer.pad_token_id,
+    with TargetCapture(model, Qwen2AudioFamily, extractor, aux_layers=[0, 2, 6], pad_token_id=tokenizer.pad_token_id,
+                       audio_token_id=model.config.audio_token_id,
                        last_hidden="all") as cap:
         (got,) = cap.capture([sample])
     hs = [h.to(torch.bfloat16) for h in hf_hidden_states(sample, torch.float32)]

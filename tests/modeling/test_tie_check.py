@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
+from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from modeling.tie_check import TIE_Z, DivergenceCase, TieChecker, first_divergence, noise_bound
 from pipeline.audio import AudioLimits
 from pipeline.data import read_conversations
-from pipeline.samples import audio_features, load_record_audio
-from pipeline.template import ChatTokenizer, num_audio_tokens
+from pipeline.samples import load_record_audio
+from pipeline.template import ChatTokenizer
 
 
 def test_first_divergence_and_noise_bound() -> None:
@@ -35,11 +36,11 @@ def prompt(tiny_target, fixtures_dir, checker):
     HF generate (its own expansion of the audio placeholder by the processor path)."""
     rec = read_conversations(fixtures_dir / "speech.jsonl").records[0]
     audios = load_record_audio(rec, AudioLimits())
-    chat = ChatTokenizer(checker.tokenizer)
+    chat = ChatTokenizer(checker.tokenizer, Qwen2AudioFamily)
     ids = chat.encode(rec.turns, until_turn=1).input_ids.tolist()
-    counts = [num_audio_tokens(a.shape[0]) for a in audios]
+    counts = [Qwen2AudioFamily.num_audio_tokens(a.shape[0]) for a in audios]
     expanded = torch.from_numpy(chat.encode(rec.turns, until_turn=1, audio_token_counts=counts).input_ids)[None]
-    feats, mask = audio_features(checker.extractor, audios)
+    feats, mask = Qwen2AudioFamily.audio_inputs(checker.extractor, audios).values()
     with torch.inference_mode():
         out = checker.model("fp32").generate(
             input_ids=expanded, attention_mask=torch.ones_like(expanded), input_features=torch.from_numpy(feats),

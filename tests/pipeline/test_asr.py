@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.asr.encoder import clip_features, encode_audio
 from pipeline.asr.sentences import SPLITS, sentences, split_of, vocabulary, written
 from pipeline.asr.speech import TASKS, answer, ensure_dataset, synthesize, trim_silence, utterances
 from pipeline.audio import AudioLimits
 from pipeline.data import read_conversations
-from pipeline.samples import audio_features, load_record_audio
-from pipeline.template import num_audio_tokens
+from pipeline.samples import load_record_audio
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed "
                                   "(.ci/run installs it: apt-get install espeak-ng)")
@@ -80,7 +80,8 @@ def test_unpadded_encoder_equals_the_30_s_window(tiny_target) -> None:
     extractor = AutoProcessor.from_pretrained(str(tiny_target)).feature_extractor
     waves = [synthesize("anna fixed four phones on the bridge", "en-us", 160), synthesize("the dog is happy", "en-gb", 190)]
     feats = [clip_features(extractor, w) for w in waves]
-    full, mask = audio_features(extractor, waves)
+    audio = Qwen2AudioFamily.audio_inputs(extractor, waves)
+    full, mask = audio["input_features"], audio["feature_attention_mask"]
     for f, row in zip(feats, full, strict=True):
         np.testing.assert_array_equal(f, row[:, : f.shape[1]])  # the same features, not recomputed differently
     batch = torch.zeros(2, 128, max(f.shape[1] for f in feats))
@@ -95,6 +96,6 @@ def test_unpadded_encoder_equals_the_30_s_window(tiny_target) -> None:
                                          attention_mask=mask_2d)
         ref = model.model.multi_modal_projector(tower(torch.from_numpy(full), attention_mask=attn).last_hidden_state)
         ref = torch.cat([ref[i, : int(n)] for i, n in enumerate(out_lengths)])
-    assert mine.shape == ref.shape == (sum(num_audio_tokens(w.shape[0]) for w in waves), 256)
+    assert mine.shape == ref.shape == (sum(Qwen2AudioFamily.num_audio_tokens(w.shape[0]) for w in waves), 256)
     # fp32: only summation order differs (the padded frames never reach a valid output)
     assert float((mine - ref).abs().max()) <= 1e-4 * float(ref.abs().max())

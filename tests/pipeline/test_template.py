@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modeling.targets.base import render_text as render_family_text
+from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.data import read_conversations
-from pipeline.samples import audio_features, prepare_sample
-from pipeline.template import ChatTokenizer, num_audio_tokens, render_text
+from pipeline.samples import prepare_sample
+from pipeline.template import ChatTokenizer
 from pipeline.view import format_sample
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -32,14 +34,14 @@ def records():
 def test_render_equals_jinja_template(processor, records):
     for record in records:
         msgs = record.raw["conversations"]
-        assert render_text(record.turns) == processor.apply_chat_template(msgs, tokenize=False), record.id
-        assert render_text(record.turns[:1], add_generation_prompt=True) == processor.apply_chat_template(
+        assert render_family_text(Qwen2AudioFamily, record.turns) == processor.apply_chat_template(msgs, tokenize=False), record.id
+        assert render_family_text(Qwen2AudioFamily, record.turns[:1], add_generation_prompt=True) == processor.apply_chat_template(
             msgs[:1], tokenize=False, add_generation_prompt=True
         )
 
 
 def test_ids_equal_processor_with_audio_expanded(processor, records):
-    chat = ChatTokenizer(processor.tokenizer)
+    chat = ChatTokenizer(processor.tokenizer, Qwen2AudioFamily)
     for record in records:
         sample = prepare_sample(record, chat)
         text = processor.apply_chat_template(record.raw["conversations"], tokenize=False)
@@ -47,10 +49,10 @@ def test_ids_equal_processor_with_audio_expanded(processor, records):
         ref = processor(text=text, return_tensors="np", **kwargs)
         assert sample.encoded.input_ids.tolist() == ref["input_ids"][0].tolist(), record.id
         for (start, end), wave in zip(sample.encoded.audio_spans, sample.waveforms, strict=True):
-            assert end - start == num_audio_tokens(wave.shape[0])
+            assert end - start == Qwen2AudioFamily.num_audio_tokens(wave.shape[0])
             assert (sample.encoded.input_ids[start:end] == chat.audio_token_id).all()
         if sample.waveforms:
-            feats, mask = audio_features(processor.feature_extractor, sample.waveforms)
+            feats, mask = Qwen2AudioFamily.audio_inputs(processor.feature_extractor, sample.waveforms).values()
             np.testing.assert_array_equal(feats, ref["input_features"])
             np.testing.assert_array_equal(mask, ref["feature_attention_mask"])
 
@@ -61,10 +63,10 @@ def test_audio_token_count_matches_encoder(tiny_target, processor, records):
     from transformers import Qwen2AudioForConditionalGeneration
 
     model = Qwen2AudioForConditionalGeneration.from_pretrained(str(tiny_target), dtype=torch.float32).eval()
-    chat = ChatTokenizer(processor.tokenizer)
+    chat = ChatTokenizer(processor.tokenizer, Qwen2AudioFamily)
     for record in records[:3]:
         sample = prepare_sample(record, chat)
-        feats, mask = audio_features(processor.feature_extractor, sample.waveforms)
+        feats, mask = Qwen2AudioFamily.audio_inputs(processor.feature_extractor, sample.waveforms).values()
         _, out_lengths = model.model.audio_tower._get_feat_extract_output_lengths(torch.from_numpy(mask).sum(-1))
         spans = sample.encoded.audio_spans
         assert out_lengths.tolist() == [e - s for s, e in spans], record.id
@@ -80,7 +82,7 @@ def test_audio_token_count_matches_encoder(tiny_target, processor, records):
 
 
 def test_loss_mask_covers_answers_and_end_token(processor, records):
-    chat = ChatTokenizer(processor.tokenizer)
+    chat = ChatTokenizer(processor.tokenizer, Qwen2AudioFamily)
     two_turn = next(r for r in records if sum(t.role == "assistant" for t in r.turns) == 2)
     enc = chat.encode(two_turn.turns, audio_token_counts=[5] * len(two_turn.audio_paths))
     assert len(enc.answer_spans) == 2
@@ -94,7 +96,7 @@ def test_loss_mask_covers_answers_and_end_token(processor, records):
 
 
 def test_generated_ids_used_verbatim(processor, records):
-    chat = ChatTokenizer(processor.tokenizer)
+    chat = ChatTokenizer(processor.tokenizer, Qwen2AudioFamily)
     record = records[0]
     answer = record.turns[-1]
     stopped = [5, 6, 7, chat.im_end_id]
@@ -125,6 +127,6 @@ def test_split_long_audio_gives_one_placeholder_per_piece(processor, records, tm
     (tmp_path / "long.jsonl").write_text(__import__("json").dumps(line) + "\n")
     limits = AudioLimits(split_long=True)
     (record,) = read_conversations(tmp_path / "long.jsonl", audio_limits=limits).records
-    sample = prepare_sample(record, ChatTokenizer(processor.tokenizer), limits=limits)
+    sample = prepare_sample(record, ChatTokenizer(processor.tokenizer, Qwen2AudioFamily), limits=limits)
     assert [w.shape[0] for w in sample.waveforms] == [480000, 480000, 80000]
-    assert [e - s for s, e in sample.encoded.audio_spans] == [num_audio_tokens(w.shape[0]) for w in sample.waveforms]
+    assert [e - s for s, e in sample.encoded.audio_spans] == [Qwen2AudioFamily.num_audio_tokens(w.shape[0]) for w in sample.waveforms]

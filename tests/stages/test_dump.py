@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling.capture import plan_batches
+from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.config import parse_config
 from pipeline.data import read_conversations
 from pipeline.durable import sha256_file
@@ -56,7 +57,7 @@ def write_subset(fixtures_dir: Path, path: Path, ids: list[str], extra: list[dic
 
 
 def prepared(target: Path, input_path: Path) -> dict:
-    chat = ChatTokenizer(load_target_processor(target)[0])
+    chat = ChatTokenizer(load_target_processor(target)[0], Qwen2AudioFamily)
     return {r.id: prepare_sample(r, chat) for r in read_conversations(input_path).records}
 
 

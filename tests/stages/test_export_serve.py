@@ -31,6 +31,7 @@ from modeling.draft_io import (
     load_draft_snapshot,
     save_draft_snapshot,
 )
+from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from modeling.vocab import build_draft_vocab, count_supervised_tokens
 from pipeline.faults import crash_chain
 from pipeline.spec_counters import SpecCounters
@@ -56,7 +57,7 @@ def write_run(run_dir: Path, target: Path, draft_vocab_size: int, steps: dict[in
     cfg = DraftConfig.from_target_config(target_cfg, draft_vocab_size)
     vocab = None
     if draft_vocab_size < cfg.vocab_size:
-        chat = ChatTokenizer(load_target_processor(target)[0])
+        chat = ChatTokenizer(load_target_processor(target)[0], Qwen2AudioFamily)
         counts = torch.zeros(cfg.vocab_size, dtype=torch.long)
         for rec in read_conversations(DATA / "speech.jsonl", check_audio=False).records:
             enc = chat.encode(rec.turns)
@@ -215,9 +216,9 @@ def test_plugin_class_adds_only_the_eagle3_interface() -> None:
     from vllm.model_executor.models.interfaces import supports_eagle3
     from vllm.model_executor.models.qwen2_audio import Qwen2AudioForConditionalGeneration as Upstream
 
-    from modeling import vllm_plugin
+    from modeling.targets import vllm_classes
 
-    cls = vllm_plugin.Qwen2AudioEagle3ForConditionalGeneration  # what the registry's lazy entry resolves
+    cls = vllm_classes.Qwen2AudioEagle3ForConditionalGeneration  # what the registry's lazy entry resolves
     assert issubclass(cls, Upstream) and supports_eagle3(cls) and not supports_eagle3(Upstream)
     assert cls.__name__ == AUDIO_ARCH and pickle.loads(pickle.dumps(cls)) is cls
     # only __init__ is new (it sets image_token_index); the interface methods come from SupportsEagle3

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.audio import AudioLimits
 from pipeline.config import parse_config
 from pipeline.data import read_conversations
@@ -32,7 +33,7 @@ from pipeline.faults import crash_chain, random_passages, read_trace, tracing
 from pipeline.locks import FileLock
 from pipeline.manifest import ManifestMismatch
 from pipeline.samples import load_record_audio, load_target_processor
-from pipeline.template import ChatTokenizer, num_audio_tokens
+from pipeline.template import ChatTokenizer
 from stages import regenerate
 from stages.regenerate import RegenerateConfig, derive_seed, reason_key, run
 
@@ -158,7 +159,7 @@ def _expected_rejections() -> dict[int, dict]:
 
 def test_every_good_record_regenerated_every_bad_one_rejected(tiny_target, inputs, reference):
     tokenizer, _ = load_target_processor(tiny_target)
-    chat = ChatTokenizer(tokenizer)
+    chat = ChatTokenizer(tokenizer, Qwen2AudioFamily)
     source = read_conversations(inputs / "all.jsonl", require_assistant=False)
     out = read_conversations(reference / SHARD, require_assistant=True)
     assert out.rejected == []
@@ -168,7 +169,7 @@ def test_every_good_record_regenerated_every_bad_one_rejected(tiny_target, input
     assert [r.id for r in out.records] == [r.id for r in kept]
     for rec, src in zip(out.records, kept, strict=True):
         assert (rec.raw["source_index"], rec.raw["source_hash"]) == (src.index, src.source_hash)
-        counts = [num_audio_tokens(a.shape[0]) for a in load_record_audio(rec, AudioLimits())]
+        counts = [Qwen2AudioFamily.num_audio_tokens(a.shape[0]) for a in load_record_audio(rec, AudioLimits())]
         answers = [i for i, t in enumerate(rec.turns) if t.role == "assistant"]
         assert len(answers) == max(1, sum(t.role == "assistant" for t in src.turns))
         for i in answers:

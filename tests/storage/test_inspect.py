@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.data import Rejection, read_conversations
 from pipeline.durable import sha256_file
 from pipeline.engine import GenResult
@@ -68,7 +69,7 @@ def capture(sample_id: str, encoded, seed: int) -> CapturedSample:
 
 @pytest.fixture(scope="module")
 def samples(tokenizer) -> list[CapturedSample]:
-    chat = ChatTokenizer(tokenizer)
+    chat = ChatTokenizer(tokenizer, Qwen2AudioFamily)
     records = read_conversations(DATA / "speech.jsonl", check_audio=False).records[:12]
     return [capture(r.id, chat.encode(r.turns, audio_token_counts=[4 + r.index % 5] * len(r.audio_paths)), r.index)
             for r in records]

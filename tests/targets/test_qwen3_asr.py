@@ -344,7 +344,7 @@ def vllm_run(target: Path, processor: Any, records: dict[str, Any], tmp_path_fac
 def test_vllm_serves_the_tiny_target_as_eagle3_and_matches_transformers(vllm_run: dict, target: Path,
                                                                         processor: Any, records: dict) -> None:
     tok = processor.tokenizer
-    assert vllm_run["registry"] == "modeling.targets.qwen3_asr_vllm:Qwen3ASREagle3ForConditionalGeneration"
+    assert vllm_run["registry"] == "modeling.targets.vllm_classes:Qwen3ASREagle3ForConditionalGeneration"
     assert vllm_run["lazy"]  # registering imported no vLLM model code and aliased nothing
     assert vllm_run["subclass"] and vllm_run["same_name"] and vllm_run["pickles"]
     assert vllm_run["new_members"] == ["__init__"]  # only the image_token_index shim is new
@@ -378,7 +378,7 @@ def serve(args: dict) -> None:
     from vllm import ModelRegistry
 
     from modeling import vllm_plugin
-    from modeling.targets import qwen3_asr_vllm
+    from modeling.targets import qwen3_asr_vllm, vllm_classes
     from pipeline.engine import GenRequest, OfflineGenerator, Sampling, build_llm
     from pipeline.spec_counters import SpecCounters
 
@@ -405,7 +405,7 @@ def serve(args: dict) -> None:
     from vllm.model_executor.models.qwen3_asr import Qwen3ASRForConditionalGeneration as Upstream
     from vllm.transformers_utils.configs.qwen3_asr import Qwen3ASRThinkerConfig
 
-    cls = qwen3_asr_vllm.Qwen3ASREagle3ForConditionalGeneration  # what the registry's lazy entry resolves
+    cls = vllm_classes.Qwen3ASREagle3ForConditionalGeneration  # what the registry's lazy entry resolves
     checks.update(
         subclass=issubclass(cls, Upstream) and supports_eagle3(cls) and supports_eagle3(Upstream),
         same_name=cls.__name__ == F.architectures[0], pickles=pickle.loads(pickle.dumps(cls)) is cls,

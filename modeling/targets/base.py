@@ -1,0 +1,121 @@
+"""What a target family is to the pipeline: one class per family, every member below.
+
+The store, the trainer, the TTT loss and export never name a family; everything that differs
+between audio LLMs is here. A family class is stateless (its members are static or class-level),
+so the class itself is the adapter.
+
+| member | used by | what it answers |
+|---|---|---|
+| ``name``, ``architectures`` | registry | which ``config.json`` ``architectures`` it serves |
+| ``text_config(config)`` | dump, train, export | the decoder's shape (layers, hidden, heads, head_dim, vocab, tie, rope) |
+| ``special_tokens``, ``end_tokens`` | chat tokenizer | the audio placeholder, the token that closes an answer, stop tokens |
+| ``render_segments(turns, ...)`` | chat tokenizer, server mode | the chat template as text/audio/answer segments |
+| ``num_audio_tokens(n)`` | stage 1-2, benchmark | placeholders the encoder emits for ``n`` samples at 16 kHz |
+| ``audio_inputs(fe, waves)`` | capture, tie check | the HF forward's audio keyword arguments |
+| ``min_audio_tokens``, ``max_audio_seconds`` | audio limits, capture | clip lengths the model takes |
+| ``load_model``, ``decoder``, ``inner_forward`` | capture, tie check | the stock HF model, where the hooks go, a forward without lm_head |
+| ``embedding_key``, ``lm_head_key`` | training | the frozen tables in the safetensors (lm_head None: tied) |
+| ``vllm_register()`` | vLLM plugin | what vLLM lacks for EAGLE-3 (mixin, ``image_token_index`` shim, imports) |
+| ``build_tiny(out, ...)`` | tests, demo | a tiny random checkpoint both engines load |
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline.data import Turn
+from pipeline.template import Segment
+
+
+class TargetFamily:
+    """The interface (see the module docstring); families override every member."""
+
+    name: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]]
+    special_tokens: ClassVar[dict[str, str]]  # keys: audio, audio_start, audio_end, turn_end
+    end_tokens: ClassVar[tuple[str, ...]]
+    max_audio_seconds: ClassVar[float]
+    min_audio_tokens: ClassVar[int] = 1
+    default_system_prompt: ClassVar[str | None] = None
+    # server mode: send user text with the template's audio placeholders already in place (exact
+    # prompts; needs a template that renders user text verbatim), else plain audio + text items
+    inline_audio_placeholders: ClassVar[bool] = False
+
+    @staticmethod
+    def text_config(config: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def render_segments(turns: list[Turn], *, until_turn: int | None = None,
+                        system_prompt: str | None = None) -> list[Segment]:
+        raise NotImplementedError
+
+    @staticmethod
+    def num_audio_tokens(num_samples: int) -> int:
+        raise NotImplementedError
+
+    @staticmethod
+    def audio_inputs(feature_extractor: Any, waveforms: list[np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    @staticmethod
+    def load_model(target_dir: str | Path, dtype: str = "bf16", device: str = "cpu") -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def decoder(model: Any) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def inner_forward(model: Any, input_ids: Any, attention_mask: Any, **audio_kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def embedding_key(config: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    @staticmethod
+    def lm_head_key(config: dict[str, Any]) -> str | None:
+        raise NotImplementedError
+
+    @staticmethod
+    def vllm_register() -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def build_tiny(out_dir: str | Path, **sizes: int) -> Path:
+        raise NotImplementedError
+
+
+def render_text(family: type[TargetFamily], turns: list[Turn], *, add_generation_prompt: bool = False) -> str:
+    """The string the family's chat template renders (each answer followed by its turn-end token)."""
+    segs = family.render_segments(turns, until_turn=len(turns) if add_generation_prompt else None)
+    end = family.special_tokens["turn_end"]
+    return "".join(s.text + (end if s.kind == "answer" else "") for s in segs)
+
+
+def hf_inner_forward(model: Any, input_ids: Any, attention_mask: Any, **audio_kwargs: Any) -> Any:
+    """``model.model(...)``'s final post-norm hidden states, audio features cast to the model's dtype
+    (some HF encoders convolve without casting); the lm_head never runs."""
+    import torch
+
+    kwargs = {k: torch.as_tensor(v, device=model.device) for k, v in audio_kwargs.items()}
+    if "input_features" in kwargs:
+        kwargs["input_features"] = kwargs["input_features"].to(model.dtype)
+    out = model.model(input_ids=torch.as_tensor(input_ids, device=model.device),
+                      attention_mask=torch.as_tensor(attention_mask, device=model.device), use_cache=False, **kwargs)
+    return out.last_hidden_state
+
+
+def load_hf(cls: Any, target_dir: str | Path, dtype: str, device: str) -> Any:
+    """``cls.from_pretrained`` in bf16 or fp32, eval, frozen."""
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {list(dtypes)}, got {dtype!r}")
+    model = cls.from_pretrained(str(target_dir), dtype=dtypes[dtype])
+    return model.to(device).eval().requires_grad_(False)
