@@ -21,8 +21,10 @@ read and to the plain sequential read of the same files.
 
 The second table is the writer alone at H=4096: sustained tokens/s and raw-bf16 MB/s per writer
 with 1, 2 and 4 compression threads, against a GPU forward of 10k and 20k tokens/s (the README's
-estimate for a 7B on one H100). This machine has 2 cores: 2 threads here is what each of 8 GPU
-writers gets on a 16-core node.
+estimate for a 7B on one H100), once onto this machine's disk (every flush fsyncs: the disk's
+write bandwidth) and once into ``--cpu-bound-dir`` (default /dev/shm, a tmpfs: fsync is free, so
+what is left is the writer's CPU work). This machine has 2 cores: 2 threads here is what each of
+8 GPU writers gets on a 16-core node.
 
 Reads run against a warm page cache (the files were just written; dropping caches needs root on a
 shared machine), so they measure decode + check + IPC cost, not the disk. ``--chunk-sweep`` adds
@@ -254,20 +256,25 @@ def writer_sweep(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     samples, _finals = make_samples(h, args.samples // 2, args.min_tokens, args.max_tokens)
     tokens = sum(s.num_tokens for s in samples)
     n_raw = sum(raw_bytes(s) for s in samples)
+    targets = [("disk (fsync)", work)]
+    if args.cpu_bound_dir and Path(args.cpu_bound_dir).is_dir():
+        targets.append(("tmpfs (CPU only)", Path(tempfile.mkdtemp(prefix="bench_store-", dir=args.cpu_bound_dir))))
     rows = []
-    for codec in ("zstd", "none"):
-        for threads in (1, 2, 4):
+    try:
+        for (where, base), codec, threads in ((t, c, n) for t in targets for c in ("zstd", "none") for n in (1, 2, 4)):
             times = []
             for rep in range(args.sweep_repeats):
-                root = work / f"sweep-{codec}-{threads}-{rep}"
+                root = base / f"sweep-{codec}-{threads}-{rep}"
                 times.append(write_store(root, samples, h, codec=codec, threads=threads))
                 shutil.rmtree(root)
-            tok_s = [tokens / t for t in times]
-            med = statistics.median(tok_s)
-            rows.append({"codec": codec, "threads": threads, "write tok/s": cell(tok_s),
+            med = tokens / statistics.median(times)
+            rows.append({"into": where, "codec": codec, "threads": threads, "write tok/s": cell([tokens / t for t in times]),
                          "raw MB/s": cell([n_raw / t / 1e6 for t in times]),
                          **{f"vs GPU {g // 1000}k tok/s": f"{med / g:.2f}x {'keeps up' if med >= g else 'falls behind'}"
                             for g in GPU_TOK_S}})
+    finally:
+        for _where, base in targets[1:]:
+            shutil.rmtree(base, ignore_errors=True)
     return rows
 
 
@@ -309,6 +316,7 @@ def main() -> None:
     ap.add_argument("--sweep-repeats", type=int, default=2, help="writes per codec and thread count")
     ap.add_argument("--shapes", default="256,4096", help="hidden sizes to run")
     ap.add_argument("--no-writer-sweep", action="store_true")
+    ap.add_argument("--cpu-bound-dir", default="/dev/shm", help="a tmpfs for the writer sweep's CPU-only runs ('' to skip)")
     ap.add_argument("--chunk-sweep", action="store_true", help="also sweep chunk sizes")
     ap.add_argument("--workdir", default=None, help="where to write (default: a temp dir, removed after)")
     args = ap.parse_args()

@@ -1,9 +1,10 @@
 """Reading the samples of one committed shard straight from its Zarr chunk files.
 
 A sample's rows of an array are a contiguous range (offset, count from the Arrow index). Chunks
-the range covers completely are decoded straight into the output buffer; a raw (``none``
-codec) chunk is read from the file into it with no copy in between. The edge chunks are decoded
-once and kept (one per array), so reading consecutive samples decodes each chunk once.
+the range covers completely are decoded straight into the output buffer. The edge chunks are
+decoded once and kept (one per array), so reading consecutive samples decodes each chunk once.
+Raw (``none`` codec) chunk files are not read at all: they are mapped side by side
+(:mod:`storage.mapped`) and the sample's rows are handed out from the page cache, copy-free.
 
 Per chunk, optionally: its checksum (the store's read checksum, see :mod:`storage.checksum`) on
 the bytes as read, and a NaN/Inf count of the sample's rows right after decoding, while they
@@ -16,6 +17,7 @@ of an array in parallel (file reads, Blosc, hashing and numpy reductions all dro
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,6 +33,7 @@ from storage.checksum import LEGACY, digest_fn
 from storage.chunk_codec import nonfinite_count
 from storage.codecs import ArraySpec, decode_arrays
 from storage.layout import ROW_SPACES, chunk_key
+from storage.mapped import ChunkSizeError, MappedChunks, can_map
 
 # Parallelism is the reader's (read_threads, DataLoader workers): Blosc's own threads on top of
 # it oversubscribe the cores, and made the old in-process numbers use 2 cores for "1 process".
@@ -81,6 +84,7 @@ class ShardReader:
                       ("num_tokens", "tok_offset", "num_last", "last_offset", "num_audio", "audio_offset",
                        "num_loss_tokens")}
         self._local = isinstance(fs, LocalFileSystem)
+        self._map = self._local and sys.platform.startswith("linux")  # storage.mapped uses Linux mmap flags
         self._cache: dict[str, tuple[int, np.ndarray]] = {}  # array -> (chunk, decoded rows)
         self._tls = threading.local()
 
@@ -123,6 +127,8 @@ class ShardReader:
     def _rows(self, spec: ArraySpec, start: int, count: int, check_finite: bool = False,
               pool: ThreadPoolExecutor | None = None) -> tuple[torch.Tensor, int]:
         """(rows as a tensor of the stored dtype, NaN/Inf count among them if asked)."""
+        if count and self._map and spec.compressor.raw and can_map(spec.chunk_rows * spec.row_bytes):
+            return self._mapped_rows(spec, start, count, check_finite, pool)
         arr, tensor = buffers.empty((count, *spec.shape_tail), spec.dtype)
         c = spec.chunk_rows
         stop = start + count
@@ -136,13 +142,45 @@ class ShardReader:
                 else:
                     dest[:] = self.chunk(spec, ci)[lo - ci * c:hi - ci * c]
             except (RuntimeError, ValueError, OSError) as err:  # blosc says only "error during decompression"
-                raise ChunkReadError(f"{spec.name} chunk {ci} ({self.chunk_path(spec, ci)}): "
-                                     f"{type(err).__name__}: {err}") from err
+                raise self._error(spec, ci, err) from err
             return nonfinite_count(dest, spec.encoding, self.dtype) if check_finite else 0
 
         chunks = range(start // c, -(-stop // c))
         counts = pool.map(one, chunks) if pool is not None and len(chunks) > 1 else map(one, chunks)
         return tensor, sum(counts)
+
+    def _mapped_rows(self, spec: ArraySpec, start: int, count: int, check_finite: bool,
+                     pool: ThreadPoolExecutor | None) -> tuple[torch.Tensor, int]:
+        """:meth:`_rows` of a raw array: its chunk files mapped side by side, checked in place."""
+        c, size = spec.chunk_rows, spec.chunk_rows * spec.row_bytes
+        first, stop = start // c, start + count
+        paths = [self.chunk_path(spec, ci) for ci in range(first, -(-stop // c))]
+        try:
+            whole = np.asarray(MappedChunks(paths, size))
+        except ChunkSizeError as err:
+            raise self._error(spec, first + err.position, err) from err
+        except OSError as err:
+            position = paths.index(err.filename) if err.filename in paths else 0
+            raise self._error(spec, first + position, err) from err
+        rows = whole[(start - first * c) * spec.row_bytes:(stop - first * c) * spec.row_bytes]
+        rows = rows.view(spec.dtype).reshape(count, *spec.shape_tail)
+
+        def one(i: int) -> int:
+            try:
+                self._check(paths[i], whole[i * size:(i + 1) * size])
+            except ValueError as err:
+                raise self._error(spec, first + i, err) from err
+            if not check_finite:
+                return 0
+            lo, hi = max(0, (first + i) * c - start), min(count, (first + i + 1) * c - start)
+            return nonfinite_count(rows[lo:hi], spec.encoding, self.dtype)
+
+        n = range(len(paths))
+        counts = pool.map(one, n) if pool is not None and len(paths) > 1 else map(one, n)
+        return torch.from_numpy(rows), sum(counts)
+
+    def _error(self, spec: ArraySpec, ci: int, err: BaseException) -> ChunkReadError:
+        return ChunkReadError(f"{spec.name} chunk {ci} ({self.chunk_path(spec, ci)}): {type(err).__name__}: {err}")
 
     def chunk(self, spec: ArraySpec, ci: int) -> np.ndarray:
         """Decoded chunk ``ci`` of an array (chunk_rows rows; the last one is zero-padded)."""

@@ -132,3 +132,25 @@ def test_fp8_rows_dequantized_on_the_device_equal_the_loaders(tmp_path: Path, co
     chunk.write_bytes(bytes(spec.compressor.encode(q)))
     _sample, why = read_or_skip(open_store(tmp_path), 0, dequantize=False)
     assert why is not None and why["reason"] == "aux_hidden has 1 non-finite values"
+
+
+def test_stage_2_continues_a_format_1_store_in_its_own_format(tmp_path: Path, tiny_target: Path,
+                                                               fixtures_dir: Path) -> None:
+    """A rerun of stage 2 into a store begun before format 2 keeps sha256 and its codec (auto);
+    asking for another codec is refused with the keys that differ."""
+    from pipeline.inputs import read_input
+    from pipeline.manifest import ManifestMismatch
+    from stages.dump import DumpConfig, Target, open_store_for
+
+    cfg = DumpConfig(target=str(tiny_target), input=str(fixtures_dir / "speech.jsonl"), store=str(tmp_path / "s"))
+    target, inputs = Target(cfg), read_input(cfg.input)
+    open_store_for(cfg, target, inputs)
+    assert Manifest(cfg.store).load()["checksum"] == "xxh3_64"
+    Manifest(cfg.store).update(lambda m: [m.pop("checksum"), m.pop("codec"), m.update(format_version=1)])
+    before = {k: v for k, v in Manifest(cfg.store).load().items() if k != "updated"}
+    open_store_for(cfg, target, inputs)
+    assert {k: v for k, v in Manifest(cfg.store).load().items() if k != "updated"} == before
+    assert open_store(cfg.store).checksum == "sha256"
+    cfg.store_codec = "none"
+    with pytest.raises(ManifestMismatch, match="format_version"):
+        open_store_for(cfg, target, inputs)
