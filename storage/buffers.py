@@ -26,7 +26,7 @@ from torch.utils.data import get_worker_info
 _TORCH = {np.dtype(d): torch.from_numpy(np.empty(0, dtype=d)).dtype
           for d in ("uint8", "int8", "uint16", "int16", "int32", "int64", "float32")}
 POOL_MIN_BYTES = 1 << 20  # smaller buffers come from malloc's bins, already cheap
-POOL_MAX_BYTES = 1 << 30  # idle memory the pool keeps at most (a few samples' worth)
+POOL_MAX_BYTES = 1 << 28  # idle memory the pool keeps at most: a few 2,000-token samples at H=4096
 
 
 class _Pool:

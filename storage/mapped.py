@@ -2,10 +2,11 @@
 
 A raw chunk file is exactly ``chunk_rows x row_bytes`` bytes, a whole number of pages, so the
 chunk files a sample spans can be mapped at consecutive addresses of one reserved region: the
-rows read as one contiguous array straight out of the page cache. Measured on the busy 2-core
-Xeon (34 chunks of 1.5 MiB, checksum + NaN test included, per CPU-second): 7.0 GB/s mapped vs
-3.6 GB/s read into a buffer; the copy was half of a checked read. The consumer's own copy (the
-packed row) is then the only one.
+rows read as one contiguous array straight out of the page cache. The page tables are filled in
+one call (``MADV_POPULATE_READ``, Linux 5.14+; without it every 64 KiB faults on first touch).
+Measured on the busy 2-core Xeon (34 chunks of 1.5 MiB, checksum + NaN test included, per
+CPU-second): 5.3 GB/s mapped and populated, 3.2 GB/s mapped and faulted in, 3.1 GB/s read
+into a buffer. The consumer's own copy (the packed row) is then the only one.
 
 The mapping is private and writable: a write lands in a private copy of the page (copy on
 write), never in the file, so a caller that modifies a sample in place gets what it would from
@@ -23,6 +24,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MADV_POPULATE_READ = 22  # map every page now, read-only: copy on write stays intact
 _FAILED = ctypes.c_void_p(-1).value
 _PROT_NONE, _MAP_FIXED, _MAP_ANONYMOUS = 0, 0x10, getattr(mmap, "MAP_ANONYMOUS", 0x20)  # Linux values
 
@@ -58,6 +61,7 @@ class MappedChunks:
         except BaseException:
             self._unmap()
             raise
+        _libc.madvise(addr, self.length, _MADV_POPULATE_READ)  # older kernels: EINVAL, pages fault in
         self.__array_interface__: dict[str, Any] = {
             "shape": (self.length,), "typestr": "|u1", "data": (addr, False), "version": 3}
 

@@ -40,6 +40,9 @@ def test_every_codec_round_trips_bit_exact_and_zarr_reads_it(tmp_path: Path, cod
         for name in HIDDEN:
             assert torch.equal(bits(got[name]), bits(getattr(ref, name))), name
         assert got["nonfinite"] == {}
+    # a sample changed in place (raw chunks are mapped: copy on write) leaves the store as it was
+    store[3]["aux_hidden"].view(torch.int16).zero_()
+    assert torch.equal(bits(store[3]["aux_hidden"]), bits(samples[3].aux_hidden))
     group = zarr.open_group(str(tmp_path / SHARDS_DIR / shards[0].name / "arrays"), mode="r")
     assert np.array_equal(group["aux_hidden"][: LENGTHS[0]].reshape(LENGTHS[0], 3, -1),
                           samples[0].aux_hidden.view(torch.uint16).numpy())
