@@ -24,7 +24,9 @@ with 1, 2 and 4 compression threads, against a GPU forward of 10k and 20k tokens
 estimate for a 7B on one H100), once onto this machine's disk (every flush fsyncs: the disk's
 write bandwidth) and once into ``--cpu-bound-dir`` (default /dev/shm, a tmpfs: fsync is free, so
 what is left is the writer's CPU work). This machine has 2 cores: 2 threads here is what each of
-8 GPU writers gets on a 16-core node.
+8 GPU writers gets on a 16-core node. Wall rates on a shared machine depend on what else runs, so
+the writer's CPU-seconds per token are given too, and from them the cores a writer needs to keep
+up with each GPU rate (the writer's work parallelises over chunks up to its thread count).
 
 Reads run against a warm page cache (the files were just written; dropping caches needs root on a
 shared machine), so they measure decode + check + IPC cost, not the disk. ``--chunk-sweep`` adds
@@ -210,7 +212,7 @@ def bench_shape(work: Path, h: int, args: argparse.Namespace) -> list[dict[str, 
     layouts = build_layouts(work, h, samples, finals)
     del samples, finals
     sf_bytes = du(layouts[0].root)
-    keys = ("checked", "unchecked", "cpu", "threads2", "w1", "w4", "seq", "xsf", "xseq")
+    keys = ("checked", "unchecked", "cpu", "threads2", "w1", "w4", "seq", "xsf", "xsf_cpu", "xseq")
     res: dict[str, dict[str, list[float]]] = {lay.name: {k: [] for k in keys} for lay in layouts}
     checked = {lay.name: (lay.checked(1), lay.checked(2)) for lay in layouts if lay.checked}
     for _rep in range(args.repeats):
@@ -218,9 +220,10 @@ def bench_shape(work: Path, h: int, args: argparse.Namespace) -> list[dict[str, 
             r = res[lay.name]
             t_seq = seq_read(lay.root)
             r["seq"].append(tokens / t_seq)
-            t, _cpu = in_process(lay.unchecked, order)
+            t, cpu = in_process(lay.unchecked, order)
             r["unchecked"].append(tokens / t)
             if lay.checked is None:  # SpecForge: torch.load checks nothing; its one read is both
+                r["cpu"].append(tokens / cpu)
                 continue
             one, two = checked[lay.name]
             t, cpu = in_process(one, order)
@@ -228,6 +231,7 @@ def bench_shape(work: Path, h: int, args: argparse.Namespace) -> list[dict[str, 
             r["cpu"].append(tokens / cpu)
             r["xseq"].append(t_seq / t)
             r["xsf"].append(tokens / t / res[layouts[0].name]["unchecked"][-1])
+            r["xsf_cpu"].append(tokens / cpu / res[layouts[0].name]["cpu"][-1])
             r["threads2"].append(tokens / in_process(two, order)[0])
         for lay in layouts:
             ds = checked[lay.name][0] if lay.checked else lay.unchecked
@@ -244,6 +248,7 @@ def bench_shape(work: Path, h: int, args: argparse.Namespace) -> list[dict[str, 
                         "write MB/s": f"{lay.written_bytes / lay.write_s / 1e6:,.0f}"})
         row.update({"read tok/s, checked": cell(r["checked"]), "x SF": cell(r["xsf"]),
                     "unchecked": cell(r["unchecked"]), "tok/CPU-s": cell(r["cpu"]),
+                    "x SF per CPU-s": cell(r["xsf_cpu"]),
                     "2 threads": cell(r["threads2"]), "1 worker": cell(r["w1"]), "4 workers": cell(r["w4"]),
                     "x seq": cell(r["xseq"]), "seq read tok/s": cell(r["seq"])})
         rows.append(row)
@@ -262,16 +267,20 @@ def writer_sweep(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     try:
         for (where, base), codec, threads in ((t, c, n) for t in targets for c in ("zstd", "none") for n in (1, 2, 4)):
-            times = []
+            times, cpus = [], []
             for rep in range(args.sweep_repeats):
                 root = base / f"sweep-{codec}-{threads}-{rep}"
+                c0 = time.process_time()
                 times.append(write_store(root, samples, h, codec=codec, threads=threads))
+                cpus.append(time.process_time() - c0)
                 shutil.rmtree(root)
-            med = tokens / statistics.median(times)
+            med, per_cpu = tokens / statistics.median(times), tokens / statistics.median(cpus)
             rows.append({"into": where, "codec": codec, "threads": threads, "write tok/s": cell([tokens / t for t in times]),
                          "raw MB/s": cell([n_raw / t / 1e6 for t in times]),
+                         "tok/CPU-s": cell([tokens / c for c in cpus]),
                          **{f"vs GPU {g // 1000}k tok/s": f"{med / g:.2f}x {'keeps up' if med >= g else 'falls behind'}"
-                            for g in GPU_TOK_S}})
+                            for g in GPU_TOK_S},
+                         **{f"cores for {g // 1000}k tok/s": f"{g / per_cpu:.1f}" for g in GPU_TOK_S}})
     finally:
         for _where, base in targets[1:]:
             shutil.rmtree(base, ignore_errors=True)

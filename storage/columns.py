@@ -99,16 +99,26 @@ class Column:
         self.unsynced: list[tuple[str, Future]] = []  # chunks written since the last sync()
 
     def append(self, rows: np.ndarray) -> None:
+        """Queue ``rows``; every chunk they complete goes to the writer pool at once. Only the
+        chunk that earlier rows began is assembled by a copy: copying whole samples into one
+        block first was ~30% of the writer's CPU at H=4096 (raw codec)."""
         if not len(rows):
             return
-        self._pending.append(rows)
-        self.rows += len(rows)
         c = self.spec.chunk_rows
-        n_full = (self.rows - self.full_rows) // c * c
+        held = self.rows - self.full_rows  # rows of an unfinished chunk, from earlier appends
+        self.rows += len(rows)
+        if held + len(rows) < c:
+            self._pending.append(rows)
+            return
+        blocks = []
+        if held:
+            blocks.append(np.concatenate([*self._pending, rows[:c - held]]))
+            rows = rows[c - held:]
+        n_full = len(rows) // c * c
         if n_full:
-            block = self.tail()
-            self._write(block[:n_full])
-            self._pending = [block[n_full:]] if len(block) > n_full else []
+            blocks.append(rows[:n_full])
+        self._pending = [rows[n_full:]] if len(rows) > n_full else []
+        self._write(blocks)
 
     def tail(self) -> np.ndarray:
         """Rows after the last full chunk (raw stored dtype)."""
@@ -118,26 +128,30 @@ class Column:
             self._pending = [np.concatenate(self._pending)]
         return self._pending[0]
 
-    def _write(self, block: np.ndarray) -> None:
-        """Write ``block`` (whole chunks, or the last rows: zero-padded to a chunk as zarr does)."""
-        start, stop = self.full_rows, self.full_rows + len(block)
+    def _write(self, blocks: list[np.ndarray]) -> None:
+        """Write ``blocks`` (whole chunks; the very last rows of the shard are zero-padded to a
+        chunk, as zarr does)."""
+        start = self.full_rows
+        stop = start + sum(len(b) for b in blocks)
         # grow first, write second: a chunk never exists beyond the recorded shape
         self.array.resize((stop, *self.spec.shape_tail))
         c = self.spec.chunk_rows
         ndim = 1 + len(self.spec.shape_tail)
-        for i in range(0, len(block), c):
-            rows = block[i:i + c]
-            if len(rows) < c:
-                rows = np.concatenate([rows, np.zeros((c - len(rows), *rows.shape[1:]), dtype=rows.dtype)])
-            key = chunk_key(self.spec.name, (start + i) // c, ndim)
-            self.unsynced.append((key, self.writer.submit(self.root / key, self.spec, rows)))
+        for block in blocks:
+            for i in range(0, len(block), c):
+                rows = block[i:i + c]
+                if len(rows) < c:
+                    rows = np.concatenate([rows, np.zeros((c - len(rows), *rows.shape[1:]), dtype=rows.dtype)])
+                key = chunk_key(self.spec.name, self.full_rows // c, ndim)
+                self.unsynced.append((key, self.writer.submit(self.root / key, self.spec, rows)))
+                self.full_rows += len(block[i:i + c])
         self.full_rows = stop
 
     def write_last_chunk(self) -> None:
         """Write the partial tail chunk and set the exact final shape (``finish`` only)."""
         tail = self.tail()
         if len(tail):
-            self._write(tail)
+            self._write([tail])
             self._pending = []
         elif self.array.shape[0] != self.rows:
             self.array.resize((self.rows, *self.spec.shape_tail))
