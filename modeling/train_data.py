@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from storage.buffers import empty_tensor
+from storage.codecs import HIDDEN_ARRAYS, dequantize_fp8_torch, tensor_nonfinite
 from storage.reader import ChunkReadError
 from storage.store import HiddenStateStore
 
@@ -165,14 +167,25 @@ class Schedule:
         return self.samples[self.offsets[i]:self.offsets[i + 1]]
 
 
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` into a new tensor that is in shared memory inside a DataLoader worker, so the
+    row reaches the main process without being copied again (~24 KiB a token at H=4096)."""
+    out = empty_tensor((sum(int(p.shape[0]) for p in parts), *parts[0].shape[1:]), parts[0].dtype)
+    return torch.cat(parts, out=out)
+
+
 def collate_row(samples: list[dict[str, Any]], batch_tokens: int, with_audio: bool) -> dict[str, Any]:
     """Concatenate store samples into one packed row [1, S] (positions restart per sample).
 
     ``target_hidden`` is zero except where the store kept the final hidden state (positions
     whose next token is supervised: all the TTT teacher reads). Samples are cut to
     ``batch_tokens``; ``audio_positions``/``audio_embeds`` are included when ``with_audio``.
+    Samples read with ``dequantize=False`` keep fp8 arrays as uint8 with their scales: the row
+    then has ``aux_hidden_scale`` [1, S, L] (and ``target_hidden_scale``, ``audio_embeds_scale``
+    for the arrays stored in fp8), for :func:`dequantize_row` on the training device.
     """
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("ids", "mask", "pos", "aux", "tgt", "apos", "aemb")}
+    keys = ("ids", "mask", "pos", "aux", "aux_s", "tgt", "tgt_s", "apos", "aemb", "aemb_s")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     start = 0
     for s in samples:
         n = min(int(s["input_ids"].shape[0]), batch_tokens)
@@ -180,43 +193,72 @@ def collate_row(samples: list[dict[str, Any]], batch_tokens: int, with_audio: bo
         parts["mask"].append(s["loss_mask"][:n])
         parts["pos"].append(torch.arange(n))
         parts["aux"].append(s["aux_hidden"][:n].reshape(n, -1))
-        tgt = s["last_hidden"].new_zeros(n, s["last_hidden"].shape[-1])
+        if "aux_hidden_scale" in s:
+            parts["aux_s"].append(s["aux_hidden_scale"][:n])
         where = s["last_hidden_positions"]
         keep = where < n
-        tgt[where[keep]] = s["last_hidden"][keep]
-        parts["tgt"].append(tgt)
+        for key, name, width in (("tgt", "last_hidden", (s["last_hidden"].shape[-1],)), ("tgt_s", "last_hidden_scale", ())):
+            if name in s:
+                tgt = s[name].new_zeros(n, *width)
+                tgt[where[keep]] = s[name][keep]
+                parts[key].append(tgt)
         if with_audio and s["audio_spans"]:
             apos = torch.cat([torch.arange(a, b) for a, b in s["audio_spans"]])
             keep = apos < n
             parts["apos"].append(apos[keep] + start)
             parts["aemb"].append(s["audio_embeds"][keep])
+            if "audio_embeds_scale" in s:
+                parts["aemb_s"].append(s["audio_embeds_scale"][keep])
         start += n
     batch: dict[str, Any] = {
-        "input_ids": torch.cat(parts["ids"])[None], "loss_mask": torch.cat(parts["mask"])[None],
-        "position_ids": torch.cat(parts["pos"])[None], "aux_hidden": torch.cat(parts["aux"])[None],
-        "target_hidden": torch.cat(parts["tgt"])[None], "num_tokens": start, "num_samples": len(samples)}
+        "input_ids": _cat(parts["ids"])[None], "loss_mask": _cat(parts["mask"])[None],
+        "position_ids": _cat(parts["pos"])[None], "aux_hidden": _cat(parts["aux"])[None],
+        "target_hidden": _cat(parts["tgt"])[None], "num_tokens": start, "num_samples": len(samples)}
+    for key, name in (("aux_s", "aux_hidden_scale"), ("tgt_s", "target_hidden_scale")):
+        if parts[key]:
+            batch[name] = _cat(parts[key])[None]
     if with_audio:
-        h = samples[0]["aux_hidden"].shape[-1]
+        first = samples[0]
         batch["audio_positions"] = torch.cat(parts["apos"]) if parts["apos"] else torch.zeros(0, dtype=torch.long)
-        batch["audio_embeds"] = (torch.cat(parts["aemb"]) if parts["aemb"]
-                                 else samples[0]["aux_hidden"].new_zeros(0, h))
+        batch["audio_embeds"] = (_cat(parts["aemb"]) if parts["aemb"]
+                                 else first["audio_embeds"].new_zeros(0, first["audio_embeds"].shape[-1]))
+        if "audio_embeds_scale" in first:
+            batch["audio_embeds_scale"] = _cat(parts["aemb_s"]) if parts["aemb_s"] else torch.zeros(0)
+    return batch
+
+
+def dequantize_row(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """fp8 rows (uint8 + ``<key>_scale``) of a packed row -> ``dtype``, where the batch now is
+    (the training device: there it costs microseconds; see storage.codecs.dequantize_fp8_torch)."""
+    for key in ("aux_hidden", "target_hidden", "audio_embeds"):
+        scale = batch.pop(f"{key}_scale", None)
+        if scale is not None:
+            q = batch[key]
+            batch[key] = dequantize_fp8_torch(q.reshape(*scale.shape, -1), scale, dtype).reshape(q.shape)
     return batch
 
 
 # tensors a sample must hold finite values in (a flipped bit in a stored bf16 can make an Inf)
-FINITE_ARRAYS = ("aux_hidden", "last_hidden", "audio_embeds")
+FINITE_ARRAYS = (*HIDDEN_ARRAYS, *(f"{n}_scale" for n in HIDDEN_ARRAYS))
 
 
-def read_or_skip(store: HiddenStateStore, index: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def read_or_skip(store: HiddenStateStore, index: int,
+                 dequantize: bool = True) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(sample, None), or (None, why it is skipped): a chunk that cannot be read or decoded, or
-    non-finite values. A pure function of the store's bytes, so a resumed run skips the same."""
+    non-finite values. A pure function of the store's bytes, so a resumed run skips the same.
+
+    A store opened with ``verify_chunks`` counts NaN/Inf per chunk as it decodes (in cache);
+    otherwise they are counted here, on the stored bits.
+    """
     try:
-        sample = store[index]
+        sample = store.sample(index, dequantize=dequantize)
     except ChunkReadError as err:
         reason = f"unreadable: {err}"
     else:
-        bad = {n: int((~torch.isfinite(sample[n])).sum()) for n in FINITE_ARRAYS if n in sample}
-        bad = {n: k for n, k in bad.items() if k}
+        bad = sample.pop("nonfinite", None)
+        if bad is None:
+            bad = {n: tensor_nonfinite(sample[n]) for n in FINITE_ARRAYS if n in sample}
+            bad = {n: k for n, k in bad.items() if k}
         if not bad:
             return sample, None
         reason = "; ".join(f"{n} has {k} non-finite values" for n, k in bad.items())
@@ -249,9 +291,10 @@ class PackedRows(Dataset):
     """
 
     def __init__(self, store: HiddenStateStore, rows: list[np.ndarray], batch_tokens: int, with_audio: bool,
-                 counted: list[bool] | None = None):
+                 counted: list[bool] | None = None, dequantize: bool = True):
+        """``dequantize=False``: fp8 stores give uint8 rows + scales (:func:`dequantize_row`)."""
         self.store, self.rows, self.batch_tokens, self.with_audio = store, rows, batch_tokens, with_audio
-        self.counted = counted
+        self.counted, self.dequantize = counted, dequantize
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -259,7 +302,7 @@ class PackedRows(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         samples, skipped = [], []
         for j in self.rows[i]:
-            sample, why = read_or_skip(self.store, int(j))
+            sample, why = read_or_skip(self.store, int(j), self.dequantize)
             if sample is not None:
                 samples.append(sample)
             else:
@@ -272,10 +315,10 @@ class PackedRows(Dataset):
 
 
 def train_loader(store: HiddenStateStore, schedule: Schedule, start: int, with_audio: bool,
-                 num_workers: int, pin_memory: bool = False) -> DataLoader:
+                 num_workers: int, pin_memory: bool = False, dequantize: bool = True) -> DataLoader:
     """Rows ``start..`` of this rank's schedule, read by ``num_workers`` worker processes in order."""
     rows = [schedule.row(i) for i in range(start, schedule.num_batches)]
-    data = PackedRows(store, rows, schedule.packing.batch_tokens, with_audio)
+    data = PackedRows(store, rows, schedule.packing.batch_tokens, with_audio, dequantize=dequantize)
     return DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
                       prefetch_factor=4 if num_workers else None)
 

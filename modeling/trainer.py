@@ -24,7 +24,7 @@ import torch.distributed as dist
 from modeling.draft_io import save_draft_snapshot
 from modeling.train_checkpoint import load_checkpoint, remove_partial, save_checkpoint
 from modeling.train_config import TrainConfig
-from modeling.train_data import PackedRows, Packing, Schedule, eval_rows, train_loader
+from modeling.train_data import PackedRows, Packing, Schedule, dequantize_row, eval_rows, train_loader
 from modeling.train_metrics import MetricSinks, MetricWindow
 from modeling.train_model import (
     TrainDraft,
@@ -109,8 +109,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The row on the device; fp8 rows (uint8 + scales: half the bytes) are dequantized there."""
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return dequantize_row(moved, dtype)
 
 
 class Trainer:
@@ -122,11 +124,16 @@ class Trainer:
         self.packing = Packing(cfg.batch_tokens, cfg.pack_window, cfg.seed, ctx.world, cfg.grad_accum)
         self.schedule = Schedule(inputs.split.train, inputs.lengths, self.packing, ctx.rank, cfg.epochs, cfg.max_steps)
         self.audio = cfg.draft_audio_input == "encoder"
+        # fp8 stores: a GPU gets uint8 rows + scales and dequantizes them itself; a CPU run keeps
+        # the loader's numpy dequantization (2.4x faster than torch's there, and in the workers)
+        self.dequantize_in_loader = ctx.device.type == "cpu"
         rows, counted = eval_rows(inputs.split.eval, inputs.lengths, self.packing, ctx.rank, cfg.eval_max_batches)
-        self.eval_data = PackedRows(inputs.store, rows, cfg.batch_tokens, self.audio, counted)
+        self.eval_data = PackedRows(inputs.store, rows, cfg.batch_tokens, self.audio, counted,
+                                    self.dequantize_in_loader)
         rows, counted = (eval_rows(inputs.split.train, inputs.lengths, self.packing, ctx.rank, cfg.eval_max_batches)
                          if cfg.fit_eval else ([], []))
-        self.fit_data = PackedRows(inputs.store, rows, cfg.batch_tokens, self.audio, counted)
+        self.fit_data = PackedRows(inputs.store, rows, cfg.batch_tokens, self.audio, counted,
+                                   self.dequantize_in_loader)
         self.vocab = self._prepare_run_dir()
         self.engine = build_engine(cfg, inputs, self.vocab, self.schedule.total_steps, ctx)
         self.sinks: MetricSinks | None = None
@@ -186,12 +193,12 @@ class Trainer:
     def _train_from(self, step: int) -> int:
         cfg, ga, total = self.cfg, self.cfg.grad_accum, self.schedule.total_steps
         loader = train_loader(self.inputs.store, self.schedule, step * ga, self.audio, cfg.num_workers,
-                              pin_memory=self.ctx.device.type == "cuda")
+                              pin_memory=self.ctx.device.type == "cuda", dequantize=self.dequantize_in_loader)
         window = MetricWindow(cfg.ttt_length, cfg.num_spec_tokens)
         self.engine.train()
         for micro, batch in enumerate(loader, start=step * ga):
             self._note_skipped(batch["skipped"])
-            res = self.engine(_to_device(batch, self.ctx.device))
+            res = self.engine(_to_device(batch, self.ctx.device, self.inputs.store.dtype))
             self.engine.backward(res["loss"])
             lr = self.engine.get_lr()[0]
             self.engine.step()
@@ -232,7 +239,7 @@ class Trainer:
             for i in range(len(data)):
                 batch = data[i]
                 self._note_skipped(batch["skipped"])
-                res = self.engine(_to_device(batch, self.ctx.device))
+                res = self.engine(_to_device(batch, self.ctx.device, self.inputs.store.dtype))
                 if batch["counted"]:
                     window.add(res, batch["num_tokens"], len(batch["skipped"]))
         self.engine.train()

@@ -41,9 +41,12 @@ from pipeline.progress import Progress
 from pipeline.samples import PreparedSample, load_target_processor, prepare_sample
 from pipeline.shards import Shard, plan_shards, resolve_shard_index, run_shards
 from pipeline.template import ChatTokenizer
+from storage import checksum
+from storage.chunk_codec import DEFAULT_CODEC
+from storage.columns import DEFAULT_COMPRESSION_THREADS
 from storage.layout import INDEX_NAME, read_index
 from storage.sample import CapturedSample, SampleError
-from storage.store import create_store, make_header
+from storage.store import create_store, make_header, store_codec
 from storage.writer import ShardWriter, commit_shard
 
 log = logging.getLogger("stages.dump")
@@ -70,11 +73,16 @@ class DumpConfig:
     dtype: Literal["bf16", "fp32"] = opt("bf16", "target compute dtype (stored values are bf16 either way)")
     device: str = opt("cpu", "torch device: cpu, cuda or cuda:N")
     quantize: Literal["none", "fp8"] = opt("none", "fp8: per-row scaled e4m3 aux states and audio embeddings")
+    store_codec: Literal["auto", "zstd", "lz4", "none"] = opt(
+        "auto", "chunk codec of the hidden states: zstd (smallest), none (raw: ~1.4x the bytes, reads without "
+                "decoding), lz4; auto = an existing store's, else zstd")
+    compression_threads: int = opt(DEFAULT_COMPRESSION_THREADS,
+                                   "threads compressing and writing chunks (the store's bytes do not depend on it)")
 
     def __post_init__(self) -> None:
         for name in ("target", "input", "store"):
             require(bool(getattr(self, name)), f"--{name} is required")
-        for name in ("num_shards", "batch_tokens", "sort_window", "max_length"):
+        for name in ("num_shards", "batch_tokens", "sort_window", "max_length", "compression_threads"):
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         require(self.device == "cpu" or self.device.startswith("cuda"), f"--device {self.device!r}: use cpu or cuda[:N]")
 
@@ -118,12 +126,20 @@ class Target:
 
 
 def open_store_for(cfg: DumpConfig, target: Target, inputs: InputSet) -> Manifest:
-    """Create the store or check that it was made from this target, layers, input and settings."""
+    """Create the store or check that it was made from this target, layers, input and settings.
+
+    An existing store keeps its read checksum (format 1: sha256) and, with ``--store-codec auto``,
+    its codec, so a store written before format 2 is resumed exactly as it was begun.
+    """
+    existing = Manifest(cfg.store).load()
+    is_store = existing.get("kind") == "hidden_state_store"
+    codec = cfg.store_codec if cfg.store_codec != "auto" else store_codec(existing) if is_store else DEFAULT_CODEC
     header = make_header(
         target_path=str(target.path), target_config_hash=target.identity["sha256"], hidden_size=target.hidden_size,
         layer_ids=target.aux_out, layer_convention="decoder_layer",
         layer_ids_by_convention={"decoder_layer": target.aux_out, "hf_hidden_states": target.aux_in},
-        dtype="bfloat16", quantization=cfg.quantize)
+        dtype="bfloat16", quantization=cfg.quantize, codec=codec,
+        checksum=checksum.store_checksum(existing) if is_store else checksum.DEFAULT)
     manifest = create_store(cfg.store, header)
     # what decides which samples exist and what they hold; a rerun must agree
     settings = {"input_sha256": inputs.sha256, "num_records": inputs.total, "num_shards": cfg.num_shards,
@@ -193,7 +209,8 @@ def dump_shard(cfg: DumpConfig, shard: Shard, target: Target, inputs: InputSet) 
     tokens = 0
     with RejectionLog(Path(cfg.store) / f"errors-{shard.index:05d}.jsonl") as errors:
         errors.add([r for r in inputs.rejected if shard.start <= r.index < shard.stop])
-        with ShardWriter(cfg.store, shard, resume=True, background=True, queue_size=cfg.sort_window) as writer, \
+        with ShardWriter(cfg.store, shard, resume=True, background=True, queue_size=cfg.sort_window,
+                         compression_threads=cfg.compression_threads) as writer, \
                 Progress(len(records), shard.name, unit="records") as progress:
             done = set(errors.rows) | _committed_indices(writer, records)
             for w0 in range(0, len(records), cfg.sort_window):

@@ -1,4 +1,5 @@
-"""How each array is encoded on disk: exact bf16 bits, per-row fp8, and the Blosc settings.
+"""How each array is encoded on disk: exact bf16 bits, per-row fp8, and the Blosc settings of
+the default ``zstd`` codec (``storage/chunk_codec.py`` has the store-wide codec choice).
 
 Zarr has no bfloat16, so bf16 is stored bit-exact as uint16. Measured on synthetic 7B-like
 activations (``python -m benchmarks.bench_codecs``: H=4096, 1.5 MiB chunks, one thread, % of raw):
@@ -12,6 +13,8 @@ activations (``python -m benchmarks.bench_codecs``: H=4096, 1.5 MiB chunks, one 
   last_hidden 69.3%, audio_embeds 68.5% with the same codec.
 - fp8 e4m3 bytes (row-scaled): zstd-1, no shuffle, 256 KiB blocks -> 85% (aux) / 83.5% (audio);
   Blosc's bit-shuffle gave up on one-byte values (stored raw, 100%), lz4 also 100%.
+- The ``zstd`` decode (~2 GB/s) bounds a read at ~75k tokens/s per core at H=4096; the ``none``
+  codec trades 1.38x the bytes for reads at page-cache speed (see chunk_codec).
 
 fp8 is lossy and optional (``quantization="fp8"``): each row of H values (one token at one layer)
 is scaled by amax/448 into float8_e4m3fn and stored as uint8 plus a float32 scale per row
@@ -30,11 +33,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from storage import buffers
+from storage.chunk_codec import (
+    DEFAULT_CODEC,
+    NONFINITE_EXPONENT,
+    Compressor,
+    hidden_compressors,
+    nonfinite_count,
+)
 from storage.sample import CapturedSample
 
 HIDDEN_ARRAYS = ("aux_hidden", "last_hidden", "audio_embeds")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-NONFINITE_EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 QUANTIZATIONS = ("none", "fp8")
 # rows per chunk: the largest power of two with at most ~2 MiB raw (1.5 MiB for H=4096 aux, 64
 # rows). Measured (bench_store --chunk-sweep, in-process random reads of 24 samples, machine
@@ -45,23 +55,6 @@ QUANTIZATIONS = ("none", "fp8")
 # ~275 last_hidden rows need at H=256 (128k tok/s), so 2 MiB it is.
 TARGET_CHUNK_BYTES = 2 << 20
 MAX_CHUNK_ROWS = 1 << 14  # 64 KiB of int32 ids: cheap to decode for one sample
-
-
-@dataclasses.dataclass(frozen=True)
-class Compressor:
-    """Blosc settings of one array (the zarr v3 ``blosc`` codec)."""
-
-    cname: str = "zstd"
-    clevel: int = 1
-    shuffle: str = "shuffle"  # noshuffle | shuffle (bytes) | bitshuffle
-    blocksize: int = 0  # bytes; 0 = Blosc's automatic choice
-
-    def to_zarr(self, typesize: int) -> Any:
-        from zarr.codecs import BloscCodec
-
-        return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle,
-                          typesize=typesize, blocksize=self.blocksize)
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,16 +102,15 @@ def chunk_rows_for(row_bytes: int, target_bytes: int = TARGET_CHUNK_BYTES, max_r
 
 
 def array_specs(hidden_size: int, num_aux_layers: int, quantization: str = "none",
-                fp8_last_hidden: bool = False, chunk_bytes: int = TARGET_CHUNK_BYTES) -> list[ArraySpec]:
-    """The arrays of every shard of a store with these settings."""
+                fp8_last_hidden: bool = False, chunk_bytes: int = TARGET_CHUNK_BYTES,
+                codec: str = DEFAULT_CODEC) -> list[ArraySpec]:
+    """The arrays of every shard of a store with these settings (``codec``: see chunk_codec)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     fp8 = quantization == "fp8"
     # ints and scales are a few bytes per token: zstd-1 + byte-shuffle, automatic blocks
     ints = Compressor("zstd", 1, "shuffle")
-    # see the module docstring for the measurements behind these two
-    bf16 = Compressor("zstd", 1, "shuffle", 1 << 20)
-    f8 = Compressor("zstd", 1, "noshuffle", 1 << 18)
+    bf16, f8 = hidden_compressors(codec)
     out: list[ArraySpec] = []
 
     def add(name: str, rows: str, dtype: str, width: int, encoding: str, comp: Compressor,
@@ -150,20 +142,27 @@ def hidden_to_bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.uint16).numpy()
 
 
-def bits_to_hidden(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).view(dtype)
-
-
 def nonfinite_mask(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray | None:
     """Where half-precision bits are NaN/Inf (exponent all ones), or None if nowhere.
 
-    The common all-finite case is one masked max over uint16 bits: ~4 ms for 1,100 tokens x
-    3 x 4096, 30x faster than ``torch.isfinite`` on a bf16 CPU tensor (129 ms).
+    The all-finite case is :func:`storage.chunk_codec.nonfinite_count`'s two max reductions,
+    far faster than ``torch.isfinite`` on a bf16 CPU tensor (129 ms for 1,100 x 3 x 4096).
     """
-    exponent = NONFINITE_EXPONENT[dtype]
-    if not bits.size or int(np.bitwise_and(bits, 0x7FFF).max()) < exponent:
+    name = str(dtype).removeprefix("torch.")
+    if not nonfinite_count(bits, "bits", name):
         return None
+    exponent = NONFINITE_EXPONENT[name]
     return np.bitwise_and(bits, exponent) == exponent
+
+
+def tensor_nonfinite(t: torch.Tensor) -> int:
+    """NaN/Inf count of a sample tensor as the reader hands it out: bf16/fp16 (by their bits),
+    raw fp8 bytes (uint8) or float32 scales; see :func:`storage.chunk_codec.nonfinite_count`."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return nonfinite_count(hidden_to_bits(t), "bits", str(t.dtype).removeprefix("torch."))
+    if t.dtype == torch.uint8:
+        return nonfinite_count(t.contiguous().numpy(), "fp8", "")
+    return nonfinite_count(t.contiguous().numpy(), "scale", "")
 
 
 def bits_to_float32(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
@@ -203,7 +202,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
     qn, sn = q.numpy(), scale.numpy().astype(np.float32)
     if dtype != torch.bfloat16:
         return torch.from_numpy(np.take(_FP8_TABLE, qn) * sn[:, None]).to(dtype)
-    out = np.empty(qn.shape, dtype=np.uint16)
+    out, result = buffers.empty(qn.shape, np.uint16)
     buf = np.empty((_DEQUANT_BLOCK_ROWS, *qn.shape[1:]), dtype=np.float32)
     for r0 in range(0, len(qn), _DEQUANT_BLOCK_ROWS):
         r1 = min(r0 + _DEQUANT_BLOCK_ROWS, len(qn))
@@ -213,7 +212,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
         b = v.view(np.uint32)
         b += 0x7FFF + ((b >> 16) & 1)  # round to nearest even on the dropped 16 bits
         np.right_shift(b, 16, out=out[r0:r1], casting="unsafe")
-    return torch.from_numpy(out).view(torch.bfloat16)
+    return result.view(torch.bfloat16)
 
 
 def encode_sample(sample: CapturedSample, specs: dict[str, ArraySpec]) -> dict[str, np.ndarray]:
@@ -237,23 +236,36 @@ def encode_sample(sample: CapturedSample, specs: dict[str, ArraySpec]) -> dict[s
     return out
 
 
-def decode_arrays(raw: dict[str, np.ndarray], specs: dict[str, ArraySpec], hidden_size: int,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Stored rows of one sample -> torch tensors (bf16 bits restored, fp8 dequantized)."""
-    out = {
-        "input_ids": torch.from_numpy(raw["input_ids"].astype(np.int64)),
-        "loss_mask": torch.from_numpy(raw["loss_mask"].astype(np.int64)),
-        "last_hidden_positions": torch.from_numpy(raw["last_hidden_positions"].astype(np.int64)),
-    }
+def decode_arrays(raw: dict[str, torch.Tensor], specs: dict[str, ArraySpec], hidden_size: int,
+                  dtype: torch.dtype, dequantize: bool = True) -> dict[str, torch.Tensor]:
+    """Stored rows of one sample (tensors of the stored dtypes) -> the sample's tensors (bf16
+    bits viewed as bf16, no copy; fp8 dequantized).
+
+    ``dequantize=False``: fp8 arrays stay uint8 ``[n, L, H]`` / ``[n, H]`` with their float32
+    scales as ``<name>_scale`` ``[n, L]`` / ``[n]``: half the bytes to move to a GPU, which
+    dequantizes them in microseconds (:func:`dequantize_fp8_torch`).
+    """
+    out = {k: raw[k].to(torch.int64) for k in ("input_ids", "loss_mask", "last_hidden_positions")}
     for name in HIDDEN_ARRAYS:
         spec, a = specs[name], raw[name]
         n_rows = a.shape[0]
-        if spec.encoding == "fp8":
-            scale = torch.from_numpy(np.ascontiguousarray(raw[spec.scale or ""])).reshape(-1)
-            q = torch.from_numpy(np.ascontiguousarray(a)).reshape(-1, hidden_size)
-            t = dequantize_fp8(q, scale, dtype)
-        else:
-            t = bits_to_hidden(a, dtype)
         n_layers = spec.width // hidden_size
-        out[name] = t.reshape(n_rows, n_layers, hidden_size) if name == "aux_hidden" else t.reshape(n_rows, hidden_size)
+        shape = (n_rows, n_layers, hidden_size) if name == "aux_hidden" else (n_rows, hidden_size)
+        if spec.encoding == "fp8":
+            scale = raw[spec.scale or ""]
+            if not dequantize:
+                out[name], out[f"{name}_scale"] = a.reshape(shape), scale.reshape(shape[:-1])
+                continue
+            t = dequantize_fp8(a.reshape(-1, hidden_size), scale.reshape(-1), dtype)
+        else:
+            t = a.view(dtype)
+        out[name] = t.reshape(shape)
     return out
+
+
+def dequantize_fp8_torch(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """:func:`dequantize_fp8` in torch ops, for the training device: uint8 ``[..., H]`` and float32
+    ``[...]`` -> ``dtype``. Bit-identical to the numpy path (fp8 -> float32 is exact, then one
+    float32 multiply and one round-to-nearest-even), but ~2.4x slower than it on a CPU, so CPU
+    runs keep the numpy path in the loader."""
+    return (q.view(torch.float8_e4m3fn).to(torch.float32) * scale.unsqueeze(-1)).to(dtype)

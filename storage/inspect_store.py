@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from storage.checksum import store_checksum
 from storage.inspect_common import TMP_NAME, Inspected, fmt_bytes, fmt_counts, format_states, shard_states
 from storage.layout import ARRAYS_DIR, CHECKSUMS_NAME, INDEX_NAME, SHARDS_DIR
 from storage.reader import ShardReader
@@ -65,6 +66,7 @@ def summarize_store(item: Inspected, dataset_tokens: int | None = None) -> dict[
     out: dict[str, Any] = {
         "kind": "store", "path": str(item.path), "target": m.get("target"), "aux_layers": m.get("aux_layers"),
         "hidden_size": hidden, "dtype": m.get("dtype"), "quantization": m.get("quantization", {}).get("mode"),
+        "format_version": m.get("format_version"), "read_checksum": store_checksum(m),
         "arrays": {a["name"]: _codec(a) for a in m.get("arrays", [])},
         "shards": shard_states(item, partial_shards(item)),
         "samples": total["num_samples"], "input_records": total["num_input"] or None, "tokens": tokens,
@@ -83,7 +85,8 @@ def summarize_store(item: Inspected, dataset_tokens: int | None = None) -> dict[
 
 def _codec(spec: dict[str, Any]) -> str:
     c = spec["compressor"]
-    return f"{spec['encoding']} {spec['dtype']}, {c['cname']}-{c['clevel']} {c['shuffle']}, {spec['chunk_rows']} rows/chunk"
+    comp = "raw (no codec)" if c["cname"] == "none" else f"{c['cname']}-{c['clevel']} {c['shuffle']}"
+    return f"{spec['encoding']} {spec['dtype']}, {comp}, {spec['chunk_rows']} rows/chunk"
 
 
 def format_store_summary(s: dict[str, Any]) -> str:
@@ -95,6 +98,7 @@ def format_store_summary(s: dict[str, Any]) -> str:
         f"  target      {s['target'].get('path')} (identity sha256 {s['target'].get('config_hash')})",
         f"  aux layers  {layers.get('convention')} {layers.get('ids')}" + (f" (= {others})" if others else ""),
         f"  values      hidden size {s['hidden_size']}, {s['dtype']}, quantization {s['quantization']}",
+        f"  format      {s['format_version']}, reads check {s['read_checksum']} per chunk (verify --deep: sha256)",
         *(f"  {name:27s} {codec}" for name, codec in s["arrays"].items()),
         f"  shards      {format_states(s['shards'])}",
         f"  samples     {s['samples']:,}" + (f" of {s['input_records']:,} input records" if s["input_records"] else ""),

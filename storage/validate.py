@@ -3,8 +3,9 @@
 Shallow (default, reads only small files): every committed shard has its ``checksums.json`` with
 the sha256 the manifest recorded; every listed file exists with its size; index, metadata and
 ``zarr.json`` files match their sha256; index offsets are contiguous and agree with the array
-shapes and the chunk files present. Deep: also hashes every chunk file, decodes every chunk and
-scans the hidden arrays for NaN/Inf (bf16/fp16: exponent all ones; fp8 e4m3fn: 0x7F/0xFF).
+shapes and the chunk files present. Deep: also hashes every chunk file (sha256, and the read
+checksum of format-2 stores: what training would refuse), decodes every chunk and scans the
+hidden arrays for NaN/Inf (bf16/fp16: exponent all ones; fp8 e4m3fn: 0x7F/0xFF).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import json
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-import numcodecs.blosc
 import numpy as np
 
+from storage.checksum import LEGACY, digest_fn
 from storage.codecs import ArraySpec
 from storage.layout import ARRAYS_DIR, CHECKSUMS_NAME, INDEX_NAME, ROW_SPACES
 from storage.reader import ShardReader
@@ -59,6 +60,8 @@ def _validate_shard(store: HiddenStateStore, entry: dict[str, Any], shard: Shard
             out.append(f"{name}: {key} is {summary.get(key)} in {CHECKSUMS_NAME} but {entry.get(key)} in the manifest")
     files = listing["files"]
     out += _check_files(fs, shard, files, deep)
+    if deep and store.checksum != LEGACY:
+        out += _check_read_checksums(fs, shard, listing, files, store.checksum)
     out += _check_index(shard, summary)
     for spec in store.specs.values():
         out += _check_array(fs, shard, spec, files)
@@ -79,6 +82,20 @@ def _check_files(fs: Any, shard: ShardReader, files: dict[str, list[Any]], deep:
             out.append(f"{shard.name}: {rel} does not match its sha256 in {CHECKSUMS_NAME}")
     if INDEX_NAME not in files:
         out.append(f"{shard.name}: {INDEX_NAME} is not listed in {CHECKSUMS_NAME}")
+    return out
+
+
+def _check_read_checksums(fs: Any, shard: ShardReader, listing: dict[str, Any], files: dict[str, list[Any]],
+                          algorithm: str) -> list[str]:
+    """Every chunk's read checksum, as training checks it (a chunk without one is unreadable there)."""
+    listed = listing.get("read_checksum", {})
+    if listed.get("algorithm") != algorithm:
+        return [f"{shard.name}: {CHECKSUMS_NAME} has no {algorithm} read checksums"]
+    digest, out = digest_fn(algorithm), []
+    for rel in files:
+        if rel.split("/")[-1].startswith("c.") and fs.exists(f"{shard.dir}/{rel}"):
+            if listed["files"].get(rel) != digest(fs.cat_file(f"{shard.dir}/{rel}")):
+                out.append(f"{shard.name}: {rel} does not match its {algorithm} in {CHECKSUMS_NAME}")
     return out
 
 
@@ -129,7 +146,7 @@ def _scan_array(shard: ShardReader, spec: ArraySpec, dtype: str) -> list[str]:
     for ci in range(-(-total // spec.chunk_rows)):
         rel = _rel(shard, spec, ci)
         try:
-            numcodecs.blosc.decompress(shard._fetch(spec, ci), buf)
+            spec.compressor.decode(shard.fetch(spec, ci), buf)
         except Exception as err:  # any decode failure is a finding, not a crash
             out.append(f"{shard.name}: {rel} cannot be decoded ({err})")
             continue

@@ -15,6 +15,10 @@ index rows plus a commit line to ``progress.jsonl``; a commit line is the only t
 samples count. ``finish()`` writes the last partial chunks, the Arrow index and
 ``checksums.json`` (written last inside the temp dir: it marks the data complete), drops the
 progress files and renames the directory into place.
+
+``checksums.json`` lists ``[size, sha256]`` of every file (``files``) and, for stores whose
+header names a read checksum other than sha256 (format 2: ``xxh3_64``), that digest of every
+chunk file (``read_checksum``): the one the reader checks on every chunk it reads.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ from pipeline.durable import (
 )
 from pipeline.manifest import Manifest
 from pipeline.shards import Shard
+from storage.checksum import LEGACY, store_checksum
 from storage.codecs import ArraySpec, encode_sample
-from storage.columns import Column, create_array, sync_columns
+from storage.columns import DEFAULT_COMPRESSION_THREADS, ChunkWriter, Column, create_array, sync_columns
 from storage.layout import (
     ARRAYS_DIR,
     CHECKSUMS_NAME,
@@ -74,12 +79,15 @@ class ShardWriter:
     ``resume=True`` continues a temp dir left by a killed run after its last commit (or picks up
     a shard that was renamed into place but not yet recorded); otherwise a stale temp dir is
     removed. ``background=True`` encodes and compresses in a thread fed by a queue of
-    ``queue_size`` samples, so the caller's forward pass overlaps the writes. Writing needs a
-    local (or POSIX shared) path: durability relies on fsync and rename.
+    ``queue_size`` samples, so the caller's forward pass overlaps the writes;
+    ``compression_threads`` compress and write whole chunks meanwhile (the output does not
+    depend on it). Writing needs a local (or POSIX shared) path: durability relies on fsync and
+    rename.
     """
 
     def __init__(self, store: str | Path, shard: Shard, *, resume: bool = False,
-                 background: bool = False, queue_size: int = 4):
+                 background: bool = False, queue_size: int = 4,
+                 compression_threads: int = DEFAULT_COMPRESSION_THREADS):
         self.store, self.shard = Path(store), shard
         header = Manifest(self.store).load()
         if "arrays" not in header:
@@ -87,15 +95,17 @@ class ShardWriter:
                              f"call storage.store.create_store first")
         self.hidden_size, self.num_aux_layers = int(header["hidden_size"]), int(header["num_aux_layers"])
         self.dtype_name = header["dtype"]
+        self.checksum = store_checksum(header)
         self.specs = [ArraySpec.from_json(d) for d in header["arrays"]]
         self.tmp_dir = self.store / SHARDS_DIR / tmp_dir_name(shard.index)
         self.final_dir = self.store / SHARDS_DIR / shard.name
         self._rows: list[dict[str, Any]] = []  # index rows, committed first
-        self._files: dict[str, list[Any]] = {}  # committed chunk files -> [size, sha256]
+        self._files: dict[str, list[Any]] = {}  # committed chunk files -> [size, sha256(, fast)]
         self._offsets = {"tokens": 0, "last": 0, "audio": 0}
         self._seq = 0
         self._error: BaseException | None = None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+        self._chunks = ChunkWriter(compression_threads, self.checksum)
         self._finished: dict[str, Any] | None = recover_finished(self.tmp_dir, self.final_dir) if resume else None
         if self._finished is None:
             self._guard(lambda: self._open(resume))
@@ -127,7 +137,7 @@ class ShardWriter:
         attrs = {"format_version": FORMAT_VERSION, "shard": self.shard.name,
                  "arrays": [s.to_json() for s in self.specs]}
         group = zarr.open_group(str(self.tmp_dir / ARRAYS_DIR), mode="w", zarr_format=3, attributes=attrs)
-        self._cols = {s.name: Column(self.tmp_dir, create_array(group, s), s) for s in self.specs}
+        self._cols = {s.name: Column(self.tmp_dir, create_array(group, s), s, self._chunks) for s in self.specs}
         fsync_tree(self.tmp_dir)
         self._log = DurableJsonl(self.tmp_dir / PROGRESS_NAME)
         self._log.append_many([self._header_line()])
@@ -140,7 +150,7 @@ class ShardWriter:
             full = state.full_rows[s.name]
             if arr.shape[0] != full:  # drop chunks written after the last commit
                 arr.resize((full, *s.shape_tail))
-            self._cols[s.name] = Column(self.tmp_dir, arr, s, full, state.tails[s.name])
+            self._cols[s.name] = Column(self.tmp_dir, arr, s, self._chunks, full, state.tails[s.name])
         self._rows, self._files, self._seq = state.rows, state.files, state.seq
         if self._rows:
             last = self._rows[-1]
@@ -253,8 +263,13 @@ class ShardWriter:
             "num_loss_tokens": sum(r["num_loss_tokens"] for r in self._rows),
             "num_files": len(files) + 1, "data_bytes": sum(v[0] for v in files.values()),
         }
+        listing: dict[str, Any] = {"summary": summary,
+                                   "files": {rel: entry[:2] for rel, entry in sorted(files.items())}}
+        if self.checksum != LEGACY:
+            listing["read_checksum"] = {"algorithm": self.checksum, "files": {
+                rel: entry[2] for rel, entry in sorted(files.items()) if len(entry) > 2}}
         # written last inside the temp dir: from here on the data is complete (see resume.py)
-        atomic_write_json(self.tmp_dir / CHECKSUMS_NAME, {"summary": summary, "files": dict(sorted(files.items()))})
+        atomic_write_json(self.tmp_dir / CHECKSUMS_NAME, listing)
         self._log.close()
         for name in os.listdir(self.tmp_dir):
             if name == PROGRESS_NAME or name.startswith("tail-"):
@@ -297,6 +312,7 @@ class ShardWriter:
     def close(self) -> None:
         """Stop the writer without finishing (the temp dir stays for a resume)."""
         self._stop_worker()
+        self._chunks.shutdown()
         self._pool.shutdown()
         if hasattr(self, "_log"):
             self._log.close()

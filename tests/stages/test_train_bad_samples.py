@@ -1,10 +1,12 @@
 """Stage 3 on a damaged store: unreadable or non-finite samples are skipped, named and counted.
 
 A copy of the fixture store gets one corrupt aux_hidden chunk file (64 bytes flipped, size kept:
-a bad disk block; blosc decodes it without complaint, the sha256 in checksums.json catches it)
-and one NaN planted in a stored value (a re-compressed chunk with its checksum updated: what a bit
-flip in memory before the write would give). Which samples that touches is computed from the Arrow
-index and the chunk size, independently of the reader.
+a bad disk block; blosc decodes it without complaint, the read checksum in checksums.json catches
+it) and one NaN planted in a stored value (a re-compressed chunk with its checksums updated: what
+a bit flip in memory before the write would give). Which samples that touches is computed from
+the Arrow index and the chunk size, independently of the reader. Each case runs on the fixture
+store as stage 2 writes it now (format 2: xxh3_64 read checksums) and on the same store turned
+into format 1 (sha256 only), the layout of stores written before.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import pytest
 import torch
 
 from modeling.train_data import PackedRows, read_or_skip
-from pipeline.durable import sha256_file
+from pipeline.durable import atomic_write_json, sha256_file
+from pipeline.manifest import Manifest
+from storage.checksum import digest_fn
 from storage.store import open_store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,11 +45,48 @@ def _samples_over(store_dir: Path, rows: range) -> set[str]:
     return {ids[i] for i in range(len(ids)) if off[i] < rows.stop and off[i] + n[i] > rows.start}
 
 
-@pytest.fixture(scope="module")
-def damaged(fixture_store: Path, tmp_path_factory) -> tuple[Path, set[str], str]:
-    """(store copy, ids in the corrupt chunk, id holding the NaN)."""
-    store_dir = tmp_path_factory.mktemp("damaged") / "store"
-    shutil.copytree(fixture_store, store_dir)
+def _rehash(chunk: Path) -> None:
+    """Record a chunk file's current bytes in its shard's checksums.json (every digest it lists)."""
+    sums_path = chunk.parents[2] / "checksums.json"
+    sums = json.loads(sums_path.read_text())
+    rel = str(chunk.relative_to(chunk.parents[2]))
+    sums["files"][rel] = [chunk.stat().st_size, sha256_file(chunk)]
+    if "read_checksum" in sums:
+        sums["read_checksum"]["files"][rel] = digest_fn(sums["read_checksum"]["algorithm"])(chunk.read_bytes())
+    sums_path.write_text(json.dumps(sums))
+
+
+def _as_format_1(store_dir: Path) -> None:
+    """What the writer before format 2 left: no read checksums, a header without checksum/codec."""
+    shas = {}
+    for sums_path in (store_dir / "shards").glob("*/checksums.json"):
+        sums = json.loads(sums_path.read_text())
+        del sums["read_checksum"]
+        atomic_write_json(sums_path, sums)
+        shas[sums_path.parent.name] = sha256_file(sums_path)
+
+    def change(m: dict) -> None:
+        for entry in m["shards"].values():
+            entry["checksums_sha256"] = shas[entry["name"]]
+        del m["checksum"], m["codec"]
+        m["format_version"] = 1
+
+    Manifest(store_dir).update(change)
+
+
+def _copy(fixture_store: Path, dest: Path, checksum: str) -> Path:
+    shutil.copytree(fixture_store, dest)
+    assert open_store(dest).checksum == "xxh3_64"  # what stage 2 writes now
+    if checksum == "sha256":
+        _as_format_1(dest)
+        assert open_store(dest).checksum == "sha256" and open_store(dest).validate(deep=True) == []
+    return dest
+
+
+@pytest.fixture(scope="module", params=["xxh3_64", "sha256"])
+def damaged(request, fixture_store: Path, tmp_path_factory) -> tuple[Path, set[str], str, str]:
+    """(store copy, ids in the corrupt chunk, id holding the NaN, the store's read checksum)."""
+    store_dir = _copy(fixture_store, tmp_path_factory.mktemp("damaged") / "store", request.param)
     spec = open_store(store_dir).specs["aux_hidden"]
     c = spec.chunk_rows
     corrupt = _chunk_file(store_dir, "aux_hidden", 1)
@@ -59,16 +100,13 @@ def damaged(fixture_store: Path, tmp_path_factory) -> tuple[Path, set[str], str]
     numcodecs.blosc.decompress(blob, rows)
     rows[NAN_ROW, 7] = BF16_NAN
     first.write_bytes(numcodecs.blosc.compress(rows.tobytes(), b"zstd", 1, numcodecs.blosc.SHUFFLE, rows.itemsize))
-    sums_path = first.parents[2] / "checksums.json"
-    sums = json.loads(sums_path.read_text())
-    sums["files"]["arrays/aux_hidden/c.0.0"] = [first.stat().st_size, sha256_file(first)]
-    sums_path.write_text(json.dumps(sums))
+    _rehash(first)
     (nan_id,) = _samples_over(store_dir, range(NAN_ROW, NAN_ROW + 1))
-    return store_dir, _samples_over(store_dir, range(c, 2 * c)), nan_id
+    return store_dir, _samples_over(store_dir, range(c, 2 * c)), nan_id, request.param
 
 
 def test_rows_leave_out_exactly_the_damaged_samples(damaged, fixture_store) -> None:
-    store_dir, in_chunk, nan_id = damaged
+    store_dir, in_chunk, nan_id, algorithm = damaged
     store, pristine = open_store(store_dir, verify_chunks=True), open_store(fixture_store)
     every = np.arange(len(store))
     batch = PackedRows(store, [every], batch_tokens=100_000, with_audio=True)[0]
@@ -77,7 +115,7 @@ def test_rows_leave_out_exactly_the_damaged_samples(damaged, fixture_store) -> N
     assert skipped[nan_id]["reason"] == "aux_hidden has 1 non-finite values"
     for sid in in_chunk:
         assert skipped[sid]["reason"].startswith("unreadable: aux_hidden chunk 1 (") and "c.1.0" in skipped[sid]["reason"]
-        assert "sha256 differs from checksums.json" in skipped[sid]["reason"]
+        assert f"{algorithm} differs from checksums.json" in skipped[sid]["reason"]
         assert skipped[sid]["shard"] == "shard-00000-of-00001"
     # the rest of the row is exactly what the pristine store holds
     kept = [i for i in every if pristine[int(i)]["id"] not in skipped]
@@ -102,7 +140,9 @@ def test_rows_leave_out_exactly_the_damaged_samples(damaged, fixture_store) -> N
 
 
 def test_training_skips_names_and_counts_them(damaged, tiny_target, tmp_path) -> None:
-    store_dir, in_chunk, nan_id = damaged
+    store_dir, in_chunk, nan_id, algorithm = damaged
+    if algorithm != "xxh3_64":
+        pytest.skip("the reader's skip decisions are checked for both checksums above; one training run is enough")
     out = tmp_path / "run"
     # one epoch of one process visits every training row; evaluation visits every held-out row
     cmd = [sys.executable, "-m", "stages.train", "--store", str(store_dir), "--target", str(tiny_target),
@@ -128,22 +168,19 @@ def test_training_skips_names_and_counts_them(damaged, tiny_target, tmp_path) ->
     assert run["split"]["train"] + run["split"]["eval"] == len(open_store(store_dir))
 
 
-def test_a_chunk_that_fails_to_decode_is_skipped_like_a_checksum_failure(fixture_store, tmp_path) -> None:
-    """A truncated chunk whose checksum was (re)taken after the damage: the sha256 passes, Blosc
+@pytest.mark.parametrize("checksum", ["xxh3_64", "sha256"])
+def test_a_chunk_that_fails_to_decode_is_skipped_like_a_checksum_failure(fixture_store, tmp_path, checksum) -> None:
+    """A truncated chunk whose checksums were (re)taken after the damage: the checksum passes, Blosc
     fails; the samples over it are skipped with the decode error, the others read as before."""
-    store_dir = tmp_path / "store"
-    shutil.copytree(fixture_store, store_dir)
+    store_dir = _copy(fixture_store, tmp_path / "store", checksum)
     spec = open_store(store_dir).specs["aux_hidden"]
     chunk = _chunk_file(store_dir, "aux_hidden", 1)
     chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
-    sums_path = chunk.parents[2] / "checksums.json"
-    sums = json.loads(sums_path.read_text())
-    sums["files"]["arrays/aux_hidden/c.1.0"] = [chunk.stat().st_size, sha256_file(chunk)]
-    sums_path.write_text(json.dumps(sums))
+    _rehash(chunk)
     store = open_store(store_dir, verify_chunks=True)
     hit = _samples_over(store_dir, range(spec.chunk_rows, 2 * spec.chunk_rows))
     outcomes = {int(i): read_or_skip(store, int(i)) for i in range(len(store))}
     skipped = {why["id"]: why for _got, why in outcomes.values() if why is not None}
     assert set(skipped) == hit and hit
     for why in skipped.values():
-        assert why["reason"].startswith("unreadable: aux_hidden chunk 1 (") and "sha256" not in why["reason"], why
+        assert why["reason"].startswith("unreadable: aux_hidden chunk 1 (") and "differs" not in why["reason"], why

@@ -54,11 +54,11 @@ def make_samples() -> list[CapturedSample]:
 
 
 def build(root: Path, samples: list[CapturedSample], num_shards: int = 2, commit: bool = True,
-          background: bool = False, **header_kw) -> list[Shard]:
+          background: bool = False, compression_threads: int = 2, **header_kw) -> list[Shard]:
     manifest = create_store(root, make_header(**{**HEADER_KW, **header_kw}))
     shards = plan_shards(len(samples), num_shards)
     for shard in shards:
-        with ShardWriter(root, shard, background=background) as w:
+        with ShardWriter(root, shard, background=background, compression_threads=compression_threads) as w:
             for i in range(shard.start, shard.stop):
                 w.write(samples[i])
                 if i % 3 == 2:
