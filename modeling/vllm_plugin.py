@@ -46,6 +46,9 @@ def register() -> None:
     from vllm import ModelRegistry
 
     ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:{CLASS_ATTRIBUTE}")
+    from modeling.targets.glm_asr import GlmAsrFamily
+
+    GlmAsrFamily.vllm_register()
 
 
 def eagle3_model_class() -> type:
