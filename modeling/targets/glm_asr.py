@@ -120,9 +120,10 @@ class GlmAsrFamily:
     # GlmAsrConfig's default text_config eos_token_id [59246, 59253, 59255]: <|endoftext|>, <|user|>,
     # <|observation|> (GLM-4's stop set).
     end_tokens: tuple[str, ...] = (END_OF_TEXT, USER, OBSERVATION)
-    # One encoder window: the pipeline splits longer clips into 30 s pieces, one placeholder each.
-    # (num_audio_tokens/audio_inputs also handle a multi-window clip as the processor does.)
-    max_audio_seconds: float = 30.0
+    # One clip is cut into 30 s windows whose tokens fill one placeholder (processor, HF model and vLLM
+    # agree), up to the processor's 21 windows. Splitting a clip instead would put several clips in one
+    # prompt, which GlmAsrProcessor refuses, and vLLM with it.
+    max_audio_seconds: float = MAX_WINDOWS * 30.0
     chat_template: str = CHAT_TEMPLATE
 
     @staticmethod
@@ -200,7 +201,10 @@ class GlmAsrFamily:
     def audio_inputs(feature_extractor: Any, waveforms: list[np.ndarray]) -> dict[str, np.ndarray]:
         """``input_features`` [W, 128, 3000] float32 and ``input_features_mask`` [W, 3000] int64, one row
         per 30 s window of each clip in order (W = number of clips when none is over 30 s), as the
-        processor makes them and as ``GlmAsrForConditionalGeneration.forward`` takes them."""
+        processor makes them and as ``GlmAsrForConditionalGeneration.forward`` takes them. No clips, no
+        kwargs: the model must not run its audio tower on nothing."""
+        if not waveforms:
+            return {}
         chunks = [wave[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES]
                   for wave in waveforms for i in range(_window_count(wave.shape[0]))]
         out = feature_extractor(chunks, sampling_rate=SAMPLING_RATE, return_attention_mask=True,
@@ -227,8 +231,18 @@ class GlmAsrFamily:
 
     @staticmethod
     def inner_forward(model: Any, input_ids: Any, attention_mask: Any, **audio_kwargs: Any) -> Any:
-        """Last hidden state (after the final norm) from the inner ``GlmAsrModel``: no lm_head, no logits."""
-        out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **audio_kwargs)
+        """Last hidden state (after the final norm) from the inner ``GlmAsrModel``: no lm_head, no logits.
+
+        ``audio_kwargs`` (arrays or tensors, e.g. :meth:`audio_inputs`) go to the model's device, the
+        features in the model's dtype: HF's encoder feeds them to conv1 as they come and a bf16 model
+        refuses fp32 features (vLLM casts them itself)."""
+        import torch
+
+        audio = {}
+        for key, value in audio_kwargs.items():
+            value = torch.as_tensor(value, device=model.device)
+            audio[key] = value.to(model.dtype) if value.is_floating_point() else value
+        out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **audio)
         return out.last_hidden_state
 
     @staticmethod
