@@ -38,6 +38,13 @@ SYSTEM, USER, ASSISTANT, OBSERVATION = "<|system|>", "<|user|>", "<|assistant|>"
 END_OF_TEXT = "<|endoftext|>"
 AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|pad|>", "<|begin_of_audio|>", "<|end_of_audio|>"
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# What GlmAsrConfig fills into a text_config that omits them (configuration_glmasr.py:86-98); copied
+# so that reading a config.json needs no transformers import.
+TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 59264, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
+    "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-05, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+}
 
 # The chat template transformers' convert_glmasr_weights_to_hf.py gives the processor (the converted
 # Hub repo's chat_template.jinja). Note the second <|user|> after each clip and ``| trim`` on contents.
@@ -124,13 +131,12 @@ class GlmAsrFamily:
     # agree), up to the processor's 21 windows. Splitting a clip instead would put several clips in one
     # prompt, which GlmAsrProcessor refuses, and vLLM with it.
     max_audio_seconds: float = MAX_WINDOWS * 30.0
-    chat_template: str = CHAT_TEMPLATE
 
     @staticmethod
     def text_config(config: dict[str, Any]) -> dict[str, Any]:
         """The decoder's sizes from a ``config.json`` dict; raises when the two tie flags disagree
         (transformers ties by the top-level flag, vLLM's Llama by ``text_config``'s)."""
-        text = config["text_config"]
+        text = {**TEXT_DEFAULTS, **(config.get("text_config") or {})}
         heads = int(text["num_attention_heads"])
         rope = text.get("rope_parameters") or {}
         tie_top = bool(config.get("tie_word_embeddings", True))  # GlmAsrConfig's default is True

@@ -1,15 +1,9 @@
-"""The GLM-ASR family on a tiny random checkpoint: build, template, audio counts, capture hooks, vLLM + EAGLE-3.
-
-One checkpoint is built for the module. vLLM runs once, in a subprocess (this file as a script), with a
-random EAGLE-3 draft: in float32 speculative greedy decoding equals plain greedy decoding, so the same
-engine checks that vLLM loads the target (tokens equal transformers' fp32 greedy) and that it serves
-the target as an EAGLE-3 target.
-"""
+"""The GLM-ASR family on a tiny random checkpoint: build, chat template and loss mask, audio token counts,
+capture hooks. vLLM is in test_glm_asr_vllm.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from functools import partial
@@ -18,107 +12,24 @@ from typing import Any
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
+from glm_asr_helpers import (
+    CLIPS,
+    FAMILY,
+    REPO,
+    encode,
+    load_clip,
+    long_clip,
+    loss_runs,
+    record_waves,
+    render,
+    two_clip_turns,
+)
 from safetensors import safe_open
 
-from modeling.targets.glm_asr import AUDIO_TOKEN, GlmAsrFamily
+from modeling.targets.glm_asr import AUDIO_TOKEN
 from modeling.targets.glm_asr_tiny import NEVER_GENERATED, SPECIAL_TOKENS, build_tiny, is_complete
-from pipeline.data import Turn, read_conversations
-from pipeline.template import Segment
-
-REPO = Path(__file__).resolve().parents[2]
-DATA = REPO / "tests" / "data"
-FAMILY = GlmAsrFamily()
-CLIPS = ("clip-00", "clip-05", "clip-10")
-PROMPT = [{"role": "user", "content": [{"type": "audio", "audio": "clip"},
-                                       {"type": "text", "text": "Transcribe the speech."}]}]
-# Greedy tokens compared between vLLM and transformers, both float32 (bf16 rounding flips near-tied
-# argmaxes of these random weights within a few tokens, and differently on CPUs with native bf16).
-COMPARED_TOKENS = 12
-SPEC_TOKENS = 3
-
-
-def load_clip(name: str) -> np.ndarray:
-    audio, rate = sf.read(DATA / "audio" / f"{name}.flac", dtype="float32")
-    assert rate == 16_000
-    return audio
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return FAMILY.build_tiny(tmp_path_factory.mktemp("glm-asr") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def processor(target: Path) -> Any:
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(str(target))
-
-
-@pytest.fixture(scope="module")
-def records() -> list[Any]:
-    result = read_conversations(DATA / "speech.jsonl")
-    assert not result.rejected
-    return result.records
-
-
-@pytest.fixture(scope="module")
-def hf_fp32(target: Path) -> Any:
-    return FAMILY.load_model(target, "fp32")
-
-
-def encode(tokenizer: Any, turns: list[Turn], waves: list[np.ndarray], **kw: Any) -> tuple[list[int], list[int]]:
-    """Ids and loss mask from the segments, as a generic ChatTokenizer would build them: consecutive
-    text in one piece, each audio expanded to ``num_audio_tokens``, answers + turn-end with loss."""
-    ids: list[int] = []
-    mask: list[int] = []
-    pending = ""
-    audio_id, end_id = tokenizer.convert_tokens_to_ids([AUDIO_TOKEN, FAMILY.special_tokens["turn_end"]])
-    waves = list(waves)
-    for seg in [*FAMILY.render_segments(turns, **kw), Segment("audio", "")]:  # sentinel flushes the text
-        if seg.kind == "text":
-            pending += seg.text
-            continue
-        piece = tokenizer.encode(pending, add_special_tokens=False) if pending else []
-        ids += piece
-        mask += [0] * len(piece)
-        pending = ""
-        if seg.kind == "answer":
-            answer = [*tokenizer.encode(seg.text, add_special_tokens=False), end_id]
-            ids += answer
-            mask += [1] * len(answer)
-        elif seg.text:
-            n = FAMILY.num_audio_tokens(waves.pop(0).shape[0])
-            ids += [audio_id] * n
-            mask += [0] * n
-    assert not waves
-    return ids, mask
-
-
-def render(turns: list[Turn], **kw: Any) -> str:
-    """Segments joined as a generic render_text does: every answer followed by the turn-end token."""
-    end = FAMILY.special_tokens["turn_end"]
-    return "".join(s.text + (end if s.kind == "answer" else "") for s in FAMILY.render_segments(turns, **kw))
-
-
-def loss_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
-    """The maximal runs of ids whose mask is 1, in order."""
-    runs: list[list[int]] = [[]]
-    for i, m in zip(ids, mask, strict=True):
-        if m:
-            runs[-1].append(i)
-        elif runs[-1]:
-            runs.append([])
-    return [r for r in runs if r]
-
-
-def record_waves(record: Any) -> list[np.ndarray]:
-    from pipeline.audio import load_audio
-
-    return [w for p in record.audio_paths for w in load_audio(p)]
-
+from pipeline.data import Turn
 
 # ---- the build -------------------------------------------------------------------------------------------
 
@@ -171,6 +82,13 @@ def test_checkpoint_layout_and_config(target: Path, processor: Any) -> None:
         FAMILY.text_config(mismatched)
     tied = {**mismatched, "text_config": {**config["text_config"], "tie_word_embeddings": True}}
     assert FAMILY.lm_head_key(tied) is None
+    # a text_config that lists only some fields gets what transformers' GlmAsrConfig fills in
+    from transformers import GlmAsrConfig
+
+    ref = GlmAsrConfig(tie_word_embeddings=False).text_config
+    expected = {k: getattr(ref, k) for k in text if k != "rope_theta"}
+    assert FAMILY.text_config({"tie_word_embeddings": False}) == {**expected, "rope_theta": ref.rope_parameters[
+        "rope_theta"]}
 
 
 def test_build_is_deterministic_per_seed_and_atomic(tmp_path: Path) -> None:
@@ -188,15 +106,6 @@ def test_build_is_deterministic_per_seed_and_atomic(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "cli" / "model.safetensors").read_bytes() == weights
 
-
-def hf_inputs(processor: Any, audio: np.ndarray) -> Any:
-    text = processor.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
-    return processor(text=text, audio=[audio], return_tensors="pt")
-
-
-def hf_greedy(model: Any, inputs: Any, n: int) -> list[int]:
-    out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 def test_transformers_loads_the_hub_layout_and_generates(target: Path, processor: Any) -> None:
@@ -266,12 +175,6 @@ def test_ids_and_loss_mask_equal_the_processor(processor: Any, records: list[Any
 
 # ---- audio token counts ----------------------------------------------------------------------------------
 
-def long_clip(seconds: float) -> np.ndarray:
-    """Fixture speech concatenated (and cut) to ``seconds``: a clip over the 30 s window."""
-    speech = np.concatenate([load_clip(f"clip-{i:02d}") for i in range(24)])
-    return np.ascontiguousarray(speech[: int(seconds * 16_000)])
-
-
 def test_audio_token_counts_equal_the_encoder_output(processor: Any, hf_fp32: Any) -> None:
     rng = np.random.default_rng(0)
     # window edges: one frame is 160 samples; conv2 halves, the merge takes 4 of those
@@ -299,17 +202,6 @@ def test_audio_token_counts_equal_the_encoder_output(processor: Any, hf_fp32: An
 # ---- capture hooks ---------------------------------------------------------------------------------------
 
 CAPTURE_IDS = ["clip-00", "text-00", "multi-00", "multi-02"]  # audio, text only, multi-turn, system turn
-
-
-def two_clip_turns() -> list[Turn]:
-    """One user turn with two clips (placeholder order and spans matter) and its answer."""
-    from pipeline.data import parse_record
-
-    two = [{"role": "user", "content": [{"type": "audio", "audio": "audio/clip-03.flac"},
-                                        {"type": "text", "text": "and"},
-                                        {"type": "audio", "audio": "audio/clip-04.flac"}]},
-           {"role": "assistant", "content": "She sells sea shells. A cup of warm tea."}]
-    return parse_record({"conversations": two}, base=DATA, require_assistant=True)[1]
 
 
 @pytest.fixture(scope="module")
@@ -362,121 +254,3 @@ def test_capture_hooks_equal_output_hidden_states_bit_exact(target: Path, proces
     finally:
         for h in hooks:
             h.remove()
-
-
-# ---- vLLM: one engine (fp32, EAGLE-3 with a random draft) in a subprocess ---------------------------------
-
-def export_random_draft(target: Path, root: Path) -> Path:
-    """A random full-vocab EAGLE-3 draft exported for vLLM, through a run dir as the trainer leaves it."""
-    from modeling.draft import Eagle3Draft
-    from modeling.draft_config import DraftConfig
-    from modeling.draft_io import COMMITTED, save_draft_snapshot
-    from stages import export as export_stage
-
-    config = json.loads((target / "config.json").read_text())
-    cfg = DraftConfig.from_target_config(config, FAMILY.text_config(config)["vocab_size"])
-    torch.manual_seed(0)
-    step = root / "run" / "checkpoints" / "step-000001"
-    info = {"path": str(target), "architecture": FAMILY.architectures[0], "num_layers": cfg.num_target_layers}
-    save_draft_snapshot(step, Eagle3Draft(cfg).export_state_dict(), cfg, None, list(cfg.aux_layer_ids), info)
-    (step / COMMITTED).write_text("")
-    (step.parent / "latest").write_text(step.name)
-    (root / "run" / "run.json").write_text(json.dumps({"target": str(target)}))
-    assert export_stage.main(["--run", str(root / "run"), "--output", str(root / "draft")]) == 0
-    return root / "draft"
-
-
-@pytest.fixture(scope="module")
-def engine_run(target: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("vllm")
-    args = {"target": str(target), "draft": str(export_random_draft(target, out)), "out": str(out / "result.json")}
-    # a script's sys.path starts at its own folder: PYTHONPATH makes this checkout's modules (and plugin)
-    # the ones imported here and in vLLM's engine processes
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    env.pop("VLLM_PLUGINS", None)  # the plugin must load through its entry point
-    with open(out / "engine.log", "w") as log:
-        rc = subprocess.run([sys.executable, __file__, "engine", json.dumps(args)], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, timeout=1500).returncode
-    run = {"rc": rc, "log": (out / "engine.log").read_text()}
-    assert rc == 0, run["log"][-6000:]
-    return {**run, **json.loads((out / "result.json").read_text())}
-
-
-def test_vllm_serves_the_tiny_target_like_transformers(engine_run: dict[str, Any], processor: Any,
-                                                       hf_fp32: Any) -> None:
-    waves = [load_clip(c) for c in CLIPS] + [long_clip(45.3)]
-    for wave, ids, prompt in zip(waves, engine_run["tokens"], engine_run["prompt_ids"], strict=True):
-        inputs = hf_inputs(processor, wave)
-        assert prompt == inputs["input_ids"][0].tolist()  # vLLM expands <|pad|> to the same count
-        assert ids == hf_greedy(hf_fp32, inputs, COMPARED_TOKENS)
-    assert len({tuple(t) for t in engine_run["tokens"]}) == len(waves), engine_run["tokens"]  # audio matters
-    never = processor.tokenizer.convert_tokens_to_ids(list(NEVER_GENERATED))
-    assert not set(never) & {t for ids in engine_run["tokens"] for t in ids}
-    # Two clips in one prompt: GlmAsrProcessor refuses them (processing_glmasr.py:126), and vLLM calls it
-    # on the clips its multimodal cache lacks, so the request fails (clips seen before would pass).
-    # The HF model itself takes them (the capture test's two-clip sample).
-    assert "Failed to apply GlmAsrProcessor" in engine_run["two_clips"]
-    assert "Got 1 text but 2 audios; they must match 1:1" in engine_run["two_clips"]
-
-
-def test_vllm_runs_the_target_as_eagle3_target(engine_run: dict[str, Any]) -> None:
-    plugin = engine_run["plugin"]
-    # the registry entry vLLM's own plugin loading left (the entry point, not this test, registered it)
-    assert "module_name='modeling.targets.glm_asr_vllm'" in plugin["registry"]
-    assert "class_name='GlmAsrEagle3ForConditionalGeneration'" in plugin["registry"]
-    assert plugin["subclass"] and plugin["supports_eagle3"] and not plugin["upstream_supports_eagle3"]
-    assert plugin["name"] == FAMILY.architectures[0] and plugin["pickles"] and plugin["new_members"] == ["__init__"]
-    assert plugin["decoder_is_eagle_mixin"]
-    spec = engine_run["spec"]
-    assert spec["num_drafts"] > 0 and spec["num_draft_tokens"] == SPEC_TOKENS * spec["num_drafts"]
-    # the target fed the draft the layers the export names (vLLM's input convention: output ids + 1)
-    assert "Using auxiliary layers from speculative config: (2, 4, 5)" in engine_run["log"]
-
-
-def engine(args: dict[str, Any]) -> None:
-    """Subprocess body: the plugin's class, then one float32 EAGLE-3 engine on the tiny target."""
-    import pickle
-
-    from transformers import AutoProcessor
-    from vllm import LLM, ModelRegistry, SamplingParams
-    from vllm.model_executor.models import glmasr, llama
-    from vllm.model_executor.models.interfaces import EagleModelMixin, supports_eagle3
-
-    from modeling.targets import glm_asr_vllm
-    from pipeline.spec_counters import SpecCounters
-
-    llm = LLM(model=args["target"], dtype="float32", max_model_len=2048, gpu_memory_utilization=0.3,
-              enforce_eager=True, limit_mm_per_prompt={"audio": 2}, seed=0, disable_log_stats=False,
-              speculative_config={"method": "eagle3", "model": args["draft"], "num_speculative_tokens": SPEC_TOKENS})
-    cls = glm_asr_vllm.GlmAsrEagle3ForConditionalGeneration
-    plugin = {"registry": repr(ModelRegistry.models[glm_asr_vllm.ARCHITECTURE]),  # after vLLM loaded the plugin
-              "subclass": issubclass(cls, glmasr.GlmAsrForConditionalGeneration), "name": cls.__name__,
-              "supports_eagle3": supports_eagle3(cls),
-              "upstream_supports_eagle3": supports_eagle3(glmasr.GlmAsrForConditionalGeneration),
-              "pickles": pickle.loads(pickle.dumps(cls)) is cls,
-              # only __init__ (the shim) is new; the interface methods come from SupportsEagle3
-              "new_members": sorted(k for k in vars(cls) if not k.startswith("_") or k == "__init__"),
-              "decoder_is_eagle_mixin": issubclass(llama.LlamaModel, EagleModelMixin)}
-    prompt = AutoProcessor.from_pretrained(args["target"]).apply_chat_template(
-        PROMPT, add_generation_prompt=True, tokenize=False)
-    waves = [load_clip(c) for c in CLIPS] + [long_clip(45.3)]
-    requests = [{"prompt": prompt, "multi_modal_data": {"audio": (w, 16_000)}} for w in waves]
-    outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=COMPARED_TOKENS), use_tqdm=False)
-    result = {"plugin": plugin, "tokens": [list(o.outputs[0].token_ids) for o in outputs],
-              "prompt_ids": [list(o.prompt_token_ids) for o in outputs],
-              "spec": SpecCounters.from_snapshot(llm.get_metrics()).summary(SPEC_TOKENS)}
-    two = [load_clip("clip-03"), load_clip("clip-04")]  # not in vLLM's multimodal cache yet
-    try:
-        llm.generate([{"prompt": render(two_clip_turns(), until_turn=1),
-                       "multi_modal_data": {"audio": [(w, 16_000) for w in two]}}],
-                     SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
-        result["two_clips"] = "served"
-    except Exception as err:  # noqa: BLE001 - the message is the result
-        result["two_clips"] = f"{type(err).__name__}: {err} <- {err.__cause__!r}"
-    Path(args["out"]).write_text(json.dumps(result))
-    llm.llm_engine.engine_core.shutdown()
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["engine"]:
-    engine(json.loads(sys.argv[2]))
