@@ -21,6 +21,7 @@ from pipeline.config import ConfigError
 FAMILIES: dict[str, str] = {
     "qwen2-audio": "modeling.targets.qwen2_audio:Qwen2AudioFamily",
     "qwen3-asr": "modeling.targets.qwen3_asr:Qwen3ASRFamily",
+    "glm-asr": "modeling.targets.glm_asr:GlmAsrFamily",
 }
 # the files that decide what a target computes and how its prompts are built
 IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
