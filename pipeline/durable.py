@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,42 @@ def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path, *, synced: bo
         os.replace(tmp_dir, final_dir)
     crash_point("after-rename-dir", final_dir.name)
     fsync_dir(final_dir.parent)
+
+
+def build_dir(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Build a directory atomically: ``write(tmp)`` fills a private sibling temp dir, which is made
+    readable (a shared cache: CI, other users), fsynced and renamed into place; a failure leaves
+    nothing behind. Returns the absolute path. Writers of one path must hold a lock (see
+    :func:`ensure_dir`)."""
+    import shutil
+    import tempfile
+
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        for path in (tmp, *tmp.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        atomic_replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def ensure_dir(out_dir: str | Path, complete: Callable[[Path], bool], write: Callable[[Path], None]) -> Path:
+    """``out_dir`` after building it with :func:`build_dir` only if ``complete(out_dir)`` is false;
+    concurrent callers serialise on a lock file beside it, so one builds and the others reuse it."""
+    import fcntl
+
+    out = Path(out_dir).resolve()
+    if complete(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return out if complete(out) else build_dir(out, write)
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:

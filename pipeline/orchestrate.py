@@ -24,7 +24,8 @@ STAGES = ("regenerate", "dump", "train", "export", "benchmark")
 class PipelineConfig:
     workdir: str = opt("work/pipeline", "root of every artifact of this run (one folder per stage)")
     target: str = opt("", "target model directory; with build_tiny_target, where the tiny one is built")
-    build_tiny_target: bool = opt(False, "build the tiny random Qwen2-Audio into `target` first (demo, tests)")
+    build_tiny_target: bool = opt(False, "build a tiny random target into `target` first (demo, tests)")
+    tiny_target_family: str = opt("qwen2-audio", "family of that tiny target: qwen2-audio, qwen3-asr or glm-asr")
     input: str = opt("", "training conversations (jsonl) for stage 1 (default with synth_train_clips: the "
                          "synthesised clips)")
     eval_input: str = opt("", "evaluation conversations for the benchmark (jsonl or stage 1 directory); default: "
@@ -40,6 +41,10 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.target), "pipeline: `target` is required")
+        from modeling.targets import FAMILIES
+
+        require(self.tiny_target_family in FAMILIES,
+                f"pipeline: tiny_target_family {self.tiny_target_family!r} is not one of {sorted(FAMILIES)}")
         require(self.synth_train_clips >= 0 and self.synth_eval_clips >= 0, "pipeline: synth_*_clips must be >= 0")
         if self.synth_train_clips and not self.input:
             self.input = str(Path(self.workdir) / "clips-train" / "data.jsonl")
@@ -97,9 +102,9 @@ def prepare_inputs(cfg: PipelineConfig) -> None:
     """Build what the config asks to be built before stage 1: the tiny random target, the
     synthesised ASR clips (each skipped when a complete build is already there)."""
     if cfg.build_tiny_target:
-        from pipeline.tiny_target import ensure_tiny_target
+        from modeling.targets import family_named
 
-        ensure_tiny_target(cfg.target)
+        family_named(cfg.tiny_target_family).build_tiny(cfg.target)
     from pipeline.asr.speech import ensure_dataset
 
     for split, count, path in (("train", cfg.synth_train_clips, cfg.input), ("eval", cfg.synth_eval_clips,

@@ -16,15 +16,14 @@ The same arguments always give a byte-identical ``model.safetensors``.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from pipeline.durable import build_dir, ensure_dir
 
 # Special tokens in the order (and so, relative id order) of the real Qwen2-Audio vocabulary; they take
 # the last ``len(SPECIAL_TOKENS)`` ids.
@@ -384,25 +383,16 @@ def build_tiny_target(
     ``.complete`` marker (holding the build arguments and builder id) written last, so a crash never leaves a
     directory that looks finished.
     """
-    out = Path(out_dir).resolve()
     params = _build_params(
         layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, vocab=vocab, seed=seed
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _write_checkpoint(tmp, **params)
-        _write_json(tmp / COMPLETE_MARKER, _marker(params))
-        # mkdtemp makes the directory private; a shared cache (CI, other users) needs it readable.
-        for path in (tmp, *tmp.iterdir()):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return build_dir(out_dir, lambda tmp: _write_all(tmp, params))
+
+
+def _write_all(tmp: Path, params: dict[str, int]) -> None:
+    _write_checkpoint(tmp, **params)
+    _write_json(tmp / COMPLETE_MARKER, _marker(params))  # last: the build is complete
 
 
 def _builder_id() -> str:
@@ -451,15 +441,8 @@ def ensure_tiny_target(out_dir: str | os.PathLike[str], **kw: int) -> Path:
     Concurrent callers (pytest-xdist workers, parallel CI jobs) serialise on a lock file next to
     ``out_dir``, so one builds and the others reuse its result.
     """
-    out = Path(out_dir).resolve()
-    if is_complete(out, **kw):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_complete(out, **kw):
-            return out
-        return build_tiny_target(out, **_build_params(**kw))
+    params = _build_params(**kw)
+    return ensure_dir(out_dir, lambda out: is_complete(out, **kw), lambda tmp: _write_all(tmp, params))
 
 
 _HELP = {
@@ -473,12 +456,20 @@ _HELP = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from modeling.targets import FAMILIES, family_named
+
+    parser = argparse.ArgumentParser(description="Build a tiny random checkpoint of a target family that "
+                                                 "transformers and vLLM load (default: Qwen2-Audio).")
     parser.add_argument("--out", required=True, type=Path, help="output directory (replaced)")
+    parser.add_argument("--family", default="qwen2-audio", choices=sorted(FAMILIES))
     for name, default in _defaults().items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=_HELP[name])
     args = vars(parser.parse_args(argv))
-    print(build_tiny_target(args.pop("out"), **args))
+    out, family = args.pop("out"), args.pop("family")
+    if family == "qwen2-audio":
+        print(build_tiny_target(out, **args))  # replaces: the documented CLI behaviour
+    else:
+        print(family_named(family).build_tiny(out, **args))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from modeling.targets.glm_asr import (
     USER,
 )
 from pipeline import tiny_target
+from pipeline.durable import ensure_dir
 
 # Relative order of the real ids: <|endoftext|> 59246 (inferred from GLM-4's layout), <|system|> 59252,
 # <|user|> 59253, <|assistant|> 59254, <|observation|> 59255, <|pad|> 59260, <|begin_of_audio|> 59261,
@@ -199,27 +198,15 @@ def is_complete(out_dir: str | os.PathLike[str], **params: int) -> bool:
 
 def build_tiny(out_dir: str | os.PathLike[str], *, layers: int = 8, hidden: int = 256, heads: int = 4,
                kv_heads: int = 2, vocab: int = 640, seed: int = 0) -> Path:
-    """Build into ``out_dir`` (replacing it) and return its absolute path.
-
-    Files go to a sibling temporary directory renamed into place at the end, the ``.complete`` marker
-    written last, so a crash never leaves a directory that looks finished.
-    """
+    """Build into ``out_dir`` unless a finished build with these arguments by this code is there;
+    atomic (:func:`pipeline.durable.ensure_dir`), the ``.complete`` marker written last."""
     params = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "seed": seed}
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         _write_checkpoint(tmp, **params)
         _write_json(tmp / tiny_target.COMPLETE_MARKER, _marker(params))
-        for path in (tmp, *tmp.iterdir()):  # mkdtemp is private; a shared cache must be readable
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return ensure_dir(out_dir, lambda out: is_complete(out, **params), write)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from modeling.targets import qwen3_asr as family
 from pipeline import tiny_target
+from pipeline.durable import ensure_dir
 
 # The Qwen3-ASR special tokens, in the order they get the last ids. transformers 5 registers named
 # tokens (eos/pad, then the processor's audio_* names) before the unnamed ones, so the relative order
@@ -130,30 +129,27 @@ def random_state_dict(config: dict[str, Any], seed: int, never_generated: list[i
 
 def build(out_dir: str | os.PathLike[str], *, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int,
           seed: int) -> Path:
-    """Build into ``out_dir`` (replacing it) atomically: a sibling temporary directory renamed into place,
-    with the ``.complete`` marker (arguments + builder id) written last."""
+    """Build into ``out_dir`` unless a finished build with these arguments by this code is there;
+    atomic (:func:`pipeline.durable.ensure_dir`), the ``.complete`` marker (arguments + builder id) last."""
     params = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "seed": seed}
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    marker = {**params, "builder": builder_id()}
+
+    def write(tmp: Path) -> None:
         processor = build_processor(vocab)
         ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         config = model_config(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, vocab=vocab, ids=ids)
         state = random_state_dict(config, seed, [ids[t] for t in NEVER_GENERATED])
         # weights, config.json, generation_config.json (stop ids <|im_end|>, <|endoftext|>), processor files
         tiny_target.write_checkpoint_files(tmp, config, state, processor)
-        marker = {**params, "builder": builder_id()}
         (tmp / tiny_target.COMPLETE_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
-        for path in (tmp, *tmp.iterdir()):  # mkdtemp is private; shared caches need it readable
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    def complete(out: Path) -> bool:
+        try:
+            return json.loads((out / tiny_target.COMPLETE_MARKER).read_text(encoding="utf-8")) == marker
+        except (OSError, ValueError):
+            return False
+
+    return ensure_dir(out_dir, complete, write)
 
 
 def builder_id() -> str:

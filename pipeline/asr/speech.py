@@ -19,12 +19,9 @@ given espeak-ng build (its version is recorded in ``DIR/dataset.json``).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import random
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.asr.sentences import NUMBERS, sentences, written
+from pipeline.durable import ensure_dir
 
 SAMPLE_RATE = 16_000
 VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb+m3", "en-gb-scotland", "en-029", "en-us+f2", "en-gb-x-rp")
@@ -129,52 +127,32 @@ def conversation(u: Utterance, audio_path: str) -> dict[str, Any]:
                 {"role": "assistant", "content": [{"type": "text", "text": u.answer}]}]}
 
 
-def write_dataset(out: Path, split: str, count: int, seed: int = 0) -> Path:
-    """Synthesise ``count`` clips of ``split`` into ``out`` (replaced atomically; dataset.json last)."""
+def _write_dataset(tmp: Path, split: str, count: int, seed: int) -> None:
     import soundfile as sf
 
+    (tmp / "audio").mkdir()
+    lines = []
+    for u in utterances(split, count, seed):
+        sf.write(tmp / "audio" / f"{u.id}.flac", synthesize(u.sentence, u.voice, u.wpm), SAMPLE_RATE, subtype="PCM_16")
+        lines.append(json.dumps(conversation(u, f"audio/{u.id}.flac")) + "\n")
+    (tmp / "data.jsonl").write_text("".join(lines))
     info = {"split": split, "count": count, "seed": seed, "espeak": espeak_version()}
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        (tmp / "audio").mkdir()
-        lines = []
-        for u in utterances(split, count, seed):
-            sf.write(tmp / "audio" / f"{u.id}.flac", synthesize(u.sentence, u.voice, u.wpm), SAMPLE_RATE,
-                     subtype="PCM_16")
-            lines.append(json.dumps(conversation(u, f"audio/{u.id}.flac")) + "\n")
-        (tmp / "data.jsonl").write_text("".join(lines))
-        (tmp / DATASET_INFO).write_text(json.dumps(info, indent=1) + "\n")
-        for path in (tmp, *tmp.rglob("*")):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    (tmp / DATASET_INFO).write_text(json.dumps(info, indent=1) + "\n")  # last: the dataset is complete
 
 
 def ensure_dataset(out: str | Path, split: str, count: int, seed: int = 0) -> Path:
-    """``out`` after building it only if no complete build with these arguments is there."""
-    out = Path(out).resolve()
+    """``out`` with ``count`` clips of ``split`` (``data.jsonl``, ``audio/``, ``dataset.json``), built
+    atomically only if no complete build with these arguments is there."""
     want = {"split": split, "count": count, "seed": seed}
 
-    def complete() -> bool:
+    def complete(path: Path) -> bool:
         try:
-            info = json.loads((out / DATASET_INFO).read_text())
+            info = json.loads((path / DATASET_INFO).read_text())
         except (OSError, ValueError):
             return False
         return {k: info.get(k) for k in want} == want
 
-    if complete():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return out if complete() else write_dataset(out, split, count, seed)
+    return ensure_dir(out, complete, lambda tmp: _write_dataset(tmp, split, count, seed))
 
 
 def main(argv: list[str] | None = None) -> None:

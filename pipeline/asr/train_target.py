@@ -19,8 +19,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from pipeline.asr.encoder import clip_features, encode_audio
 from pipeline.asr.sentences import sentences, vocabulary, written
 from pipeline.asr.speech import TASKS, Utterance, answer, espeak_version, synthesize, utterances
 from pipeline.data import Part, Turn
+from pipeline.durable import build_dir
 from pipeline.template import ChatTokenizer
 
 log = logging.getLogger("asr.train_target")
@@ -199,21 +198,12 @@ def save_target(model: Any, config: dict[str, Any], processor: Any, out: Path, i
     from pipeline.tiny_target import hub_key, write_checkpoint_files
 
     state = {hub_key(k): v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         write_checkpoint_files(tmp, config, state, processor)
         (tmp / "training.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        for path in (tmp, *tmp.iterdir()):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return build_dir(out, write)
 
 
 def train(cfg: TrainTargetConfig) -> Path:

@@ -330,7 +330,8 @@ def test_plugin_leaves_text_only_models_alone(engine_runs: dict) -> None:
     probe = json.loads((engine_runs["out"] / "probe.json").read_text())
     reg_off, reg_on = probe["registry_off"], probe["registry_on"]
     assert reg_on["Qwen2ForCausalLM"] == reg_off["Qwen2ForCausalLM"]  # same registry entry
-    assert "modeling.vllm_plugin" not in reg_off[AUDIO_ARCH] and "modeling.vllm_plugin" in reg_on[AUDIO_ARCH]
+    assert "modeling.targets.vllm_classes" not in reg_off[AUDIO_ARCH]
+    assert "modeling.targets.vllm_classes" in reg_on[AUDIO_ARCH]
     assert probe["text_on"] == probe["text_off"] and all(len(ids) == 16 for ids in probe["text_on"])
 
 
