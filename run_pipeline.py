@@ -6,8 +6,8 @@
 
 Each stage runs as its own process (``python -m stages.<name> --config FILE`` plus the paths
 that link it to its neighbours), so a stage here behaves exactly like the documented per-stage
-command. A stage whose completion record (manifest, FINISHED marker, export_info.json) says it is
-done is skipped; an incomplete one is rerun and resumes by itself.
+command. A stage that says it is complete (``stages.<name>.is_complete`` on its output) is
+skipped; an incomplete one is rerun and resumes by itself.
 """
 
 from __future__ import annotations
@@ -53,8 +53,11 @@ def run_untrained_baseline(cfg: PipelineConfig, config_path: str, paths: Paths) 
     result = paths.root / "benchmark-untrained.json"
     if result.exists():
         return
-    step0 = paths.run / "checkpoints" / "step-000000"
-    if not (step0 / "COMMITTED").exists():
+    from modeling.draft.snapshot import SnapshotError, find_step
+
+    try:
+        find_step(paths.run, 0)
+    except SnapshotError:
         log.warning("no step-000000 checkpoint in %s: skipping the untrained baseline", paths.run)
         return
     subprocess.run([sys.executable, "-m", "stages.export", "--config", config_path, "--run", str(paths.run),

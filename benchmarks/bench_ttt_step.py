@@ -1,4 +1,4 @@
-"""One TTT forward+backward step: ``modeling.ttt`` vs the public-trainer style reference.
+"""One TTT forward+backward step: ``modeling.draft.ttt`` vs the public-trainer style reference.
 
 Each (shape, implementation) runs in its own subprocess so peak RSS (``ru_maxrss``) does not
 mix; the child caps its address space (``--mem-limit-gb``) so an oversized reference fails
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 SHAPES = {
     # H, heads, kv heads, head_dim, MLP, target hidden, target vocab, draft vocab, S, sample len
@@ -62,11 +63,13 @@ def child(args: argparse.Namespace) -> Row:
     import torch
 
     torch.set_num_threads(args.threads)
-    from modeling.draft import Eagle3Draft
-    from modeling.draft_config import DraftConfig
-    from modeling.ttt import ttt_loss
-    from modeling.ttt_reference import ttt_loss_reference
-    from modeling.vocab import build_draft_vocab, count_supervised_tokens
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # a test-only reference
+    from ttt_reference import ttt_loss_reference
+
+    from modeling.draft.config import DraftConfig
+    from modeling.draft.model import Eagle3Draft
+    from modeling.draft.ttt import ttt_loss
+    from modeling.draft.vocab import build_draft_vocab, count_supervised_tokens
 
     spec = dict(SHAPES[args.shape])
     default_seq = spec.pop("seq")

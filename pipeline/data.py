@@ -227,3 +227,12 @@ def read_conversations(
                 rejected.append(Rejection(index, line_no, str(path), rid, err.field, err.reason))
             index += 1
     return ReadResult(records, rejected, index)
+
+
+def reason_key(error: dict[str, Any]) -> str:
+    """A short class of a rejection for summaries: field without indices, reason without path or details."""
+    import re
+
+    name = re.sub(r"\[\d+\]", "", str(error.get("field"))).split(".")[-1]
+    reason = re.sub(r"^/\S*: ", "", str(error.get("reason"))).split(" (")[0]
+    return f"{name}: {reason[:80]}"

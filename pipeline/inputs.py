@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.data import Record, Rejection, read_conversations
 from pipeline.durable import sha256_file
-from pipeline.manifest import Manifest
+from pipeline.stage1_layout import committed_files
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +30,11 @@ class InputSet:
     sha256: str  # over the input files' contents, in order: what the store was made from
 
 
-def stage1_files(directory: Path) -> list[Path]:
-    """The jsonl files of stage 1's completed shards, in shard order, checked against their hashes."""
-    manifest = Manifest(directory)
-    if not manifest.exists():
-        raise ValueError(f"--input {directory} is a directory without manifest.json: give a jsonl file "
-                         f"or a stage 1 output directory")
-    data = manifest.load()
-    done = sorted((int(k), v) for k, v in data.get("shards", {}).items() if v.get("status") == "done")
-    expected = data.get("num_shards")
-    if expected is not None and len(done) < int(expected):
-        log.warning("%s: only %d of %s stage 1 shards are complete; dumping those", directory, len(done), expected)
-    files = []
-    for index, entry in done:
-        names = [n for n in entry.get("files", {}) if n.startswith(f"shard-{index:05d}-")]
-        found = [directory / n for n in names] or sorted(directory.glob(f"shard-{index:05d}-of-*.jsonl"))
-        if len(found) != 1 or not found[0].is_file():
-            raise ValueError(f"{directory}: stage 1 shard {index} is marked done but its jsonl is missing")
-        recorded = entry.get("files", {}).get(found[0].name, {}).get("sha256")
-        if recorded is not None and recorded != sha256_file(found[0]):
-            raise ValueError(f"{found[0]} changed after stage 1 completed it (sha256 differs from the manifest)")
-        files.append(found[0])
-    return files
-
-
 def read_input(path: str | Path, *, require_assistant: bool = True) -> InputSet:
     """Read a jsonl or a stage 1 directory. Audio is decoded later by the consumer (prepare_sample).
     ``require_assistant=False`` accepts records without an answer (prompts to generate from)."""
     path = Path(path)
-    files = stage1_files(path) if path.is_dir() else [path]
+    files = committed_files(path, log) if path.is_dir() else [path]
     records: list[Record] = []
     rejected: list[Rejection] = []
     first_seen: dict[str, Record] = {}

@@ -96,3 +96,24 @@ class Manifest:
 
 def shard_key(shard_index: int) -> str:
     return f"{shard_index:05d}"
+
+
+def sharded_output_complete(directory: Path) -> bool:
+    """True when a sharded stage's manifest (stage 1 or 2) marks all of its planned shards done."""
+    done, planned = shard_progress(directory / "manifest.json")
+    return planned > 0 and done == planned
+
+
+def shard_progress(manifest_path: Path) -> tuple[int, int]:
+    """(done shards, planned shards) from a sharded stage's manifest (top-level ``num_shards``;
+    stores of format 1 keep it only with the dump settings)."""
+    import json
+
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0, 0
+    shards = data.get("shards", {})
+    done = sum(1 for s in shards.values() if s.get("status") == "done")
+    planned = data.get("num_shards") or data.get("dump", {}).get("settings", {}).get("num_shards") or 0
+    return done, int(planned)

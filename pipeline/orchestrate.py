@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, from_dict, opt, read_yaml_section, require
+from pipeline.manifest import shard_progress
 
 STAGES = ("regenerate", "dump", "train", "export", "benchmark")
 
@@ -133,26 +134,17 @@ def _manifest(path: Path) -> dict[str, Any]:
         return {}
 
 
-def shard_progress(manifest_path: Path) -> tuple[int, int]:
-    """(done shards, planned shards) from a sharded stage's manifest."""
-    data = _manifest(manifest_path)
-    shards = data.get("shards", {})
-    done = sum(1 for s in shards.values() if s.get("status") == "done")
-    # stage 1 keeps num_shards at the top level; the store keeps it with the dump settings
-    planned = data.get("num_shards") or data.get("dump", {}).get("settings", {}).get("num_shards") or 0
-    return done, int(planned)
+def stage_output(stage: str, paths: Paths) -> Path:
+    return {"regenerate": paths.regen, "dump": paths.store, "train": paths.run, "export": paths.draft,
+            "benchmark": paths.benchmark}[stage]
 
 
 def stage_complete(stage: str, paths: Paths) -> bool:
-    """True when the stage's durable completion record says so (never guessed from files)."""
-    if stage in ("regenerate", "dump"):
-        done, planned = shard_progress((paths.regen if stage == "regenerate" else paths.store) / "manifest.json")
-        return planned > 0 and done == planned
-    if stage == "train":
-        return (paths.run / "FINISHED").exists()
-    if stage == "export":
-        return (paths.draft / "export_info.json").exists()
-    return paths.benchmark.exists()
+    """What the stage itself answers (``stages.<name>.is_complete`` on its output: manifests and
+    commit records, never guessed from files that exist)."""
+    import importlib
+
+    return bool(importlib.import_module(f"stages.{stage}").is_complete(stage_output(stage, paths)))
 
 
 def _lock_lines(out_dir: Path) -> list[str]:

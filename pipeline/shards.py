@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from pipeline.locks import FileLock, LockHeld
 from pipeline.manifest import Manifest
 
 log = logging.getLogger(__name__)
+# what Shard.name gives: stage 1 files and store shard directories are named this way
+SHARD_NAME = re.compile(r"shard-(\d{5})-of-(\d{5})")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ passes over all prompts (medians and ranges in the report). Acceptance comes fro
 spec-decode counters (:mod:`pipeline.spec_counters`) read around the timed passes.
 
 At temperature 0, prompts whose plain and speculative outputs differ are checked by
-:mod:`modeling.tie_check`: a divergence at a near-tie of the fp32 target is rounding noise of the
+:mod:`modeling.targets.tie_check`: a divergence at a near-tie of the fp32 target is rounding noise of the
 engine's dtype, anything else a real mismatch. Writes RESULT.json (README, "Export, serve and
 benchmark"), ``RESULT.outputs.jsonl`` (per prompt: both runs' ids and texts) and prints a table.
 """
@@ -254,6 +254,11 @@ def run(cfg: BenchmarkConfig) -> dict[str, Any]:
 def _run_and_print(cfg: BenchmarkConfig) -> int:
     print(format_table(run(cfg)))
     return 0
+
+
+def is_complete(output: str | Path) -> bool:
+    """The result file exists (written atomically, last)."""
+    return Path(output).is_file()
 
 
 def main(argv: list[str] | None = None) -> int:

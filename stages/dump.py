@@ -6,7 +6,7 @@
 Per sample the store gets the ids, the loss mask, three aux hidden states at every token, the
 final post-norm state where the next token carries loss (~25% of a chat sample's positions;
 ``--last-hidden all`` keeps all of them, ~23% more bytes) and the audio embeddings; see
-:mod:`modeling.capture` and the README, "Stage 2".
+:mod:`modeling.targets.capture` and the README, "Stage 2".
 
 Forwards take ``--batch-tokens`` padded tokens. Records are read in windows of
 ``--sort-window``; a window is sorted by length into batches (padding stays small) and its
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from modeling.capture import TargetCapture, aux_layer_ids, check_audio_spans, plan_batches
+from modeling.targets.capture import TargetCapture, aux_layer_ids, check_audio_spans, plan_batches
 from pipeline.audio import AudioLimits
 from pipeline.cli import stage_main
 from pipeline.config import ConfigError, opt, require
@@ -36,7 +36,7 @@ from pipeline.data import Record, RecordError, Rejection
 from pipeline.durable import DurableJsonl, atomic_write_text, sha256_file
 from pipeline.inputs import InputSet, read_input
 from pipeline.locks import LockHeld
-from pipeline.manifest import Manifest, ManifestMismatch
+from pipeline.manifest import Manifest, ManifestMismatch, sharded_output_complete
 from pipeline.progress import Progress
 from pipeline.samples import PreparedSample, load_target_processor, prepare_sample
 from pipeline.shards import Shard, plan_shards, resolve_shard_index, run_shards
@@ -147,6 +147,7 @@ def open_store_for(cfg: DumpConfig, target: Target, inputs: InputSet) -> Manifes
                 "last_hidden": cfg.last_hidden, "compute_dtype": cfg.dtype}
 
     def check(data: dict[str, Any]) -> None:
+        data.setdefault("num_shards", cfg.num_shards)  # where stage 1's manifest keeps it too
         old = data.setdefault("dump", {"settings": settings, "input": [str(f.resolve()) for f in inputs.files]})
         diffs = [f"{k}: existing {old['settings'].get(k)!r} vs now {v!r}"
                  for k, v in settings.items() if old["settings"].get(k) != v]
@@ -225,7 +226,7 @@ def dump_shard(cfg: DumpConfig, shard: Shard, target: Target, inputs: InputSet) 
             entry = writer.finish()
         entry.update(_accounting(shard, entry, errors))
     commit_shard(Manifest(cfg.store), shard, entry)
-    return ShardResult(shard.name, len(shard), entry["num_samples"], entry["num_rejected"], tokens,
+    return ShardResult(shard.name, len(shard), entry["num_samples"], entry["rejected"], tokens,
                        time.monotonic() - start)
 
 
@@ -291,7 +292,8 @@ def _accounting(shard: Shard, entry: dict[str, Any], errors: RejectionLog) -> di
         raise RuntimeError(f"{shard.name}: {entry['num_samples']} accepted + {rejected} rejected != "
                            f"{len(shard)} input records; not committing it")
     by_field = Counter(row["field"] for row in errors.rows.values())
-    return {"num_input": len(shard), "num_accepted": entry["num_samples"], "num_rejected": rejected,
+    # the same vocabulary as stage 1's manifest entries (input_records = accepted + rejected)
+    return {"input_records": len(shard), "accepted": entry["num_samples"], "rejected": rejected,
             "rejected_by_field": dict(sorted(by_field.items())),
             "errors_file": errors.path.name, "errors_sha256": errors.finish()}
 
@@ -316,6 +318,11 @@ def _dump_and_report(cfg: DumpConfig) -> int:
         log.info("%s: %d input = %d accepted + %d rejected; %d tokens in %.1f s (%.0f tokens/s)", r.name,
                  r.num_input, r.num_accepted, r.num_rejected, r.num_tokens, r.seconds, r.num_tokens / max(r.seconds, 1e-9))
     return 0
+
+
+def is_complete(store: str | Path) -> bool:
+    """Every planned shard of the store is committed (its manifest says so)."""
+    return sharded_output_complete(Path(store))
 
 
 def main(argv: list[str] | None = None) -> int:

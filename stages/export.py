@@ -2,13 +2,13 @@
 
     python -m stages.export --run RUN_DIR [--step N] --output DRAFT_DIR [--engine vllm|sglang] [--dtype bf16]
 
-Reads the draft snapshot of a committed training step (:mod:`modeling.draft_io`) and writes
+Reads the draft snapshot of a committed training step (:mod:`modeling.draft.snapshot`) and writes
 DRAFT_DIR with:
 
 - ``config.json``: ``LlamaForCausalLMEagle3`` with ``draft_vocab_size``, ``target_hidden_size``,
   ``norm_before_residual`` and ``eagle_config.eagle_aux_hidden_state_layer_ids`` in the chosen
   engine's convention (vLLM names the *input* of layer i, SGLang the *output*: vLLM ids = SGLang
-  ids + 1; see :func:`modeling.draft_config.aux_ids_for_engine`). The file for one engine is
+  ids + 1; see :func:`modeling.draft.config.aux_ids_for_engine`). The file for one engine is
   wrong by one layer for the other, so export once per engine.
 - ``model.safetensors``: ``fc``, ``midlayer.*``, ``norm``, ``lm_head`` in ``--dtype``, ``d2t``
   (int64) when the draft vocab is smaller than the target's, never ``embed_tokens`` (the engine
@@ -35,8 +35,8 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
-from modeling.draft_config import aux_ids_for_engine
-from modeling.draft_io import DraftSnapshot, find_step, load_draft_snapshot
+from modeling.draft.config import aux_ids_for_engine
+from modeling.draft.snapshot import DraftSnapshot, find_step, load_draft_snapshot
 from pipeline.cli import stage_main
 from pipeline.config import opt, require
 from pipeline.durable import atomic_replace_dir, atomic_write_json, sha256_file
@@ -129,6 +129,11 @@ def export(cfg: ExportConfig) -> Path:
     log.info("exported %s (%s) -> %s for %s, aux layers %s", step_dir, cfg.dtype, out, cfg.engine,
              aux_ids_for_engine(snap.aux_layer_ids_output_convention, cfg.engine))
     return out
+
+
+def is_complete(output: str | Path) -> bool:
+    """An export is in place (its info file is written inside the temp dir before the rename)."""
+    return (Path(output) / INFO_FILE).is_file()
 
 
 def main(argv: list[str] | None = None) -> int:

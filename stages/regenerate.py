@@ -28,7 +28,6 @@ import functools
 import hashlib
 import json
 import logging
-import re
 import sys
 import time
 from collections import Counter
@@ -40,15 +39,16 @@ from modeling.targets import family_of, target_identity
 from pipeline.audio import AudioLimits
 from pipeline.cli import stage_main
 from pipeline.config import ConfigError, config_hash, opt, require
-from pipeline.data import Part, Record, RecordError, Rejection, Turn, read_conversations
+from pipeline.data import Part, Record, RecordError, Rejection, Turn, read_conversations, reason_key
 from pipeline.durable import DurableJsonl, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
 from pipeline.engine import Generator, GenRequest, GenResult, Sampling
 from pipeline.locks import LockHeld
-from pipeline.manifest import Manifest, ManifestMismatch
+from pipeline.manifest import Manifest, ManifestMismatch, sharded_output_complete
 from pipeline.progress import Progress
 from pipeline.samples import load_record_audio, split_audio_parts
 from pipeline.server_client import RequestFailed
 from pipeline.shards import Shard, plan_shards, resolve_shard_index, run_shards
+from pipeline.stage1_layout import shard_files
 from pipeline.template import ChatTokenizer
 
 log = logging.getLogger("stages.regenerate")
@@ -118,13 +118,6 @@ def derive_seed(seed: int, index: int, k: int, turn: int) -> int:
     """A request's seed from its identity alone, so batching and sharding cannot change it."""
     digest = hashlib.sha256(f"{seed}:{index}:{k}:{turn}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def reason_key(error: dict[str, Any]) -> str:
-    """A short class for the summary: field without indices, reason without path or details."""
-    name = re.sub(r"\[\d+\]", "", str(error.get("field"))).split(".")[-1]
-    reason = re.sub(r"^/\S*: ", "", str(error.get("reason"))).split(" (")[0]
-    return f"{name}: {reason[:80]}"
 
 
 @functools.lru_cache(maxsize=2)
@@ -303,13 +296,6 @@ class _ShardWork:
         return rows
 
 
-def shard_files(out_dir: str | Path, shard: Shard) -> tuple[Path, Path, Path]:
-    """(records, errors, in-progress log) paths of a shard."""
-    out = Path(out_dir)
-    return (out / f"{shard.name}.jsonl", out / f"errors-{shard.index:05d}.jsonl",
-            out / "progress" / f"{shard.name}.jsonl")
-
-
 def _in_shard(items: list[Any], shard: Shard) -> list[Any]:
     """The items (sorted by ``.index``) whose index falls in the shard's range."""
     lo = bisect.bisect_left(items, shard.start, key=lambda r: r.index)
@@ -453,6 +439,11 @@ def run(cfg: RegenerateConfig, engine: Generator | None = None) -> list[ShardRes
             engine.close()
     _log_summary(results, summary.busy, time.monotonic() - start)
     return results
+
+
+def is_complete(output: str | Path) -> bool:
+    """Every planned shard of the output directory is committed (its manifest says so)."""
+    return sharded_output_complete(Path(output))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from modeling.train_checkpoint import peer_failed
-from modeling.train_config import TrainConfig
-from modeling.train_setup import TrainSetupError, check_inputs, check_run_dir
+from modeling.training.checkpoint import peer_failed
+from modeling.training.config import TrainConfig
+from modeling.training.setup import TrainSetupError, check_inputs, check_run_dir
 from pipeline.cli import EXIT_SERVICE, stage_main
 from pipeline.locks import LockHeld
 
@@ -56,11 +56,11 @@ def relaunch(cfg: TrainConfig, argv: list[str]) -> None:
 
     exec keeps the pid, so the launcher and its ranks stay in this process group (a kill of the
     group stops all of them). On a machine without CUDA the ranks use DeepSpeed's CPU accelerator
-    and gloo (:func:`modeling.trainer.init_distributed`).
+    and gloo (:func:`modeling.training.trainer.init_distributed`).
     """
     import torch
 
-    from modeling.trainer import free_port
+    from modeling.training.trainer import free_port
 
     env = dict(os.environ)
     if not torch.cuda.is_available():
@@ -82,7 +82,7 @@ def _check_and_train(cfg: TrainConfig, argv: list[str]) -> int:
     if cfg.nproc and not launched():
         del inputs  # the ranks re-read what they need
         relaunch(cfg, argv)
-    from modeling.trainer import train
+    from modeling.training.trainer import train
 
     try:
         step = train(cfg, inputs)
@@ -105,6 +105,13 @@ def _check_only(cfg: TrainConfig) -> int:
     check_run_dir(cfg, max(cfg.nproc, 1))
     log.info("inputs and run directory %s are fine for %d processes", cfg.output, max(cfg.nproc, 1))
     return 0
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    """The run finished its schedule (the trainer writes its marker last)."""
+    from modeling.training.trainer import FINISHED
+
+    return (Path(run_dir) / FINISHED).is_file()
 
 
 def main(argv: list[str] | None = None) -> int:

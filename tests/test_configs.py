@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from modeling.train_config import TrainConfig
+from modeling.training.config import TrainConfig
 from pipeline.config import from_dict, read_yaml_section
 from pipeline.orchestrate import STAGES, Paths, load_pipeline_config, stage_path_args
 from pipeline.slurm import emit_slurm

@@ -331,7 +331,7 @@ def test_slurm_run_equals_the_local_run(runs):
         assert diff.returncode == 0 and "identical" in diff.stdout, diff.stdout[-3000:]
     import torch
 
-    from modeling.draft_io import load_draft_snapshot
+    from modeling.draft.snapshot import load_draft_snapshot
 
     step = f"step-{MAX_STEPS:06d}"
     ref, got = (load_draft_snapshot(w / "run" / "checkpoints" / step).state_dict for w in (local, slurm))

@@ -7,7 +7,13 @@ import json
 import pytest
 import torch
 
-from modeling.capture import TargetCapture, aux_layer_ids, load_target_model, loss_positions, plan_batches
+from modeling.targets.capture import (
+    TargetCapture,
+    aux_layer_ids,
+    load_target_model,
+    loss_positions,
+    plan_batches,
+)
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.data import read_conversations
 from pipeline.samples import load_target_processor, prepare_sample

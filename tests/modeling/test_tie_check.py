@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
-from modeling.tie_check import TIE_Z, DivergenceCase, TieChecker, first_divergence, noise_bound
+from modeling.targets.tie_check import TIE_Z, DivergenceCase, TieChecker, first_divergence, noise_bound
 from pipeline.audio import AudioLimits
 from pipeline.data import read_conversations
 from pipeline.samples import load_record_audio

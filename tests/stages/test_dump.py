@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 
-from modeling.capture import plan_batches
+from modeling.targets.capture import plan_batches
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.config import parse_config
 from pipeline.data import read_conversations
@@ -99,7 +99,7 @@ def assert_same_store(got: Path, ref: Path) -> None:
 
 def test_speech_fixture_all_accepted(speech_store, fixtures_dir):
     (entry,) = shard_entries(speech_store).values()
-    assert (entry["num_input"], entry["num_accepted"], entry["num_rejected"]) == (30, 30, 0)
+    assert (entry["input_records"], entry["accepted"], entry["rejected"]) == (30, 30, 0)
     store = open_store(speech_store)
     ids = [json.loads(x)["id"] for x in (fixtures_dir / "speech.jsonl").read_text().splitlines()]
     assert [s["id"] for s in store.iter_samples()] == ids  # input order, whatever the batching
@@ -121,7 +121,7 @@ def test_bad_records_accepted_and_rejected_with_reasons(tmp_path, tiny_target, f
     for row in rows:
         assert row["field"] == expect[row["index"]]["field"] and expect[row["index"]]["reason"] in row["reason"]
     (entry,) = shard_entries(tmp_path / "store").values()
-    assert (entry["num_input"], entry["num_accepted"], entry["num_rejected"]) == (23, 2, 21)
+    assert (entry["input_records"], entry["accepted"], entry["rejected"]) == (23, 2, 21)
     assert sum(entry["rejected_by_field"].values()) == 21
 
 

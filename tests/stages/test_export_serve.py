@@ -22,17 +22,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from modeling.draft import Eagle3Draft
-from modeling.draft_config import DraftConfig
-from modeling.draft_io import (
+from modeling.draft.config import DraftConfig
+from modeling.draft.model import Eagle3Draft
+from modeling.draft.snapshot import (
     COMMITTED,
     SnapshotError,
     find_step,
     load_draft_snapshot,
     save_draft_snapshot,
 )
+from modeling.draft.vocab import build_draft_vocab, count_supervised_tokens
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
-from modeling.vocab import build_draft_vocab, count_supervised_tokens
 from pipeline.faults import crash_chain
 from pipeline.spec_counters import SpecCounters
 from stages import export as export_stage
@@ -305,7 +305,7 @@ def test_benchmark_cli_serves_the_export_as_eagle3(engine_runs: dict) -> None:
 
 @pytest.mark.timeout(1800)
 def test_full_vocab_draft_without_d2t_loads_and_matches_plain(engine_runs: dict, tiny_target: Path) -> None:
-    from modeling.tie_check import DivergenceCase, TieChecker
+    from modeling.targets.tie_check import DivergenceCase, TieChecker
     from stages.benchmark import BenchmarkConfig, build_prompts
 
     _ok(engine_runs["probe"])

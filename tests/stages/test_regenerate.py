@@ -27,7 +27,7 @@ import pytest
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.audio import AudioLimits
 from pipeline.config import parse_config
-from pipeline.data import read_conversations
+from pipeline.data import read_conversations, reason_key
 from pipeline.durable import sha256_file
 from pipeline.faults import crash_chain, random_passages, read_trace, tracing
 from pipeline.locks import FileLock
@@ -35,7 +35,7 @@ from pipeline.manifest import ManifestMismatch
 from pipeline.samples import load_record_audio, load_target_processor
 from pipeline.template import ChatTokenizer
 from stages import regenerate
-from stages.regenerate import RegenerateConfig, derive_seed, reason_key, run
+from stages.regenerate import RegenerateConfig, derive_seed, run
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from modeling.draft_config import DraftConfig
-from modeling.draft_io import load_draft_snapshot
-from modeling.train_checkpoint import list_steps
-from modeling.train_data import Packing, Schedule, collate_row, split_samples, store_columns
-from modeling.train_model import TrainDraft, WarmupCosine, with_audio_ids
+from modeling.draft.config import DraftConfig
+from modeling.draft.snapshot import load_draft_snapshot
+from modeling.training.checkpoint import list_steps
+from modeling.training.data import Packing, Schedule, collate_row, split_samples, store_columns
+from modeling.training.model import TrainDraft, WarmupCosine, with_audio_ids
 from pipeline.faults import crash_chain
 from stages.train import main, strip_local_rank
 from storage.store import open_store

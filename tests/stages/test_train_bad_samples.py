@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling.train_data import PackedRows, read_or_skip
+from modeling.training.data import PackedRows, read_or_skip
 from pipeline.durable import atomic_write_json, sha256_file
 from pipeline.manifest import Manifest
 from storage.checksum import digest_fn

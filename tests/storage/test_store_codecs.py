@@ -15,7 +15,7 @@ import torch
 import zarr
 from test_store import LENGTHS, bits, build, make_samples
 
-from modeling.train_data import PackedRows, dequantize_row, read_or_skip
+from modeling.training.data import PackedRows, dequantize_row, read_or_skip
 from pipeline.manifest import Manifest
 from storage.chunk_codec import nonfinite_count
 from storage.layout import SHARDS_DIR

@@ -39,9 +39,9 @@ SPEC_TOKENS = 3
 
 def export_random_draft(target: Path, root: Path) -> Path:
     """A random full-vocab EAGLE-3 draft exported for vLLM, through a run dir as the trainer leaves it."""
-    from modeling.draft import Eagle3Draft
-    from modeling.draft_config import DraftConfig
-    from modeling.draft_io import COMMITTED, save_draft_snapshot
+    from modeling.draft.config import DraftConfig
+    from modeling.draft.model import Eagle3Draft
+    from modeling.draft.snapshot import COMMITTED, save_draft_snapshot
     from stages import export as export_stage
 
     config = json.loads((target / "config.json").read_text())

@@ -236,9 +236,9 @@ def test_audio_token_counts_equal_the_encoder_output(target: Path, processor: An
 
 
 def test_capture_hooks_equal_output_hidden_states(target: Path, processor: Any, records: dict[str, Any]) -> None:
-    """Hooks on ``decoder(model)`` as modeling.capture sets them, against an independent model instance's
+    """Hooks on ``decoder(model)`` as modeling.targets.capture sets them, against an independent model instance's
     ``output_hidden_states=True`` forward: bit-exact at batch size 1 (same weights, same ops)."""
-    from modeling.capture import aux_layer_ids
+    from modeling.targets.capture import aux_layer_ids
 
     model = F.load_model(target, "bf16")
     reference = F.load_model(target, "bf16")
@@ -298,9 +298,9 @@ def _hf_greedy(model: Any, ids: list[int], audio: dict[str, np.ndarray], steps: 
 
 def _export_random_draft(target: Path, root: Path) -> Path:
     """A random full-vocab EAGLE-3 draft, exported for vLLM as the trainer + export stage would."""
-    from modeling.draft import Eagle3Draft
-    from modeling.draft_config import DraftConfig
-    from modeling.draft_io import COMMITTED, save_draft_snapshot
+    from modeling.draft.config import DraftConfig
+    from modeling.draft.model import Eagle3Draft
+    from modeling.draft.snapshot import COMMITTED, save_draft_snapshot
     from stages import export as export_stage
 
     cfg = DraftConfig.from_target_config(json.loads((target / "config.json").read_text()), 640)

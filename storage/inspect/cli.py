@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from storage.inspect_common import (
+from storage.inspect.common import (
     STORE,
     Inspected,
     InspectError,
@@ -42,11 +42,11 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 
 def cmd_summary(args: argparse.Namespace, item: Inspected) -> tuple[dict[str, Any], str, int]:
     if item.kind == STORE:
-        from storage.inspect_store import format_store_summary, summarize_store
+        from storage.inspect.store import format_store_summary, summarize_store
 
         s = summarize_store(item, args.dataset_tokens)
         return s, format_store_summary(s), 0
-    from storage.inspect_stage1 import format_stage1_summary, summarize_stage1
+    from storage.inspect.stage1 import format_stage1_summary, summarize_stage1
 
     s = summarize_stage1(item)
     return s, format_stage1_summary(s), 0
@@ -54,11 +54,11 @@ def cmd_summary(args: argparse.Namespace, item: Inspected) -> tuple[dict[str, An
 
 def cmd_verify(args: argparse.Namespace, item: Inspected) -> tuple[dict[str, Any], str, int]:
     if item.kind == STORE:
-        from storage.inspect_verify import repair_store as repair
-        from storage.inspect_verify import verify_store as verify
+        from storage.inspect.verify import repair_store as repair
+        from storage.inspect.verify import verify_store as verify
     else:
-        from storage.inspect_stage1 import repair_stage1 as repair
-        from storage.inspect_stage1 import verify_stage1 as verify
+        from storage.inspect.stage1 import repair_stage1 as repair
+        from storage.inspect.stage1 import verify_stage1 as verify
     v = verify(item, deep=args.deep)
     fixed = None
     if args.repair and v["problems"]:
@@ -69,11 +69,11 @@ def cmd_verify(args: argparse.Namespace, item: Inspected) -> tuple[dict[str, Any
 
 def cmd_du(args: argparse.Namespace, item: Inspected) -> tuple[dict[str, Any], str, int]:
     if item.kind == STORE:
-        from storage.inspect_store import du_store
+        from storage.inspect.store import du_store
 
         d = du_store(item)
     else:
-        from storage.inspect_stage1 import du_stage1
+        from storage.inspect.stage1 import du_stage1
 
         d = du_stage1(item)
     return d, format_du(d), 0
@@ -84,18 +84,18 @@ def cmd_diff(args: argparse.Namespace, item: Inspected) -> tuple[dict[str, Any],
     if other.kind != item.kind:
         raise InspectError(f"cannot compare a {item.kind} ({item.path}) with a {other.kind} ({other.path})")
     if item.kind == STORE:
-        from storage.inspect_store import diff_stores
+        from storage.inspect.store import diff_stores
 
         d = diff_stores(item.path, other.path, args.max_listed)
     else:
-        from storage.inspect_stage1 import diff_stage1
+        from storage.inspect.stage1 import diff_stage1
 
         d = diff_stage1(item, other, args.max_listed)
     return d, format_diff(d), 0 if d["identical"] else 1
 
 
 def cmd_stats(args: argparse.Namespace, item: Inspected) -> tuple[dict[str, Any], str, int]:
-    from storage.inspect_stats import compute_stats, format_stats, plot_stats
+    from storage.inspect.stats import compute_stats, format_stats, plot_stats
     from storage.store import open_store
 
     store = open_store(item.path)
@@ -108,7 +108,7 @@ def cmd_stats(args: argparse.Namespace, item: Inspected) -> tuple[dict[str, Any]
 
 def cmd_show(args: argparse.Namespace, item: Inspected) -> tuple[dict[str, Any], str, int]:
     from pipeline.samples import load_target_processor
-    from storage.inspect_stats import find_sample, show_sample
+    from storage.inspect.stats import find_sample, show_sample
     from storage.store import open_store
 
     store = open_store(item.path)

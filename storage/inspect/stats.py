@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.inspect_common import InspectError
+from storage.inspect.common import InspectError
 from storage.store import HiddenStateStore
 
 NORM_ROWS = 1024  # rows per block when taking norms: bounds float32 copies to ~16 MiB at H=4096

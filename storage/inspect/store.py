@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 
 from storage.checksum import store_checksum
-from storage.inspect_common import TMP_NAME, Inspected, fmt_bytes, fmt_counts, format_states, shard_states
+from storage.inspect.common import (
+    TMP_NAME,
+    Inspected,
+    entry_counts,
+    fmt_bytes,
+    fmt_counts,
+    format_states,
+    shard_states,
+)
 from storage.layout import ARRAYS_DIR, CHECKSUMS_NAME, INDEX_NAME, SHARDS_DIR
 from storage.reader import ShardReader
 from storage.store import HiddenStateStore, open_store
@@ -35,7 +43,7 @@ def partial_shards(item: Inspected) -> set[int]:
 
 def rejections_by_reason(item: Inspected) -> Counter:
     """Rejections of the committed shards, classed like stage 1's summary (errors files are small)."""
-    from stages.regenerate import reason_key  # one classification for both stages' rejections
+    from pipeline.data import reason_key  # one classification for both stages' rejections
 
     counts: Counter = Counter()
     for _, entry in item.done_entries():
@@ -57,8 +65,10 @@ def summarize_store(item: Inspected, dataset_tokens: int | None = None) -> dict[
     m, entries = item.manifest, [e for _, e in item.done_entries()]
     hidden, layers = int(m["hidden_size"]), int(m["num_aux_layers"])
     total = {k: sum(int(e.get(k, 0)) for e in entries)
-             for k in ("num_samples", "num_tokens", "num_loss_tokens", "num_last", "num_audio", "num_rejected",
-                       "num_input", "bytes")}
+             for k in ("num_samples", "num_tokens", "num_loss_tokens", "num_last", "num_audio", "bytes")}
+    counts = [entry_counts(e) for e in entries]
+    total["num_rejected"] = sum(c[2] for c in counts)
+    total["num_input"] = sum(c[0] or 0 for c in counts)
     tokens, size = total["num_tokens"], total["bytes"]
     raw = raw_bf16_bytes(hidden, layers, tokens, total["num_last"], total["num_audio"])
     per_token = size / tokens if tokens else None

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.durable import sha256_file
-from storage.inspect_common import (
-    SHARD_NAME,
+from pipeline.shards import SHARD_NAME
+from pipeline.stage1_layout import PROGRESS_DIR, entry_files
+from storage.inspect.common import (
     Inspected,
     Problem,
     fmt_counts,
@@ -24,7 +25,6 @@ from storage.inspect_common import (
     shard_states,
 )
 
-PROGRESS_DIR = "progress"
 COUNTS = ("input_records", "accepted", "rejected", "output_records", "generated_tokens")
 
 
@@ -36,10 +36,7 @@ def shard_name(index: int, entry: dict[str, Any]) -> str:
 
 def _files(item: Inspected, entry: dict[str, Any]) -> tuple[Path | None, Path | None]:
     """(records file, errors file) of a committed shard."""
-    names = list(entry.get("files", {}))
-    records = next((n for n in names if n.startswith("shard-")), None)
-    errors = next((n for n in names if n.startswith("errors-")), None)
-    return (item.path / records if records else None), (item.path / errors if errors else None)
+    return entry_files(item.path, entry)
 
 
 def _lines(path: Path) -> list[bytes]:

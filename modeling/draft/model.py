@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modeling.draft_config import DraftConfig
+from modeling.draft.config import DraftConfig
 
 
 def _norm_fp32(x32: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
@@ -197,7 +197,7 @@ class Eagle3Draft(nn.Module):
 
     def load_target_embedding(self, checkpoint_dir: str | Path) -> None:
         """Copy the target's input embedding table, reading only that tensor from disk."""
-        from modeling.target_weights import read_target_embedding
+        from modeling.targets.weights import read_target_embedding
 
         weight = read_target_embedding(checkpoint_dir)
         if weight.shape != self.embed_tokens.weight.shape:

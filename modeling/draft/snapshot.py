@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from modeling.draft_config import DraftConfig
-from modeling.vocab import VocabMapping
+from modeling.draft.config import DraftConfig
+from modeling.draft.vocab import VocabMapping
 from pipeline.durable import atomic_replace_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def identity_vocab(vocab_size: int) -> VocabMapping:
 
 def expected_shapes(cfg: DraftConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor an export of ``cfg`` holds (built on the meta device: no memory)."""
-    from modeling.draft import Eagle3Draft
+    from modeling.draft.model import Eagle3Draft
 
     with torch.device("meta"):
         draft = Eagle3Draft(cfg)

@@ -21,7 +21,16 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.durable import sha256_file
-from storage.inspect_common import SHARD_NAME, TMP_NAME, Inspected, Problem, planned_shards, requeue, shard_of
+from storage.inspect.common import (
+    SHARD_NAME,
+    TMP_NAME,
+    Inspected,
+    Problem,
+    entry_counts,
+    planned_shards,
+    requeue,
+    shard_of,
+)
 from storage.layout import (
     ARRAYS_DIR,
     CHECKSUMS_NAME,
@@ -95,8 +104,9 @@ def _errors_file_problems(item: Inspected) -> list[Problem]:
     out = []
     for _, e in item.done_entries():
         name, errors = e["name"], e.get("errors_file")
-        if "num_input" in e and e["num_input"] != e.get("num_accepted", e.get("num_samples")) + e.get("num_rejected", 0):
-            out.append(Problem(name, f"{name}: manifest says {e['num_input']} input != accepted + rejected"))
+        n_in, n_acc, n_rej = entry_counts(e)
+        if n_in is not None and n_in != n_acc + n_rej:
+            out.append(Problem(name, f"{name}: manifest says {n_in} input != accepted + rejected"))
         if not errors:
             continue
         path = item.path / errors
@@ -104,9 +114,8 @@ def _errors_file_problems(item: Inspected) -> list[Problem]:
             out.append(Problem(name, f"{name}: {errors} is missing"))
         elif e.get("errors_sha256") and sha256_file(path) != e["errors_sha256"]:
             out.append(Problem(name, f"{name}: {errors} does not match its sha256 in the manifest"))
-        elif len(path.read_bytes().splitlines()) != e.get("num_rejected", 0):
-            out.append(Problem(name, f"{name}: {errors} has a line count other than num_rejected "
-                                     f"{e.get('num_rejected')}"))
+        elif len(path.read_bytes().splitlines()) != n_rej:
+            out.append(Problem(name, f"{name}: {errors} has a line count other than the {n_rej} rejected"))
     return out
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.manifest import Manifest, shard_key
+from pipeline.shards import SHARD_NAME
 
 STORE, STAGE1 = "store", "stage1"
-SHARD_NAME = re.compile(r"shard-(\d{5})-of-(\d{5})")
 TMP_NAME = re.compile(r"\.shard-(\d{5})\.tmp")  # a store shard being written: storage.layout.tmp_dir_name
 
 
@@ -202,3 +202,12 @@ def format_du(d: dict[str, Any]) -> str:
     if d.get("by_array"):
         lines.append("  (shards being written are not counted)")
     return "\n".join(lines)
+
+
+def entry_counts(entry: dict[str, Any]) -> tuple[int | None, int, int]:
+    """(input records, accepted, rejected) of a shard's manifest entry, in stage 1's vocabulary,
+    which stores use since format 2 (older stores wrote num_input / num_accepted / num_rejected)."""
+    n_in = entry.get("input_records", entry.get("num_input"))
+    accepted = entry.get("accepted", entry.get("num_accepted", entry.get("num_samples", 0)))
+    rejected = entry.get("rejected", entry.get("num_rejected", 0))
+    return (None if n_in is None else int(n_in)), int(accepted), int(rejected)

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modeling.draft import Eagle3Draft
-from modeling.draft_config import DraftConfig
-from modeling.train_config import TrainConfig
-from modeling.ttt import TTTResult, ttt_loss
+from modeling.draft.config import DraftConfig
+from modeling.draft.model import Eagle3Draft
+from modeling.draft.ttt import TTTResult, ttt_loss
+from modeling.training.config import TrainConfig
 
 GRAD_CLIP = 0.5  # EAGLE's ds_config
 ADAM_BETAS = (0.9, 0.999)  # torch AdamW defaults, as SpecForge uses them

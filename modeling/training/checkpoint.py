@@ -3,13 +3,13 @@
 A step directory ``checkpoints/step-000500/`` holds DeepSpeed's files (bf16 module states,
 each rank's ZeRO optimizer partition), ``rng-rank00000.pt`` per rank, ``train_state.json``
 (optimizer step, loader position, tokens seen) and the consolidated fp32 draft snapshot
-``draft/`` (:func:`modeling.draft_io.save_draft_snapshot`). Order of a save:
+``draft/`` (:func:`modeling.draft.snapshot.save_draft_snapshot`). Order of a save:
 
 1. every rank writes its files and fsyncs them; barrier;
 2. rank 0 writes ``COMMITTED``, then the ``latest`` pointer, then prunes; barrier.
 
 A kill before step 2 leaves a directory without ``COMMITTED``: it does not exist for readers
-(:func:`modeling.draft_io.find_step`) and the next start deletes it. Pruning removes the
+(:func:`modeling.draft.snapshot.find_step`) and the next start deletes it. Pruning removes the
 marker before the files, so a half-deleted directory is never taken for a checkpoint.
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from modeling.draft_io import COMMITTED, LATEST, SnapshotError, find_step
+from modeling.draft.snapshot import COMMITTED, LATEST, SnapshotError, find_step
 from pipeline.durable import atomic_write_json, atomic_write_text, fsync_tree
 
 CHECKPOINTS = "checkpoints"

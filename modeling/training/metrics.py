@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from modeling.ttt import chain_estimates, simulated_acceptance
+from modeling.draft.ttt import chain_estimates, simulated_acceptance
 from pipeline.durable import atomic_write_text
 
 log = logging.getLogger("stages.train")
@@ -29,7 +29,7 @@ class MetricWindow:
     """Accumulates TTT sums and token counts between two log points.
 
     Layout of the summed vector (T = ttt_length): loss sums [T], correct [T], evaluated [T],
-    loss positions [T], chain/walk sums [3T + 1] (:class:`modeling.ttt.ChainStats`), teacher
+    loss positions [T], chain/walk sums [3T + 1] (:class:`modeling.draft.ttt.ChainStats`), teacher
     agreement [2], then tokens, micro-batches and skipped samples.
     """
 

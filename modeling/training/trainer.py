@@ -21,12 +21,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from modeling.draft_io import save_draft_snapshot
-from modeling.train_checkpoint import load_checkpoint, remove_partial, save_checkpoint
-from modeling.train_config import TrainConfig
-from modeling.train_data import PackedRows, Packing, Schedule, dequantize_row, eval_rows, train_loader
-from modeling.train_metrics import MetricSinks, MetricWindow
-from modeling.train_model import (
+from modeling.draft.snapshot import save_draft_snapshot
+from modeling.draft.vocab import VocabMapping
+from modeling.training.checkpoint import load_checkpoint, remove_partial, save_checkpoint
+from modeling.training.config import TrainConfig
+from modeling.training.data import PackedRows, Packing, Schedule, dequantize_row, eval_rows, train_loader
+from modeling.training.metrics import MetricSinks, MetricWindow
+from modeling.training.model import (
     TrainDraft,
     TrainModule,
     WarmupCosine,
@@ -34,8 +35,7 @@ from modeling.train_model import (
     use_bf16,
     warmup_steps,
 )
-from modeling.train_setup import TrainInputs, check_run_dir, load_vocab, write_run_files
-from modeling.vocab import VocabMapping
+from modeling.training.setup import TrainInputs, check_run_dir, load_vocab, write_run_files
 from pipeline.durable import atomic_write_json, atomic_write_text
 from pipeline.faults import crash_point
 from pipeline.locks import FileLock

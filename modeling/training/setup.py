@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from modeling.draft_config import DraftConfig
-from modeling.train_config import TrainConfig
-from modeling.train_data import Split, split_samples, store_columns, supervised_counts
-from modeling.vocab import VocabMapping, build_draft_vocab
+from modeling.draft.config import DraftConfig
+from modeling.draft.vocab import VocabMapping, build_draft_vocab
+from modeling.training.config import TrainConfig
+from modeling.training.data import Split, split_samples, store_columns, supervised_counts
 from pipeline.config import to_dict
 from pipeline.durable import atomic_write_json
 from storage.reader import ChunkReadError
@@ -79,7 +79,7 @@ def _check_store_target(store: HiddenStateStore, target: Path, identity: str, hi
 
 
 def _read_tables(target: Path) -> tuple[Tensor, Tensor]:
-    from modeling.target_weights import read_target_embedding, read_target_lm_head
+    from modeling.targets.weights import read_target_embedding, read_target_lm_head
 
     try:
         return read_target_embedding(target), read_target_lm_head(target)

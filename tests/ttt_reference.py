@@ -4,7 +4,7 @@ Every step runs the whole [B, S] grid, appends its keys/values to a cache, conca
 the cache to (k+1)*S keys and masks it with an explicit [S, (k+1)S] matrix (block-diagonal
 causal for step 0, identity for each later step). The teacher is the full-vocab softmax
 at every position, and ids, teacher and mask are shifted one position left per step.
-Same alignment and normalisation as ``modeling.ttt.ttt_loss``, so the two must agree.
+Same alignment and normalisation as ``modeling.draft.ttt.ttt_loss``, so the two must agree.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modeling.draft import Eagle3Draft, apply_rotary
-from modeling.ttt import TTTResult, chain_stats, simulated_acceptance
+from modeling.draft.model import Eagle3Draft, apply_rotary
+from modeling.draft.ttt import TTTResult, chain_stats, simulated_acceptance
 
 
 def _left(x: Tensor, fill: float | int | bool = 0) -> Tensor:
@@ -27,7 +27,7 @@ def ttt_loss_reference(draft: Eagle3Draft, input_ids: Tensor, loss_mask: Tensor,
                        target_hidden: Tensor, target_lm_head: Tensor, *,
                        attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                        ttt_length: int = 7, loss_decay: float = 0.8) -> TTTResult:
-    """Reference TTT loss; same arguments and result as ``modeling.ttt.ttt_loss``."""
+    """Reference TTT loss; same arguments and result as ``modeling.draft.ttt.ttt_loss``."""
     b, s = input_ids.shape
     cfg, layer = draft.config, draft.midlayer
     attn, d = layer.self_attn, cfg.head_dim

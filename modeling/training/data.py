@@ -65,7 +65,7 @@ def supervised_counts(store: HiddenStateStore, indices: np.ndarray, vocab_size: 
 
     Reads only the ids and loss-mask arrays (5 bytes a token), one shard at a time.
     """
-    from modeling.vocab import count_supervised_tokens
+    from modeling.draft.vocab import count_supervised_tokens
 
     counts = torch.zeros(vocab_size, dtype=torch.long)
     wanted = np.zeros(len(store), dtype=bool)

@@ -1,0 +1,1 @@
+"""Stage 3 internals: config, setup checks, data loading and packing, the DeepSpeed trainer, checkpoints, metrics."""

@@ -1,0 +1,5 @@
+import sys
+
+from storage.inspect.cli import main
+
+sys.exit(main())
