@@ -110,18 +110,28 @@ class FileLock:
             if time.monotonic() < deadline:
                 time.sleep(0.05)
                 continue
-            info = self.owner() or {}
-            raise LockHeld(
-                f"{self.path} is held by host {info.get('host', '?')} pid {info.get('pid', '?')} "
-                f"since {time.ctime(info.get('started', 0))}; another job is working on it. If that "
-                f"job is dead on another host, the lock expires after {self.stale_after_s:.0f} s "
-                f"without heartbeat, or remove the file by hand."
-            )
+            raise self._held_error()
         self.held = True
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
         return self
+
+    def _held_error(self) -> LockHeld:
+        info = self.owner() or {}
+        return LockHeld(
+            f"{self.path} is held by host {info.get('host', '?')} pid {info.get('pid', '?')} "
+            f"since {time.ctime(info.get('started', 0))}; another job is working on it. If that "
+            f"job is dead on another host, the lock expires after {self.stale_after_s:.0f} s "
+            f"without heartbeat, or remove the file by hand."
+        )
+
+    def check_free(self) -> None:
+        """Raise :class:`LockHeld` if a live owner holds the lock now, without taking it: a launcher
+        refuses a second job at once instead of after starting its processes (the ranks still take
+        the lock itself, so this only narrows the window)."""
+        if self.path.exists() and not self._is_stale():
+            raise self._held_error()
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

@@ -24,9 +24,15 @@ from pathlib import Path
 
 from modeling.training.checkpoint import peer_failed
 from modeling.training.config import TrainConfig
-from modeling.training.setup import TrainSetupError, check_inputs, check_run_dir
+from modeling.training.setup import (
+    TrainSetupError,
+    check_inputs,
+    check_run_dir,
+    check_schedule,
+    run_lock_path,
+)
 from pipeline.cli import EXIT_SERVICE, stage_main
-from pipeline.locks import LockHeld
+from pipeline.locks import FileLock, LockHeld
 
 log = logging.getLogger("stages.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +84,11 @@ def relaunch(cfg: TrainConfig, argv: list[str]) -> None:
 def _check_and_train(cfg: TrainConfig, argv: list[str]) -> int:
     inputs = check_inputs(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1")) if launched() else max(cfg.nproc, 1)
+    check_schedule(cfg, inputs, world)
     check_run_dir(cfg, world)
     if cfg.nproc and not launched():
+        # a second job on this run dir stops here, before its ranks start (~20 s of DeepSpeed launch)
+        FileLock(run_lock_path(cfg)).check_free()
         del inputs  # the ranks re-read what they need
         relaunch(cfg, argv)
     from modeling.training.trainer import train
@@ -101,7 +110,7 @@ def _check_and_train(cfg: TrainConfig, argv: list[str]) -> int:
 
 def _check_only(cfg: TrainConfig) -> int:
     """The launcher's checks without training: a job of ``--nproc`` processes may start (or resume)."""
-    check_inputs(cfg)
+    check_schedule(cfg, check_inputs(cfg), max(cfg.nproc, 1))
     check_run_dir(cfg, max(cfg.nproc, 1))
     log.info("inputs and run directory %s are fine for %d processes", cfg.output, max(cfg.nproc, 1))
     return 0

@@ -126,6 +126,23 @@ def check_inputs(cfg: TrainConfig) -> TrainInputs:
     return TrainInputs(store, split, lengths, draft_config, embed, lm_head, info)
 
 
+def check_schedule(cfg: TrainConfig, inputs: TrainInputs, world_size: int) -> None:
+    """Enough packed rows for ``world_size`` processes: checked once, in the launching process, so the
+    error is one line with exit status 2 instead of a traceback from every rank."""
+    from modeling.training.data import Packing, epoch_rows
+
+    packing = Packing(cfg.batch_tokens, cfg.pack_window, cfg.seed, world_size, cfg.grad_accum)
+    if not epoch_rows(inputs.split.train, inputs.lengths, packing, 0):
+        raise TrainSetupError(f"{len(inputs.split.train)} training samples pack into fewer rows than world size x "
+                              f"grad accum ({world_size} x {cfg.grad_accum}) at --batch-tokens {cfg.batch_tokens}: "
+                              "lower one of them or add data")
+
+
+def run_lock_path(cfg: TrainConfig) -> Path:
+    """The lock rank 0 holds for the whole run: one job per run directory."""
+    return Path(cfg.output) / "locks" / "train.lock"
+
+
 def check_run_dir(cfg: TrainConfig, world_size: int) -> dict[str, Any] | None:
     """The existing ``run.json`` (None for a new run) after checking this command may resume it."""
     path = Path(cfg.output) / RUN_FILE

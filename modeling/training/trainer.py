@@ -35,7 +35,7 @@ from modeling.training.model import (
     use_bf16,
     warmup_steps,
 )
-from modeling.training.setup import TrainInputs, check_run_dir, load_vocab, write_run_files
+from modeling.training.setup import TrainInputs, check_run_dir, load_vocab, run_lock_path, write_run_files
 from pipeline.durable import atomic_write_json, atomic_write_text
 from pipeline.faults import crash_point
 from pipeline.locks import FileLock
@@ -260,7 +260,7 @@ def train(cfg: TrainConfig, inputs: TrainInputs) -> int:
     """Entry of every training process: join the job, hold the run lock on rank 0, train."""
     ctx = init_distributed()
     check_run_dir(cfg, ctx.world)  # every rank fails alike on a mismatched resume
-    lock = FileLock(Path(cfg.output) / "locks" / "train.lock") if ctx.rank == 0 else None
+    lock = FileLock(run_lock_path(cfg)) if ctx.rank == 0 else None
     if lock is not None:
         lock.acquire()
     try:

@@ -256,6 +256,9 @@ def test_input_errors_fail_before_any_work(fixture_store, tiny_target, tmp_path,
     assert "has a loss token" in error(_no_loss_store(fixture_store, tmp_path / "noloss"), tiny_target)
     assert "is not a hidden-state store" in error(tmp_path / "missing", tiny_target)
     assert "unknown DraftConfig override" in error(fixture_store, tiny_target, "--draft-config", '{"bogus": 1}')
+    # one 100k-token row for 2 processes: the launching process says so, before any rank starts
+    assert "pack into fewer rows than world size x grad accum (2 x 1)" in error(
+        fixture_store, tiny_target, "--nproc", "2", "--batch-tokens", "100000")
     assert not (tmp_path / "run").exists()  # nothing was created
 
 
