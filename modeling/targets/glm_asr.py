@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from modeling.targets.base import TargetFamily
+from modeling.targets.base import TargetFamily, load_hf
 from pipeline.data import Turn
 from pipeline.template import Segment
 
@@ -222,14 +222,9 @@ class GlmAsrFamily(TargetFamily):
     @staticmethod
     def load_model(target_dir: str | os.PathLike[str], dtype: str = "bf16", device: str = "cpu") -> Any:
         """The stock transformers ``GlmAsrForConditionalGeneration``, eval, frozen."""
-        import torch
         from transformers import GlmAsrForConditionalGeneration
 
-        dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-        if dtype not in dtypes:
-            raise ValueError(f"dtype must be one of {list(dtypes)}, got {dtype!r}")
-        model = GlmAsrForConditionalGeneration.from_pretrained(str(target_dir), dtype=dtypes[dtype])
-        return model.to(device).eval().requires_grad_(False)
+        return load_hf(GlmAsrForConditionalGeneration, target_dir, dtype, device)
 
     @staticmethod
     def decoder(model: Any) -> Any:

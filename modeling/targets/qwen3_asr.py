@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from modeling.targets.base import TargetFamily
+from modeling.targets.base import TargetFamily, hf_inner_forward, load_hf
 from pipeline.data import Turn
 from pipeline.template import Segment
 
@@ -104,7 +104,6 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-_DTYPES = ("bf16", "fp32")
 
 
 def _post_cnn_length(frames: int) -> int:
@@ -229,33 +228,16 @@ class Qwen3ASRFamily(TargetFamily):
     @staticmethod
     def load_model(target_dir: str | Path, dtype: str = "bf16", device: str = "cpu") -> Any:
         """The stock transformers ``Qwen3ASRForConditionalGeneration``, eval, frozen."""
-        import torch
         from transformers import Qwen3ASRForConditionalGeneration
 
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        model = Qwen3ASRForConditionalGeneration.from_pretrained(str(target_dir), dtype=torch_dtype)
-        return model.to(device).eval().requires_grad_(False)
+        return load_hf(Qwen3ASRForConditionalGeneration, target_dir, dtype, device)
 
     @staticmethod
     def decoder(model: Any) -> Any:
         """The Qwen3 decoder: ``.layers`` are the hook targets, it is called with ``inputs_embeds=``."""
         return model.model.language_model
 
-    @staticmethod
-    def inner_forward(model: Any, input_ids: Any, attention_mask: Any, **audio_kwargs: Any) -> Any:
-        """Final post-norm hidden states [B, T, H] of the inner model: the lm_head never runs."""
-        import torch
-
-        kwargs = {k: torch.as_tensor(v, device=model.device) for k, v in audio_kwargs.items()}
-        if "input_features" in kwargs:
-            # the HF encoder convolves without casting (vLLM casts to the tower's dtype): match the model
-            kwargs["input_features"] = kwargs["input_features"].to(model.dtype)
-        out = model.model(input_ids=torch.as_tensor(input_ids, device=model.device),
-                          attention_mask=torch.as_tensor(attention_mask, device=model.device),
-                          use_cache=False, **kwargs)
-        return out.last_hidden_state
+    inner_forward = staticmethod(hf_inner_forward)
 
     @staticmethod
     def embedding_key(config: dict[str, Any]) -> str:
