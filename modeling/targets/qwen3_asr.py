@@ -105,7 +105,6 @@ CHAT_TEMPLATE = (
 )
 
 
-
 def _post_cnn_length(frames: int) -> int:
     """Embeddings of one chunk of ``frames`` mel frames: three convs (k=3, s=2, p=1); none for none."""
     for _ in range(3):
