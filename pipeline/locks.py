@@ -27,7 +27,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # a killed process whose parent died stays a zombie until init reaps it, and a container's
+    # pid 1 often never does: signal 0 still succeeds, but the owner is gone
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs (macOS): trust the signal
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _slurm_job() -> str | None:
@@ -126,12 +132,16 @@ class FileLock:
             f"without heartbeat, or remove the file by hand."
         )
 
-    def check_free(self) -> None:
-        """Raise :class:`LockHeld` if a live owner holds the lock now, without taking it: a launcher
+    def check_free(self, grace_s: float = 3.0) -> None:
+        """Raise :class:`LockHeld` if a live owner holds the lock, without taking it: a launcher
         refuses a second job at once instead of after starting its processes (the ranks still take
-        the lock itself, so this only narrows the window)."""
-        if self.path.exists() and not self._is_stale():
-            raise self._held_error()
+        the lock itself, so this only narrows the window). ``grace_s`` covers an owner that was just
+        killed and is still being torn down (a SIGKILLed process group takes ~1 s to be reaped)."""
+        deadline = time.monotonic() + grace_s
+        while self.path.exists() and not self._is_stale():
+            if time.monotonic() >= deadline:
+                raise self._held_error()
+            time.sleep(0.1)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

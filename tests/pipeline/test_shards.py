@@ -48,6 +48,30 @@ def test_lock_held_and_stale(tmp_path):
         assert lock.owner()["pid"] == os.getpid()
 
 
+def test_lock_of_an_unreaped_zombie_is_stale(tmp_path):
+    """A killed owner that nobody reaped (a container's pid 1 often never does) still answers
+    signal 0; its lock must be taken over all the same, by a probe and by acquire."""
+    import socket
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    while open(f"/proc/{zombie.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
+        pass  # exited, not yet waited for
+    path = tmp_path / "x.lock"
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": zombie.pid, "started": 0}))
+    os.kill(zombie.pid, 0)  # what a signal-only check sees: alive
+    FileLock(path).check_free()
+    with FileLock(path) as lock:
+        assert lock.owner()["pid"] == os.getpid()
+    zombie.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid, "started": 0}))
+        with pytest.raises(LockHeld, match=f"pid {live.pid}"):
+            FileLock(path).check_free(grace_s=0.5)
+    finally:
+        live.kill()
+        live.wait()
+
+
 def _mark(root: str, i: int) -> None:
     Manifest(root).mark_shard(i, {"status": "done", "n": i})
 
