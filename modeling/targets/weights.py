@@ -1,4 +1,4 @@
-"""Read single frozen tensors (embedding table, lm_head) from a target checkpoint.
+"""Read single frozen tensors (embedding table, lm_head, final norm) from a target checkpoint.
 
 A 7B target is ~16 GB of safetensors; the draft needs only two 156032 x 4096 tables
 (1.3 GB each in bf16). ``safe_open(...).get_tensor`` reads one tensor from the memory-mapped
@@ -92,3 +92,11 @@ def read_target_lm_head(checkpoint_dir: str | Path, dtype: torch.dtype | None = 
         if tied:
             return read_target_embedding(root, dtype)
         raise
+
+
+def read_target_final_norm(checkpoint_dir: str | Path, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The target LM's final RMSNorm weight [Ht]: it sits beside the embedding table in every layout
+    (``<prefix>.embed_tokens.weight`` -> ``<prefix>.norm.weight``)."""
+    key, _, _ = _family_keys(Path(checkpoint_dir))
+    names = tuple(n.replace("embed_tokens.weight", "norm.weight") for n in ((key,) if key else ()) + EMBED_NAMES)
+    return read_tensor(checkpoint_dir, names, dtype)[1]

@@ -46,6 +46,18 @@ class TrainDraft(Eagle3Draft):
         return out.to(self.fc.weight.dtype)
 
 
+def init_head_from_target(draft: Eagle3Draft, target_lm_head: Tensor, target_norm: Tensor) -> None:
+    """Start the draft's head where the target's is: its lm_head rows of the draft vocab (``d2t``
+    must be set) and its final norm. A draft trained on a few thousand answer tokens otherwise
+    learns an output row only for tokens it saw often; copied rows already separate every token
+    of the draft vocab. Trained tiny target, 400 clips, 200 steps: held-out walk acceptance at
+    k=4 2.31 vs 2.17 from a random head."""
+    rows = target_lm_head[draft.draft_to_target(torch.arange(draft.config.draft_vocab_size))]
+    with torch.no_grad():
+        draft.lm_head.weight.copy_(rows.to(draft.lm_head.weight.dtype))
+        draft.norm.weight.copy_(target_norm.to(draft.norm.weight.dtype))
+
+
 def with_audio_ids(input_ids: Tensor, positions: Tensor, vocab_size: int) -> Tensor:
     """Ids where audio position i (row-major in the packed batch) becomes ``vocab_size + i``.
 
@@ -125,7 +137,7 @@ def deepspeed_config(cfg: TrainConfig, on_cpu: bool) -> dict[str, Any]:
                             "overlap_comm": not on_cpu}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
-    adam = {"lr": cfg.lr, "betas": list(ADAM_BETAS), "eps": 1e-8, "weight_decay": 0.0}
+    adam = {"lr": cfg.lr, "betas": list(ADAM_BETAS), "eps": 1e-8, "weight_decay": cfg.weight_decay}
     if not cfg.offload_optimizer:
         # torch's AdamW (foreach kernels on GPUs): DeepSpeed's FusedAdam would JIT-build with nvcc and
         # does not exist on CPU. Offload uses DeepSpeedCPUAdam (a C++ build, ~2.5 min on first use here).

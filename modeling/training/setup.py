@@ -50,6 +50,8 @@ class TrainInputs:
     embed_table: Tensor
     lm_head: Tensor
     target_info: dict[str, Any]
+    final_norm: Tensor | None = None
+    """The target's final norm weight, read only for ``--init-head target``."""
 
 
 def _open_store(path: str) -> HiddenStateStore:
@@ -87,6 +89,19 @@ def _read_tables(target: Path) -> tuple[Tensor, Tensor]:
         raise TrainSetupError(f"--target {target}: cannot read the embedding table and lm_head: {err}") from None
 
 
+def _read_final_norm(target: Path, draft_config: DraftConfig) -> Tensor:
+    from modeling.targets.weights import read_target_final_norm
+
+    if draft_config.hidden_size != draft_config.target_hidden_size:
+        raise TrainSetupError(f"--init-head target copies the target's lm_head rows, which needs the draft's hidden "
+                              f"size ({draft_config.hidden_size}) to equal the target's "
+                              f"({draft_config.target_hidden_size}); use --init-head random")
+    try:
+        return read_target_final_norm(target)
+    except (FileNotFoundError, KeyError) as err:
+        raise TrainSetupError(f"--target {target}: cannot read the final norm for --init-head target: {err}") from None
+
+
 def check_inputs(cfg: TrainConfig) -> TrainInputs:
     """Every check that needs no GPU and no DeepSpeed (see the module docstring)."""
     from modeling.targets import UnsupportedTarget, family_of, target_identity
@@ -120,10 +135,11 @@ def check_inputs(cfg: TrainConfig) -> TrainInputs:
         raise TrainSetupError(f"--store {cfg.store}: all {len(split.eval)} samples with loss tokens are held out; "
                               f"lower --eval-fraction ({cfg.eval_fraction})")
     embed, lm_head = _read_tables(target)
+    final_norm = _read_final_norm(target, draft_config) if cfg.init_head == "target" else None
     info = {**identity, "identity_sha256": identity["sha256"], "vocab_size": vocab,
             "num_layers": text["num_hidden_layers"], "store": str(Path(cfg.store).resolve()),
             "store_target": store.header.get("target")}
-    return TrainInputs(store, split, lengths, draft_config, embed, lm_head, info)
+    return TrainInputs(store, split, lengths, draft_config, embed, lm_head, info, final_norm)
 
 
 def check_schedule(cfg: TrainConfig, inputs: TrainInputs, world_size: int) -> None:

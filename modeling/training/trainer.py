@@ -32,6 +32,7 @@ from modeling.training.model import (
     TrainModule,
     WarmupCosine,
     deepspeed_config,
+    init_head_from_target,
     use_bf16,
     warmup_steps,
 )
@@ -93,6 +94,8 @@ def build_engine(cfg: TrainConfig, inputs: TrainInputs, vocab: VocabMapping, tot
     torch.manual_seed(cfg.seed)
     draft = TrainDraft(inputs.draft_config, inputs.embed_table)
     draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
+    if inputs.final_norm is not None:
+        init_head_from_target(draft, inputs.lm_head, inputs.final_norm)
     # the teacher matmul runs in the compute dtype: bf16 on GPUs as the serving target does
     dtype = torch.bfloat16 if use_bf16(cfg, ctx.device.type == "cpu") else torch.float32
     module = TrainModule(draft, inputs.lm_head.to(dtype), cfg.ttt_length, cfg.loss_decay)

@@ -24,6 +24,7 @@ import torch
 
 from modeling.draft.config import DraftConfig
 from modeling.draft.snapshot import load_draft_snapshot
+from modeling.targets.weights import read_target_final_norm, read_target_lm_head
 from modeling.training.checkpoint import list_steps
 from modeling.training.data import Packing, Schedule, collate_row, split_samples, store_columns
 from modeling.training.model import TrainDraft, WarmupCosine, with_audio_ids
@@ -195,9 +196,15 @@ def test_zero3_bf16_encoder_audio(fixture_store, tiny_target, tmp_path):
     out = tmp_path / "run"
     args = [*BASE, "--nproc", "2", "--zero-stage", "3", "--precision", "bf16", "--draft-audio-input", "encoder",
             "--grad-accum", "2", "--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "1",
-            "--log-every", "2", "--draft-config", '{"intermediate_size": 512}']
+            "--log-every", "2", "--draft-config", '{"intermediate_size": 512}', "--init-head", "target"]
     run_train(train_cmd(fixture_store, tiny_target, out, args), tmp_path / "log.txt")
     assert list_steps(out) == ([0, 4], [])
+    # --init-head target: the untrained draft's head is the target's, row for row through d2t
+    start = load_draft_snapshot(out / "checkpoints" / "step-000000")
+    target_ids = start.vocab.draft_ids
+    head, norm = start.state_dict["lm_head.weight"], start.state_dict["norm.weight"]
+    assert torch.equal(head, read_target_lm_head(tiny_target)[target_ids].to(head.dtype))
+    assert torch.equal(norm, read_target_final_norm(tiny_target).to(norm.dtype))
     train = metrics(out, "train")
     assert [r["step"] for r in train] == [2, 4] and all(np.isfinite(r["loss"]) for r in train)
     assert all(r["micro_batches"] == 8 for r in train)  # 2 steps per line x grad-accum 2 x 2 ranks
@@ -256,6 +263,8 @@ def test_input_errors_fail_before_any_work(fixture_store, tiny_target, tmp_path,
     assert "has a loss token" in error(_no_loss_store(fixture_store, tmp_path / "noloss"), tiny_target)
     assert "is not a hidden-state store" in error(tmp_path / "missing", tiny_target)
     assert "unknown DraftConfig override" in error(fixture_store, tiny_target, "--draft-config", '{"bogus": 1}')
+    assert "needs the draft's hidden size (128) to equal the target's (256)" in error(
+        fixture_store, tiny_target, "--init-head", "target", "--draft-config", '{"hidden_size": 128}')
     # one 100k-token row for 2 processes: the launching process says so, before any rank starts
     assert "pack into fewer rows than world size x grad accum (2 x 1)" in error(
         fixture_store, tiny_target, "--nproc", "2", "--batch-tokens", "100000")
