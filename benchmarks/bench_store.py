@@ -115,7 +115,8 @@ class SpecForgeFreshPages(SpecForgeFiles):
     (2-8k tokens) always get fresh pages, while the benchmark's 200-2,000-token ones land on
     either side depending on what ran before: torch.load of one 500-token sample measured 498k
     tokens/s recycled vs 65-75k fresh. ``malloc_trim(0)`` before each load hands the freed heap
-    back, so every load starts on fresh pages; its own time is excluded (``excluded_s``).
+    back, so every load starts on fresh pages; its own time is excluded (``excluded_s``) from the
+    in-process read, not from the DataLoader columns, where it runs in the workers.
     """
 
     def __init__(self, root: Path, n: int):

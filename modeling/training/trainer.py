@@ -94,7 +94,8 @@ def build_engine(cfg: TrainConfig, inputs: TrainInputs, vocab: VocabMapping, tot
     torch.manual_seed(cfg.seed)
     draft = TrainDraft(inputs.draft_config, inputs.embed_table)
     draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
-    if inputs.final_norm is not None:
+    if cfg.init_head == "target":
+        assert inputs.final_norm is not None  # check_inputs reads it for --init-head target
         init_head_from_target(draft, inputs.lm_head, inputs.final_norm)
     # the teacher matmul runs in the compute dtype: bf16 on GPUs as the serving target does
     dtype = torch.bfloat16 if use_bf16(cfg, ctx.device.type == "cpu") else torch.float32
