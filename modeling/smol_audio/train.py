@@ -1,0 +1,282 @@
+"""Teach SmolLM2 to listen: train the audio encoder, projector and audio-token rows; the LLM stays frozen.
+
+    python -m modeling.smol_audio.train --target work/smol-audio-target --teacher work/smol/teacher-target.jsonl \\
+        [--renditions 2 --ctc-steps 150 --steps 600 --batch-size 8 --seed 0]
+
+Data: each ``target``-split prompt (:mod:`modeling.smol_audio.prompts`) spoken by espeak-ng in
+``--renditions`` voices and speeds. Two tasks, drawn per sample:
+
+| task | share | user turn | trained answer |
+|---|---|---|---|
+| answer | 1 - ``--transcribe-share`` | the clip alone (a spoken instruction) | the LLM's own greedy answer to the same words as text, first ``--answer-tokens`` tokens (:mod:`modeling.smol_audio.teacher`) |
+| transcribe | ``--transcribe-share`` | the clip + "Transcribe the audio." | the prompt's words |
+
+Loss: cross-entropy of the answer tokens through the frozen 30-layer LLM (teacher-forced), plus a CTC
+loss on letters from the projected audio embeddings; the first ``--ctc-steps`` steps train the encoder
+with CTC alone (no LLM forward: ~20x cheaper a step). The audio path runs on unpadded mel frames
+(:mod:`pipeline.asr.encoder`: the same embeddings as the stock 30 s window).
+
+Resumable: a checkpoint every ``--save-every`` steps in ``--work``; a rerun continues from it with the
+same batches. The result is ``--out`` (default ``tests/data/smol-audio/trained.safetensors``, bf16)
+and ``training.json`` beside it (config, times, machine, loss curve).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from modeling.smol_audio import build, llm
+from modeling.smol_audio.prompts import TRANSCRIBE, WPM_RANGE, prompts
+from modeling.targets.qwen2_audio import Qwen2AudioFamily
+from pipeline.asr.encoder import clip_features, encode_audio
+from pipeline.asr.speech import VOICES, espeak_version, synthesize
+from pipeline.asr.train_target import CTCHead
+from pipeline.data import Part, Turn
+from pipeline.durable import atomic_write_text
+from pipeline.template import ChatTokenizer
+
+log = logging.getLogger("smol_audio.train")
+
+
+@dataclass
+class TrainConfig:
+    target: str = "work/smol-audio-target"
+    teacher: str = "work/smol/teacher-target.jsonl"
+    out: str = str(build.TRAINED_FILE)
+    work: str = "work/smol/train"
+    renditions: int = 2
+    answer_tokens: int = 16
+    transcribe_share: float = 0.3
+    ctc_steps: int = 150
+    ctc_batch_size: int = 16
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    ctc_weight: float = 0.2
+    seed: int = 0
+    save_every: int = 50
+    log_every: int = 10
+    threads: int = 2
+
+
+@dataclass
+class Clip:
+    prompt_id: str
+    text: str
+    voice: str
+    wpm: int
+
+
+def clips_for(renditions: int, seed: int) -> list[Clip]:
+    rng = random.Random(seed)
+    return [Clip(p.id, p.text, rng.choice(VOICES), rng.randint(*WPM_RANGE))
+            for p in prompts("target") for _ in range(renditions)]
+
+
+def _synth(c: Clip) -> np.ndarray:
+    return synthesize(c.text, c.voice, c.wpm)
+
+
+def load_features(work: Path, clips: list[Clip], extractor: Any) -> tuple[list[np.ndarray], list[int]]:
+    """Mel features [128, L + 2] and lengths in samples of every clip, synthesised once and cached."""
+    from multiprocessing import Pool
+
+    path = work / f"clips-{len(clips)}-{clips[0].prompt_id}-{clips[-1].voice}{clips[-1].wpm}.npz"
+    if not path.exists():
+        with Pool(2) as pool:
+            waves = pool.map(_synth, clips, chunksize=16)
+        feats = [clip_features(extractor, w) for w in waves]
+        offsets = np.cumsum([0] + [f.shape[1] for f in feats])
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, features=np.concatenate(feats, axis=1).astype(np.float16), offsets=offsets,
+                 num_samples=np.array([w.shape[0] for w in waves]))
+        os.replace(tmp, path)
+    data = np.load(path)
+    offsets, allf = data["offsets"], data["features"]
+    return [allf[:, offsets[i]:offsets[i + 1]] for i in range(len(clips))], data["num_samples"].tolist()
+
+
+def turns(clip: Clip, task: str, answer_ids: list[int]) -> list[Turn]:
+    if task == "transcribe":
+        return [Turn("user", [Part("audio", audio=Path("clip.flac")), Part("text", text=TRANSCRIBE)]),
+                Turn("assistant", [Part("text", text=clip.text)])]
+    return [Turn("user", [Part("audio", audio=Path("clip.flac"))]),
+            Turn("assistant", [Part("text", text="")], token_ids=answer_ids)]
+
+
+class AudioRows(torch.nn.Module):
+    """The trainable embedding rows of the audio tokens, written over the frozen table's rows."""
+
+    def __init__(self, table: torch.Tensor, ids: list[int]):
+        super().__init__()
+        self.ids = ids
+        self.rows = torch.nn.Parameter(table[ids].clone())
+
+    def forward(self, input_ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for k, token in enumerate(self.ids):
+            emb = torch.where((input_ids == token)[..., None], self.rows[k], emb)
+        return emb
+
+
+def make_batch(idx: list[int], tasks: list[str], clips: list[Clip], feats: list[np.ndarray], lengths: list[int],
+               teacher: dict[str, list[int]], chat: ChatTokenizer, pad_id: int) -> dict[str, Any]:
+    encoded = [chat.encode(turns(clips[i], t, teacher[clips[i].prompt_id]),
+                           audio_token_counts=[Qwen2AudioFamily.num_audio_tokens(lengths[i])]) for i, t in zip(idx, tasks, strict=True)]
+    width = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(idx), width, dtype=torch.long)
+    loss = torch.zeros(len(idx), width, dtype=torch.bool)
+    for b, e in enumerate(encoded):
+        n = len(e.input_ids)
+        ids[b, :n], attn[b, :n] = torch.from_numpy(e.input_ids), 1
+        loss[b, :n] = torch.from_numpy(e.loss_mask.astype(bool))
+    frames = max(feats[i].shape[1] for i in idx)
+    x = torch.zeros(len(idx), feats[idx[0]].shape[0], frames)
+    for b, i in enumerate(idx):
+        x[b, :, : feats[i].shape[1]] = torch.from_numpy(feats[i].astype(np.float32))
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "features": x,
+            "num_samples": [lengths[i] for i in idx], "texts": [clips[i].text.lower() for i in idx]}
+
+
+def losses(model: Any, rows: AudioRows, ctc: CTCHead, batch: dict[str, Any], with_llm: bool) -> dict[str, torch.Tensor]:
+    audio = encode_audio(model, batch["features"], batch["num_samples"])
+    counts = [Qwen2AudioFamily.num_audio_tokens(n) for n in batch["num_samples"]]
+    out = {"ctc": ctc(audio, counts, batch["texts"])}
+    if with_llm:
+        ids = batch["input_ids"]
+        emb = rows(ids, model.model.get_input_embeddings()(ids))
+        emb = emb.masked_scatter((ids == model.config.audio_token_id)[..., None], audio.to(emb.dtype))
+        hidden = model.model.language_model(inputs_embeds=emb, attention_mask=batch["attention_mask"]).last_hidden_state
+        sel = batch["loss_mask"][:, 1:]
+        logits = model.lm_head(hidden[:, :-1][sel])
+        out["ce"] = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][sel])
+    return out
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def trained_parts(model: Any, rows: AudioRows) -> dict[str, torch.Tensor]:
+    parts = {f"audio_tower.{k}": v for k, v in model.model.audio_tower.state_dict().items()}
+    parts |= {f"multi_modal_projector.{k}": v for k, v in model.model.multi_modal_projector.state_dict().items()}
+    parts[build.ROWS_KEY] = rows.rows.detach()
+    return {k: v.detach().to(torch.bfloat16).contiguous() for k, v in parts.items()}
+
+
+def train(cfg: TrainConfig) -> Path:
+    from safetensors.torch import save_file
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    torch.set_num_threads(cfg.threads)
+    start = time.monotonic()
+    work = Path(cfg.work)
+    processor = AutoProcessor.from_pretrained(cfg.target)
+    chat = ChatTokenizer(processor.tokenizer, Qwen2AudioFamily)
+    teacher = {}
+    for line in Path(cfg.teacher).read_text().splitlines():
+        row = json.loads(line)
+        teacher[row["id"]] = row["answer_ids"][: cfg.answer_tokens]
+    clips = clips_for(cfg.renditions, cfg.seed)
+    missing = {c.prompt_id for c in clips} - set(teacher)
+    if missing:
+        raise ValueError(f"{cfg.teacher}: no teacher answer for {len(missing)} target prompts (e.g. {sorted(missing)[:3]})")
+    feats, lengths = load_features(work, clips, processor.feature_extractor)
+    log.info("data: %d clips, %.1f h of speech (%.0f s)", len(clips), sum(lengths) / 16000 / 3600,
+             time.monotonic() - start)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(cfg.target, dtype=torch.float32)
+    model.requires_grad_(False)
+    trainable = [model.model.audio_tower, model.model.multi_modal_projector]
+    for module in trainable:
+        module.requires_grad_(True)
+        module.train()
+    model.model.audio_tower.embed_positions.requires_grad_(False)  # sinusoidal, fixed as in Whisper
+    rows = AudioRows(model.model.get_input_embeddings().weight.detach(),
+                     processor.tokenizer.convert_tokens_to_ids(["<|audio_bos|>", "<|audio_eos|>"]))
+    ctc = CTCHead(model.config.text_config.hidden_size)
+    params = [p for m in (*trainable, rows, ctc) for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    order = random.Random(cfg.seed)
+    total = cfg.ctc_steps + cfg.steps
+    history: list[dict[str, Any]] = []
+    ckpt, first = work / "resume.pt", 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        for module, key in ((model.model.audio_tower, "tower"), (model.model.multi_modal_projector, "proj"),
+                            (rows, "rows"), (ctc, "ctc"), (opt, "opt")):
+            module.load_state_dict(state[key])
+        order.setstate(state["order"])
+        history, first = state["history"], state["step"]
+        log.info("resumed at step %d", first)
+    window: dict[str, list[float]] = {}
+    tick = time.monotonic()
+    for step in range(first, total):
+        with_llm = step >= cfg.ctc_steps
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, cfg)
+        idx = order.sample(range(len(clips)), cfg.batch_size if with_llm else cfg.ctc_batch_size)
+        tasks = ["transcribe" if order.random() < cfg.transcribe_share else "answer" for _ in idx]
+        batch = make_batch(idx, tasks, clips, feats, lengths, teacher, chat, processor.tokenizer.pad_token_id)
+        parts = losses(model, rows, ctc, batch, with_llm)
+        loss = parts.get("ce", 0.0) + (cfg.ctc_weight if with_llm else 1.0) * parts["ctc"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for k, v in parts.items():
+            window.setdefault(k, []).append(float(v.detach()))
+        if (step + 1) % cfg.log_every == 0:
+            entry = {"step": step + 1, **{k: round(float(np.mean(v)), 4) for k, v in window.items()},
+                     "s_per_step": round((time.monotonic() - tick) / cfg.log_every, 2),
+                     "elapsed_s": round(time.monotonic() - start)}
+            history.append(entry)
+            log.info("%s", entry)
+            window, tick = {}, time.monotonic()
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"tower": model.model.audio_tower.state_dict(), "proj": model.model.multi_modal_projector.state_dict(),
+                        "rows": rows.state_dict(), "ctc": ctc.state_dict(), "opt": opt.state_dict(),
+                        "order": order.getstate(), "history": history, "step": step + 1}, tmp)
+            os.replace(tmp, ckpt)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(trained_parts(model, rows), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out)
+    info = {"config": asdict(cfg), "gguf_sha256": llm.GGUF_SHA256, "espeak": espeak_version(),
+            "clips": len(clips), "speech_hours": round(sum(lengths) / 16000 / 3600, 2),
+            "trained_parameters": sum(p.numel() for m in (*trainable, rows) for p in m.parameters() if p.requires_grad),
+            "machine": {"cpu": platform.processor() or platform.machine(), "threads": cfg.threads},
+            "history": history}
+    atomic_write_text(out.with_name("training.json"), json.dumps(info, indent=1) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, value in asdict(TrainConfig()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    print(train(TrainConfig(**vars(parser.parse_args(argv)))))
+
+
+if __name__ == "__main__":
+    main()
