@@ -23,8 +23,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 TEXT_KEY = "text_config"
-INT_FIELDS = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
-              "head_dim", "intermediate_size", "max_position_embeddings")
+# what read_text_config returns, in this order (TargetFamily.text_config's keys)
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+              "tie_word_embeddings")
 
 
 class TextConfigError(ValueError):
@@ -84,8 +86,7 @@ def read_text_config(config: Mapping[str, Any], class_spec: str, *, where: str =
     """The decoder's shape as the config class ``class_spec`` reads ``config`` (see the module docstring).
 
     ``nested``: {marker key: class spec} for layouts ``class_spec`` cannot read (see :func:`layout`).
-    ``required``: text_config fields that must be in the file, not defaulted. Returns the keys of ``INT_FIELDS`` plus
-    ``rms_norm_eps``, ``rope_theta`` and ``tie_word_embeddings``.
+    ``required``: text_config fields that must be in the file, not defaulted. Returns :data:`SHAPE_KEYS`.
     """
     if not isinstance(config, Mapping):
         raise TextConfigError(f"{where}: expected a JSON object, got {type(config).__name__}")
@@ -101,8 +102,8 @@ def read_text_config(config: Mapping[str, Any], class_spec: str, *, where: str =
                                   "default it differently, so the file must say it")
     cls = config_class(class_spec)
     try:
-        # from_dict of the whole file, as from_pretrained does (it handles keys like transformers_version)
-        # (a deep copy: config classes write into the sub-config dicts they are given)
+        # from_dict of the whole file, as from_pretrained does; a deep copy because config classes write
+        # into the sub-config dicts they are given
         built = cls.from_dict(copy.deepcopy(dict(config)))
     except Exception as err:  # the class's own validation (strict dataclass fields, rope checks)
         raise TextConfigError(f"{where}: {class_spec} refuses it: "
@@ -142,5 +143,4 @@ def read_text_config(config: Mapping[str, Any], class_spec: str, *, where: str =
     if top_vocab is not None and top_vocab != out["vocab_size"]:
         raise TextConfigError(f"{where}: {prefix}vocab_size ({top_vocab!r}) disagrees with "
                               f"{prefix}{TEXT_KEY}.vocab_size ({out['vocab_size']})")
-    return {k: out[k] for k in (*INT_FIELDS[:5], "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta",
-                                "max_position_embeddings", "tie_word_embeddings")}
+    return {k: out[k] for k in SHAPE_KEYS}
