@@ -4,11 +4,16 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv venv-gpu test test-slurm demo lint clean-venv
+.PHONY: sysdeps venv venv-gpu test test-slurm demo lint clean-venv
+
+# system packages first (espeak-ng for the ASR clips), before the minutes-long venv install: installed
+# with apt-get when run as root, otherwise a stop within seconds with the exact command to run
+sysdeps:
+	$(PY) pipeline/sysdeps.py
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | sysdeps
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install -e ".[cpu,dev]"
@@ -24,7 +29,7 @@ venv-gpu:
 	$(VPY) -m pip install -e ".[gpu,dev]"
 	$(VPY) -m pipeline.install_check
 
-test: venv
+test: sysdeps venv
 	$(VPY) -m ruff check .
 	$(VPY) -m pytest -q tests
 
@@ -32,7 +37,7 @@ test: venv
 test-slurm: venv
 	$(VPY) -m pytest -q tests/test_slurm.py
 
-demo: venv
+demo: sysdeps venv
 	$(VPY) run_pipeline.py --config configs/demo.yaml
 
 lint: venv

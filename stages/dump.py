@@ -94,15 +94,14 @@ class Target:
     """The target's family, identity and layer ids at once (from its files); the model on first use."""
 
     def __init__(self, cfg: DumpConfig):
-        from modeling.targets import UnsupportedTarget, family_of, target_identity
+        from modeling.targets import UnsupportedTarget, family_of, target_identity, target_text_config
 
         self.cfg = cfg
         self.path = Path(cfg.target).resolve()
         try:
             self.family = family_of(self.path)
             self.identity = target_identity(self.path)
-            config = json.loads((self.path / "config.json").read_text())
-            text = self.family.text_config(config)
+            text = target_text_config(self.path)
         except (UnsupportedTarget, ValueError) as err:
             raise ConfigError(f"--target {self.path}: {err}") from None
         self.num_layers, self.hidden_size = text["num_hidden_layers"], text["hidden_size"]

@@ -18,6 +18,17 @@ def tiny_target() -> Path:
 
 
 @pytest.fixture(scope="session")
+def espeak_ng() -> None:
+    """For tests that speak clips: a clear failure naming the command to install espeak-ng when it is
+    missing (never a silent skip); `make test` checks it before anything else (pipeline/sysdeps.py)."""
+    from pipeline import sysdeps
+
+    need = sysdeps.missing(sysdeps.REQUIRED)
+    if need:
+        pytest.fail(sysdeps.missing_message(need), pytrace=False)
+
+
+@pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """``tests/data``: speech.jsonl and audio/clip-XX.flac (see tests/data/make_fixtures.py)."""
     return TESTS_DIR / "data"

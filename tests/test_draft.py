@@ -372,15 +372,26 @@ def test_target_readers_single_sharded_and_tied(tmp_path: Path) -> None:
         read_target_lm_head(tmp_path / "untied")
 
 
-def test_config_from_qwen2_audio_and_hf_export() -> None:
-    # Qwen2-Audio-7B's text_config lists only non-default fields.
-    target = {"architectures": ["Qwen2AudioForConditionalGeneration"],
-              "text_config": {"model_type": "qwen2", "vocab_size": 156032, "intermediate_size": 11008,
-                              "max_position_embeddings": 8192, "rms_norm_eps": 1e-5}}
+def test_config_from_qwen2_audio_and_hf_export(tmp_path: Path) -> None:
+    # Qwen2-Audio-7B's text_config lists only non-default fields (no layers, hidden size or head counts):
+    # the production path (a target dir -> its family -> transformers' Qwen2AudioConfig -> the draft) must
+    # size the draft as transformers builds the 7B decoder.
+    from modeling.targets import target_text_config
+
+    target_dir = tmp_path / "qwen2-audio-7b"
+    target_dir.mkdir()
+    (target_dir / "config.json").write_text(json.dumps(
+        {"architectures": ["Qwen2AudioForConditionalGeneration"], "model_type": "qwen2_audio",
+         "text_config": {"model_type": "qwen2", "vocab_size": 156032, "intermediate_size": 11008,
+                         "max_position_embeddings": 8192, "rms_norm_eps": 1e-5}}))
+    target = target_text_config(target_dir)
     cfg = DraftConfig.from_target_config(target, 32000)
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4096, 32, 32, 128)
     assert (cfg.intermediate_size, cfg.vocab_size, cfg.target_hidden_size) == (11008, 156032, 4096)
+    assert (cfg.num_target_layers, cfg.rms_norm_eps, cfg.max_position_embeddings) == (32, 1e-5, 8192)
     assert cfg.aux_layer_ids == default_aux_layer_ids(32) == (1, 15, 28)
+    with pytest.raises(ValueError, match="text_config"):  # a raw config.json is not a text shape
+        DraftConfig.from_target_config(json.loads((target_dir / "config.json").read_text()), 32000)
     small = DraftConfig.from_target_config(target, 32000, {"intermediate_size": 4096})
     assert small.intermediate_size == 4096
     with pytest.raises(ValueError, match="unknown DraftConfig override"):

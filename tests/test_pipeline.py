@@ -27,7 +27,7 @@ UNTRAINED_DEMO, TRAINED_DEMO = 1.00, 2.62
 MIN_GAIN = 0.5 * (TRAINED_DEMO - UNTRAINED_DEMO)
 
 
-def test_full_pipeline_trained_draft_beats_untrained_on_held_out_clips(tmp_path):
+def test_full_pipeline_trained_draft_beats_untrained_on_held_out_clips(tmp_path, espeak_ng):
     config = {
         "workdir": str(tmp_path / "work"),
         "target": str(ASR_TARGET),

@@ -1,9 +1,8 @@
 """Size of the EAGLE-3 draft and the ``config.json`` that serving engines load.
 
-The draft is one Llama decoder layer sized like the target's language model. Qwen2-Audio
-checkpoints list only the non-default fields of their ``text_config`` (the 7B model omits
-``hidden_size`` and the head counts), so missing fields fall back to transformers'
-``Qwen2Config`` defaults, copied into ``QWEN2_TEXT_DEFAULTS`` to keep this import light.
+The draft is one Llama decoder layer sized like the target's language model. It is sized from the
+target's decoder shape as ``TargetFamily.text_config`` returns it (read through the family's transformers
+config class, defaults applied); this module never reads a target's ``config.json`` nor names a family.
 """
 
 from __future__ import annotations
@@ -13,18 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# transformers 5.19 Qwen2Config() defaults for the fields the draft needs.
-QWEN2_TEXT_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 4096,
-    "intermediate_size": 22016,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "num_hidden_layers": 32,
-    "vocab_size": 151936,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "max_position_embeddings": 32768,
-}
+# the keys of TargetFamily.text_config the draft is sized from
+TEXT_SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
+                   "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "max_position_embeddings")
 
 Engine = Literal["vllm", "sglang"]
 
@@ -102,29 +92,29 @@ class DraftConfig:
             raise ValueError(f"aux_layer_ids {bad} outside the target's {self.num_target_layers} layers")
 
     @classmethod
-    def from_target_config(cls, target_config: Mapping[str, Any], draft_vocab_size: int,
+    def from_target_config(cls, text: Mapping[str, Any], draft_vocab_size: int,
                            overrides: Mapping[str, Any] | None = None) -> DraftConfig:
-        """Size a draft from a target ``config.json`` dict (Qwen2-Audio: its ``text_config``).
+        """Size a draft from the target's decoder shape (``TargetFamily.text_config(config)``, e.g. through
+        ``modeling.targets.target_text_config(dir)``).
 
         ``overrides`` replaces any field afterwards (e.g. a narrower ``intermediate_size``);
         unknown keys raise ``ValueError`` so a typo does not silently train the wrong shape.
         """
-        text = dict(QWEN2_TEXT_DEFAULTS)
-        text.update(target_config.get("text_config") or target_config)
-        rope = text.get("rope_parameters") or {}
-        theta = text.get("rope_theta") or rope.get("rope_theta") or QWEN2_TEXT_DEFAULTS["rope_theta"]
-        heads = int(text["num_attention_heads"])
+        missing = [k for k in TEXT_SHAPE_KEYS if k not in text]
+        if missing:
+            raise ValueError(f"the target's text shape lacks {missing}: pass TargetFamily.text_config(config), "
+                             "not a raw config.json")
         kwargs: dict[str, Any] = {
             "hidden_size": int(text["hidden_size"]),
             "intermediate_size": int(text["intermediate_size"]),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(text.get("num_key_value_heads") or heads),
-            "head_dim": int(text.get("head_dim") or int(text["hidden_size"]) // heads),
+            "num_attention_heads": int(text["num_attention_heads"]),
+            "num_key_value_heads": int(text["num_key_value_heads"]),
+            "head_dim": int(text["head_dim"]),
             "vocab_size": int(text["vocab_size"]),
             "draft_vocab_size": int(draft_vocab_size),
             "target_hidden_size": int(text["hidden_size"]),
             "rms_norm_eps": float(text["rms_norm_eps"]),
-            "rope_theta": float(theta),
+            "rope_theta": float(text["rope_theta"]),
             "max_position_embeddings": int(text["max_position_embeddings"]),
             "num_target_layers": int(text["num_hidden_layers"]),
         }

@@ -63,6 +63,12 @@ def family_of(target: str | Path | dict[str, Any]) -> type[TargetFamily]:
     raise UnsupportedTarget(f"{where}: architectures {archs} are not supported; supported: {supported}")
 
 
+def target_text_config(target: str | Path) -> dict[str, Any]:
+    """The target's decoder shape (``TargetFamily.text_config``) from its directory; errors name the file."""
+    config, where = _config(target)
+    return family_of(config).text_config(config, where=where)
+
+
 def target_identity(target: str | Path) -> dict[str, Any]:
     """What every stage records as the target's identity: path, family, architecture and one sha256
     over :data:`IDENTITY_FILES` (config, generation defaults, tokenizer, chat template, processor)."""

@@ -7,7 +7,8 @@ so the class itself is the adapter.
 | member | used by | what it answers |
 |---|---|---|
 | ``name``, ``architectures`` | registry | which ``config.json`` ``architectures`` it serves |
-| ``text_config(config)`` | dump, train, export | the decoder's shape (layers, hidden, heads, head_dim, vocab, tie, rope) |
+| ``config_class``, ``nested_config``, ``required_text_fields`` | ``text_config`` | which transformers config class reads ``config.json`` |
+| ``text_config(config, where)`` | dump, train, export | the decoder's shape (layers, hidden, heads, head_dim, vocab, tie, rope), read by :mod:`modeling.targets.text_config` |
 | ``special_tokens``, ``end_tokens`` | chat tokenizer | the audio placeholder, the token that closes an answer, stop tokens |
 | ``render_segments(turns, ...)`` | chat tokenizer, server mode | the chat template as text/audio/answer segments |
 | ``num_audio_tokens(n)`` | stage 1-2, benchmark | placeholders the encoder emits for ``n`` samples at 16 kHz |
@@ -44,9 +45,20 @@ class TargetFamily:
     # prompts; needs a template that renders user text verbatim), else plain audio + text items
     inline_audio_placeholders: ClassVar[bool] = False
 
-    @staticmethod
-    def text_config(config: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+    # the transformers config class that reads this family's config.json (it applies the defaults the
+    # checkpoint relies on); {marker key: "module:Class"} for a published layout that class cannot read;
+    # text_config fields the file must set itself
+    config_class: ClassVar[str]
+    nested_config: ClassVar[dict[str, str]] = {}
+    required_text_fields: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def text_config(cls, config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+        """The decoder's shape as transformers reads ``config`` (``where`` names the file in errors)."""
+        from modeling.targets.text_config import read_text_config
+
+        return read_text_config(config, cls.config_class, where=where, nested=cls.nested_config,
+                                required=cls.required_text_fields)
 
     @staticmethod
     def render_segments(turns: list[Turn], *, until_turn: int | None = None,

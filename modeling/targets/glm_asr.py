@@ -39,14 +39,6 @@ SYSTEM, USER, ASSISTANT, OBSERVATION = "<|system|>", "<|user|>", "<|assistant|>"
 END_OF_TEXT = "<|endoftext|>"
 AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|pad|>", "<|begin_of_audio|>", "<|end_of_audio|>"
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-# What GlmAsrConfig fills into a text_config that omits them (configuration_glmasr.py:86-98); copied
-# so that reading a config.json needs no transformers import.
-TEXT_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 59264, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
-    "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-05, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-}
-
 # The chat template transformers' convert_glmasr_weights_to_hf.py gives the processor (the converted
 # Hub repo's chat_template.jinja). Note the second <|user|> after each clip and ``| trim`` on contents.
 CHAT_TEMPLATE = """{%- macro to_text(content) -%}
@@ -133,31 +125,7 @@ class GlmAsrFamily(TargetFamily):
     # prompt, which GlmAsrProcessor refuses, and vLLM with it.
     max_audio_seconds: float = MAX_WINDOWS * 30.0
 
-    @staticmethod
-    def text_config(config: dict[str, Any]) -> dict[str, Any]:
-        """The decoder's sizes from a ``config.json`` dict; raises when the two tie flags disagree
-        (transformers ties by the top-level flag, vLLM's Llama by ``text_config``'s)."""
-        text = {**TEXT_DEFAULTS, **(config.get("text_config") or {})}
-        heads = int(text["num_attention_heads"])
-        rope = text.get("rope_parameters") or {}
-        tie_top = bool(config.get("tie_word_embeddings", True))  # GlmAsrConfig's default is True
-        tie_text = bool(text.get("tie_word_embeddings", False))  # LlamaConfig's default is False
-        if tie_top != tie_text:
-            raise ValueError(f"tie_word_embeddings is {tie_top} at the top level but {tie_text} in "
-                             "text_config: transformers and vLLM would build different lm_heads")
-        return {
-            "num_hidden_layers": int(text["num_hidden_layers"]),
-            "hidden_size": int(text["hidden_size"]),
-            "vocab_size": int(text["vocab_size"]),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(text.get("num_key_value_heads") or heads),
-            "head_dim": int(text.get("head_dim") or int(text["hidden_size"]) // heads),
-            "intermediate_size": int(text["intermediate_size"]),
-            "rms_norm_eps": float(text["rms_norm_eps"]),
-            "rope_theta": float(text.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-            "max_position_embeddings": int(text["max_position_embeddings"]),
-            "tie_word_embeddings": tie_text,
-        }
+    config_class = "GlmAsrConfig"  # its defaults: the Nano-2512 text model, top-level tie True, Llama's False
 
     @staticmethod
     def render_segments(turns: list[Turn], *, until_turn: int | None = None,

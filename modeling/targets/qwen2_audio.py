@@ -56,23 +56,7 @@ class Qwen2AudioFamily(TargetFamily):
     default_system_prompt: ClassVar[str | None] = DEFAULT_SYSTEM_PROMPT
     inline_audio_placeholders: ClassVar[bool] = True
 
-    @staticmethod
-    def text_config(config: dict[str, Any]) -> dict[str, Any]:
-        text = config.get("text_config")
-        if not isinstance(text, dict) or "num_hidden_layers" not in text:
-            raise ValueError("config.json has no text_config with num_hidden_layers (not a Qwen2-Audio model)")
-        heads = int(text["num_attention_heads"])
-        rope = text.get("rope_parameters") or {}
-        return {
-            "num_hidden_layers": int(text["num_hidden_layers"]), "hidden_size": int(text["hidden_size"]),
-            "vocab_size": int(text["vocab_size"]), "num_attention_heads": heads,
-            "num_key_value_heads": int(text.get("num_key_value_heads") or heads),
-            "head_dim": int(text.get("head_dim") or int(text["hidden_size"]) // heads),
-            "intermediate_size": int(text["intermediate_size"]), "rms_norm_eps": float(text.get("rms_norm_eps", 1e-6)),
-            "rope_theta": float(text.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-            "max_position_embeddings": int(text.get("max_position_embeddings", 32768)),
-            "tie_word_embeddings": bool(text.get("tie_word_embeddings", False)),
-        }
+    config_class: ClassVar[str] = "Qwen2AudioConfig"
 
     @staticmethod
     def render_segments(turns: list[Turn], *, until_turn: int | None = None,

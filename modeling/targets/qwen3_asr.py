@@ -130,37 +130,14 @@ class Qwen3ASRFamily(TargetFamily):
     end_tokens: ClassVar[tuple[str, ...]] = (IM_END, END_OF_TEXT)
     max_audio_seconds: ClassVar[float] = MAX_AUDIO_SECONDS
 
-    @staticmethod
-    def text_config(config: dict[str, Any]) -> dict[str, Any]:
-        """The decoder's shape from a ``config.json`` dict.
-
-        Raises ValueError where transformers and vLLM would read the checkpoint differently: tie flags
-        that differ between the levels (HF reads the top level, default True; vLLM ``text_config``,
-        default False), or no RoPE theta (HF defaults to 1e4, vLLM's Qwen3ASRTextConfig to 5e6).
-        """
-        text = config.get("text_config") or {}
-        tie_top = bool(config.get("tie_word_embeddings", True))
-        tie_text = bool(text.get("tie_word_embeddings", False))
-        if tie_top != tie_text:
-            raise ValueError(f"tie_word_embeddings is {tie_top} at the top level but {tie_text} in text_config: "
-                             "transformers and vLLM would build different lm_heads")
-        theta = (text.get("rope_parameters") or {}).get("rope_theta", text.get("rope_theta"))
-        if theta is None:
-            raise ValueError("text_config has no rope_theta: transformers and vLLM default to different values")
-        heads = int(text["num_attention_heads"])
-        return {
-            "num_hidden_layers": int(text["num_hidden_layers"]),
-            "hidden_size": int(text["hidden_size"]),
-            "vocab_size": int(text["vocab_size"]),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(text.get("num_key_value_heads") or heads),
-            "head_dim": int(text.get("head_dim") or 128),  # both engines' default; never hidden // heads
-            "intermediate_size": int(text["intermediate_size"]),
-            "rms_norm_eps": float(text.get("rms_norm_eps", 1e-6)),
-            "rope_theta": float(theta),
-            "max_position_embeddings": int(text["max_position_embeddings"]),
-            "tie_word_embeddings": tie_top,
-        }
+    config_class: ClassVar[str] = "Qwen3ASRConfig"
+    # The original Qwen/Qwen3-ASR-* repos wrap the model's config in thinker_config with an audio encoder
+    # model_type ("qwen3_asr_audio_encoder") transformers 5.19 does not know; only the converted -hf repos
+    # are flat as transformers' class expects. vLLM's own Qwen3ASRConfig reads the original layout.
+    nested_config: ClassVar[dict[str, str]] = {
+        "thinker_config": "vllm.transformers_utils.configs.qwen3_asr:Qwen3ASRConfig"}
+    # transformers' Qwen3Config defaults rope_theta to 1e4, vLLM's Qwen3ASR text config to 5e6
+    required_text_fields: ClassVar[tuple[str, ...]] = ("rope_theta",)
 
     @staticmethod
     def render_segments(turns: list[Turn], *, until_turn: int | None = None,
@@ -226,9 +203,19 @@ class Qwen3ASRFamily(TargetFamily):
 
     @staticmethod
     def load_model(target_dir: str | Path, dtype: str = "bf16", device: str = "cpu") -> Any:
-        """The stock transformers ``Qwen3ASRForConditionalGeneration``, eval, frozen."""
+        """The stock transformers ``Qwen3ASRForConditionalGeneration``, eval, frozen.
+
+        Raises ValueError for the original layout (``thinker_config``, ``thinker.*`` weights): transformers
+        5.19 has no key conversion for it and would load a randomly initialised model without failing."""
+        import json
+
         from transformers import Qwen3ASRForConditionalGeneration
 
+        config_path = Path(target_dir) / "config.json"
+        if "thinker_config" in json.loads(config_path.read_text()):
+            raise ValueError(f"{config_path}: thinker_config: the original Qwen3-ASR layout, which transformers "
+                             "5.19 cannot load; use the converted checkpoint (Qwen/Qwen3-ASR-*-hf) or convert it "
+                             "with transformers' convert_qwen3_asr_to_hf.py")
         return load_hf(Qwen3ASRForConditionalGeneration, target_dir, dtype, device)
 
     @staticmethod
@@ -240,13 +227,17 @@ class Qwen3ASRFamily(TargetFamily):
 
     @staticmethod
     def embedding_key(config: dict[str, Any]) -> str:
-        return "model.language_model.embed_tokens.weight"
+        # the original layout stores the decoder under thinker.model. (vLLM's mapper reads both)
+        return ("thinker.model.embed_tokens.weight" if "thinker_config" in config
+                else "model.language_model.embed_tokens.weight")
 
     @staticmethod
     def lm_head_key(config: dict[str, Any]) -> str | None:
         """None when tied (the -hf checkpoints): the embedding is the lm_head and no such tensor is stored.
         An untied checkpoint would store ``lm_head.weight``, which vLLM's weight mapper has no rule for."""
-        return None if Qwen3ASRFamily.text_config(config)["tie_word_embeddings"] else "lm_head.weight"
+        if Qwen3ASRFamily.text_config(config)["tie_word_embeddings"]:
+            return None
+        return "thinker.lm_head.weight" if "thinker_config" in config else "lm_head.weight"
 
     @staticmethod
     def vllm_register() -> None:

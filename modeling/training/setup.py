@@ -104,13 +104,12 @@ def _read_final_norm(target: Path, draft_config: DraftConfig) -> Tensor:
 
 def check_inputs(cfg: TrainConfig) -> TrainInputs:
     """Every check that needs no GPU and no DeepSpeed (see the module docstring)."""
-    from modeling.targets import UnsupportedTarget, family_of, target_identity
+    from modeling.targets import UnsupportedTarget, target_identity, target_text_config
 
     target = Path(cfg.target).resolve()
     try:
-        family = family_of(target)
         identity = target_identity(target)
-        text = family.text_config(json.loads((target / "config.json").read_text()))
+        text = target_text_config(target)
     except (UnsupportedTarget, ValueError) as err:
         raise TrainSetupError(f"--target {target}: {err}") from None
     vocab = int(text["vocab_size"])

@@ -49,12 +49,12 @@ AUDIO_ARCH = "Qwen2AudioForConditionalGeneration"
 
 def write_run(run_dir: Path, target: Path, draft_vocab_size: int, steps: dict[int, bool], seed: int = 0) -> DraftConfig:
     """A training run dir as the trainer leaves it: {step: committed?} snapshots of a random draft."""
+    from modeling.targets import target_text_config
     from pipeline.data import read_conversations
     from pipeline.samples import load_target_processor
     from pipeline.template import ChatTokenizer
 
-    target_cfg = json.loads((target / "config.json").read_text())
-    cfg = DraftConfig.from_target_config(target_cfg, draft_vocab_size)
+    cfg = DraftConfig.from_target_config(target_text_config(target), draft_vocab_size)
     vocab = None
     if draft_vocab_size < cfg.vocab_size:
         chat = ChatTokenizer(load_target_processor(target)[0], Qwen2AudioFamily)

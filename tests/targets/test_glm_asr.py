@@ -87,8 +87,10 @@ def test_checkpoint_layout_and_config(target: Path, processor: Any) -> None:
 
     ref = GlmAsrConfig(tie_word_embeddings=False).text_config
     expected = {k: getattr(ref, k) for k in text if k != "rope_theta"}
-    assert FAMILY.text_config({"tie_word_embeddings": False}) == {**expected, "rope_theta": ref.rope_parameters[
-        "rope_theta"]}
+    assert FAMILY.text_config({"tie_word_embeddings": False, "text_config": {}}) == {
+        **expected, "rope_theta": ref.rope_parameters["rope_theta"]}
+    with pytest.raises(ValueError, match="no text_config"):  # the class would silently build its default model
+        FAMILY.text_config({"tie_word_embeddings": False})
 
 
 def test_build_is_deterministic_per_seed_and_atomic(tmp_path: Path) -> None:

@@ -45,7 +45,8 @@ def export_random_draft(target: Path, root: Path) -> Path:
     from stages import export as export_stage
 
     config = json.loads((target / "config.json").read_text())
-    cfg = DraftConfig.from_target_config(config, FAMILY.text_config(config)["vocab_size"])
+    text = FAMILY.text_config(config)
+    cfg = DraftConfig.from_target_config(text, text["vocab_size"])
     torch.manual_seed(0)
     step = root / "run" / "checkpoints" / "step-000001"
     info = {"path": str(target), "architecture": FAMILY.architectures[0], "num_layers": cfg.num_target_layers}

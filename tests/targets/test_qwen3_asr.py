@@ -303,7 +303,7 @@ def _export_random_draft(target: Path, root: Path) -> Path:
     from modeling.draft.snapshot import COMMITTED, save_draft_snapshot
     from stages import export as export_stage
 
-    cfg = DraftConfig.from_target_config(json.loads((target / "config.json").read_text()), 640)
+    cfg = DraftConfig.from_target_config(F.text_config(json.loads((target / "config.json").read_text())), 640)
     torch.manual_seed(0)
     draft = Eagle3Draft(cfg)
     step = root / "run" / "checkpoints" / "step-000001"
