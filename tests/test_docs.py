@@ -323,25 +323,49 @@ def check_paths(snippet: Snippet) -> list[str]:
 LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
 
 
+def anchors(text: str) -> set[str]:
+    """GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens, repeats numbered."""
+    seen: dict[str, int] = {}
+    out = set()
+    fence = False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fence = not fence
+        m = None if fence else re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
 def check_links(text: str, page: Path) -> list[str]:
-    """Relative Markdown links (``[x](docs/stage-dump.md#resume)``, ``![..](../benchmarks/...)``)."""
+    """Relative Markdown links (``[x](docs/stage-dump.md#resume)``, ``![..](../benchmarks/...)``):
+    the file exists and, for a Markdown page, so does the heading the ``#anchor`` names."""
     problems = []
     fence = False
+    where = page.relative_to(REPO) if page.is_relative_to(REPO) else page
     for no, line in enumerate(text.splitlines(), 1):
         if line.lstrip().startswith("```"):
             fence = not fence
         if fence:
             continue
         for m in LINK.finditer(line):
-            target = m.group("target").split("#")[0]
-            if not target or re.match(r"^[a-z]+:", target):
+            target, _, anchor = m.group("target").partition("#")
+            if re.match(r"^[a-z]+:", target):
                 continue
-            full = (page.parent / target).resolve()
+            full = (page.parent / target).resolve() if target else page
             rel = full.relative_to(REPO).as_posix() if full.is_relative_to(REPO) else str(full)
-            if rel in PENDING:
+            if rel in PENDING and not full.exists():
                 continue
-            if not full.exists():
-                problems.append(f"{page.relative_to(REPO)}:{no}: link to `{target}` does not exist")
+            if not full.exists() and full != page:
+                problems.append(f"{where}:{no}: link to `{target}` does not exist")
+            elif anchor and full.suffix == ".md":
+                heads = anchors(text if full == page else full.read_text())
+                if anchor not in heads:
+                    problems.append(f"{where}:{no}: link to `{m.group('target')}`: no such heading")
     return problems
 
 
@@ -381,6 +405,7 @@ python run_pipeline.py --config configs/demo.yaml --stage train
 The tie check (`modeling/tie_check.py`, `--tie-check false` to skip) and
 `python -m storage.inspect verify STORE --deeep`; see `configs/no-such.yaml`,
 `tests/stages/test_dump.py::test_that_does_not_exist` and [stage 9](stage-nine.md). `make nothing`.
+See [resume](stage-dump.md#no-such-heading).
 """
     problems = check_page(bad, page)
     expected = ["`--bogus-flag` is not an option of `stages.dump`",
@@ -392,7 +417,8 @@ The tie check (`modeling/tie_check.py`, `--tie-check false` to skip) and
                 "`configs/no-such.yaml` does not exist",
                 "has no test `test_that_does_not_exist`",
                 "link to `stage-nine.md` does not exist",
-                "`make nothing`: no such Makefile target"]
+                "`make nothing`: no such Makefile target",
+                "link to `stage-dump.md#no-such-heading`: no such heading"]
     for message in expected:
         assert any(message in p for p in problems), f"not caught: {message}\n" + "\n".join(problems)
     assert len(problems) == len(expected), "\n".join(problems)
@@ -400,5 +426,6 @@ The tie check (`modeling/tie_check.py`, `--tie-check false` to skip) and
         .replace(" --stage train", " --only train").replace("modeling/tie_check.py", "modeling/targets/tie_check.py") \
         .replace("--deeep", "--deep").replace("configs/no-such.yaml", "configs/demo.yaml") \
         .replace("test_that_does_not_exist", "test_crash_chain_then_resume_is_identical") \
-        .replace("stage-nine.md", "stage-dump.md").replace("make nothing", "make demo")
+        .replace("stage-nine.md", "stage-dump.md").replace("make nothing", "make demo") \
+        .replace("#no-such-heading", "#resume")
     assert check_page(good, page) == []
