@@ -131,6 +131,18 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     return out
 
 
+@functools.cache
+def parser_of(module: str) -> argparse.ArgumentParser:
+    """A project command not listed in :func:`parsers` (a new one): the parser its ``main`` builds.
+    A module whose source never builds an ArgumentParser takes no flags (and its main is not run)."""
+    path = REPO / Path(*module.split("."))
+    source = (path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__main__.py")
+    main = getattr(importlib.import_module(module), "main", None)
+    if main is None or not source.is_file() or "ArgumentParser" not in source.read_text():
+        return argparse.ArgumentParser(prog=f"python -m {module}")
+    return _capture(main, bool(main.__code__.co_argcount))
+
+
 def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {opt: a for a in parser._actions for opt in a.option_strings}
 
@@ -242,15 +254,16 @@ def check_flags(snippet: Snippet) -> list[str]:
                 calls_spans.append((key, c.end(), end))
         for key, start, end in calls_spans:
             module = key.split()[0]
-            if key not in table:
-                if module.startswith(("stages.", "pipeline.", "storage.", "benchmarks.")):
-                    if not _module_exists(module):
-                        problems.append(f"{snippet.where}: `python -m {module}`: no such module")
-                    elif module != "storage.inspect":
-                        problems.append(f"{snippet.where}: `{module}` has no parser known to tests/test_docs.py")
-                if key != "storage.inspect":
-                    continue
-            opts = options(table[key])
+            if key in table:
+                parser = table[key]
+            elif not module.startswith(("stages.", "pipeline.", "storage.", "benchmarks.")):
+                continue  # modeling.* are not commands
+            elif not _module_exists(module):
+                problems.append(f"{snippet.where}: `python -m {module}`: no such module")
+                continue
+            else:
+                parser = parser_of(module)
+            opts = options(parser)
             seg = part[start:end]
             for f in FLAG.finditer(seg):
                 flag = f.group(0)
