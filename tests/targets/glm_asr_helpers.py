@@ -1,4 +1,8 @@
-"""Shared by the GLM-ASR tests (and the vLLM engine script): fixture audio, segment encoding, HF greedy."""
+"""Shared by the GLM-ASR tests (and the vLLM engine script): fixture audio, segment encoding, HF greedy,
+and the GLM-ASR pytest fixtures (one tiny checkpoint and what is read from it). The fixtures live here,
+not in tests/targets/conftest.py, so only the modules that import them see them: a test of another
+family in this folder that names ``target`` or ``processor`` without defining it fails instead of
+silently getting GLM-ASR's."""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from modeling.targets.glm_asr import AUDIO_TOKEN, GlmAsrFamily
-from pipeline.data import Turn
+from pipeline.data import Turn, read_conversations
 from pipeline.template import Segment
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,3 +107,36 @@ def two_clip_turns() -> list[Turn]:
                                         {"type": "audio", "audio": "audio/clip-04.flac"}]},
            {"role": "assistant", "content": "She sells sea shells. A cup of warm tea."}]
     return parse_record({"conversations": two}, base=DATA, require_assistant=True)[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures: a module that imports ``glm_target`` (and the others it needs) gets the fixture ``target``;
+# the names differ so that the test parameters do not shadow the imports
+
+
+@pytest.fixture(scope="session", name="target")
+def glm_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GLM-ASR checkpoint. A fixed folder: each importing module gets its own instance of
+    this fixture, and ``build_tiny`` returns a finished build as it is, so it is built once."""
+    root = tmp_path_factory.getbasetemp() / "glm-asr"
+    root.mkdir(exist_ok=True)
+    return FAMILY.build_tiny(root / "tiny")
+
+
+@pytest.fixture(scope="session", name="processor")
+def glm_processor(target: Path) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(target))
+
+
+@pytest.fixture(scope="session", name="records")
+def glm_records() -> list[Any]:
+    result = read_conversations(DATA / "speech.jsonl")
+    assert not result.rejected
+    return result.records
+
+
+@pytest.fixture(scope="session", name="hf_fp32")
+def glm_hf_fp32(target: Path) -> Any:
+    return FAMILY.load_model(target, "fp32")

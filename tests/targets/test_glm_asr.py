@@ -13,11 +13,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from glm_asr_helpers import (
+from glm_asr_helpers import (  # the glm_* are the GLM-ASR fixtures
     CLIPS,
     FAMILY,
     REPO,
     encode,
+    glm_hf_fp32,  # noqa: F401
+    glm_processor,  # noqa: F401
+    glm_records,  # noqa: F401
+    glm_target,  # noqa: F401
     load_clip,
     long_clip,
     loss_runs,

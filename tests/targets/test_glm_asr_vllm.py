@@ -16,11 +16,14 @@ from typing import Any
 
 import pytest
 import torch
-from glm_asr_helpers import (
+from glm_asr_helpers import (  # the glm_* are the GLM-ASR fixtures
     CLIPS,
     FAMILY,
     PROMPT,
     REPO,
+    glm_hf_fp32,  # noqa: F401
+    glm_processor,  # noqa: F401
+    glm_target,  # noqa: F401
     hf_greedy,
     hf_inputs,
     load_clip,
