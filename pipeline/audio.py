@@ -49,6 +49,7 @@ class AudioLimits:
     split_long: bool = False  # split over-long clips into max_seconds pieces instead of rejecting
     max_split_seconds: float = MAX_SPLIT_SECONDS
     vad: bool = False  # with split_long: cut at pauses (pipeline.vad) instead of every max_seconds
+    vad_detector: str = "webrtc"
 
 
 @dataclass
@@ -174,7 +175,7 @@ def load_pieces(path: str | Path | Clip, limits: AudioLimits = AudioLimits()) ->
         if limits.vad:
             from pipeline.vad import pause_cuts
 
-            cuts = pause_cuts(mono, SAMPLE_RATE, limits.max_seconds)
+            cuts = pause_cuts(mono, SAMPLE_RATE, limits.max_seconds, limits.vad_detector)
         else:
             cuts = [(i, min(i + max_samples, mono.size)) for i in range(0, mono.size, max_samples)]
         return [Piece(mono[a:b], a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in cuts]
