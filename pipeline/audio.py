@@ -6,6 +6,7 @@ batch job can reject the record and go on.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,9 @@ def _decode(path: Path | Clip) -> tuple[np.ndarray, int]:
 
             data, rate = librosa.load(source(), sr=None, mono=False)
         except Exception:  # noqa: BLE001
-            raise AudioError(f"{path}: unreadable audio ({sf_err})") from None
+            # soundfile names a BytesIO by its address: not part of a reproducible reason
+            reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the bytes", str(sf_err))
+            raise AudioError(f"{path}: unreadable audio ({reason})") from None
         data = np.asarray(data, dtype=np.float32)
         data = data[:, None] if data.ndim == 1 else data.T
         return data, int(rate)

@@ -35,7 +35,7 @@ class ParquetFormat(Format):
             pf = _open(file)
         except Exception as err:  # noqa: BLE001
             if start == 0 and stop >= 1:
-                yield Row(file, 0, "file", f"{file.stem}-0", "", error=(
+                yield Row(file, 0, "(whole file)", f"{file.stem}-0", "", error=(
                     "file", f"not a readable Parquet file ({type(err).__name__}: {err}); its rows are unknown "
                             "and counted as one rejected record"))
             return

@@ -62,7 +62,7 @@ class TarFormat(Format):
             tf = tarfile.open(file, "r:")
         except (tarfile.TarError, OSError) as err:
             if start == 0 and stop >= 1:
-                yield Row(file, 0, "file", f"{file.stem}-0", "", error=(
+                yield Row(file, 0, "(whole file)", f"{file.stem}-0", "", error=(
                     "file", f"not a readable tar file ({err}); counted as one rejected record"))
             return
         with tf:
