@@ -1,6 +1,6 @@
 """Which VAD cuts a long recording where the pauses are: the fixture clips joined with known gaps.
 
-    python -m benchmarks.bench_vad [--gap-s 0.5] [--noise 0.002] [--window-s 30]
+    python -m benchmarks.bench_vad [--gap-s 0.5] [--noise 0.002] [--window-s 30] [--repeat 4]
 
 Joins tests/data/audio/clip-*.flac with ``--gap-s`` of silence (plus white noise of std
 ``--noise`` over everything), then for each detector of :mod:`pipeline.vad`: seconds to run, real
@@ -39,9 +39,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gap-s", type=float, default=0.5)
     ap.add_argument("--noise", type=float, default=0.002)
-    ap.add_argument("--window-s", type=float, default=10.0)
+    ap.add_argument("--window-s", type=float, default=30.0)
+    ap.add_argument("--repeat", type=int, default=4, help="times the 24 clips are joined (~69 s each)")
     args = ap.parse_args()
-    samples, gaps = long_recording(args.gap_s, args.noise)
+    samples, gaps = long_recording(args.gap_s, args.noise, args.repeat)
     seconds = samples.size / SAMPLE_RATE
     print(f"recording: {seconds:.1f} s, {len(gaps)} gaps of {args.gap_s} s, noise std {args.noise}; "
           f"window {args.window_s} s")

@@ -1,8 +1,9 @@
 """Cut a long recording at pauses into pieces that fit the encoder's window (``--vad-split``).
 
 A voice-activity detector marks each 30 ms frame speech or not; the cutter then walks the clip
-and ends each piece in the longest pause inside its window (at the pause's middle), falling back
-to a hard cut at the window's end only when the window holds no pause at all. Pieces are
+and ends each piece in the latest pause of at least 300 ms inside its window (at the pause's
+middle), else in the window's longest pause (>= 90 ms), and only when the window holds no pause
+at all at the window's end (a hard cut). Pieces are
 contiguous, so their offsets cover the whole clip.
 
 Detectors (``benchmarks/bench_vad.py`` measures them; docs/inputs.md has the numbers):
@@ -22,6 +23,7 @@ import numpy as np
 
 FRAME_S = 0.03  # webrtcvad accepts 10, 20 or 30 ms frames
 MIN_PAUSE_FRAMES = 3  # a pause of at least 90 ms is a cut candidate
+CLEAR_PAUSE_FRAMES = 10  # one of at least 300 ms is a sentence-like break
 DETECTORS = ("webrtc", "silero", "energy")
 
 
@@ -75,7 +77,7 @@ def pauses(flags: np.ndarray) -> list[tuple[int, int]]:
 def pause_cuts(samples: np.ndarray, rate: int, max_seconds: float, detector: str = "webrtc",
                min_seconds: float = 1.0) -> list[tuple[int, int]]:
     """Sample ranges ``(start, stop)`` covering ``samples``, each at most ``max_seconds`` long,
-    cut in pauses where the window holds one (the longest; the latest of equals)."""
+    cut in pauses where the window holds one (module docstring)."""
     frame = int(rate * FRAME_S)
     limit = int(max_seconds * rate)
     gaps = pauses(speech_frames(samples, rate, detector))
@@ -83,12 +85,10 @@ def pause_cuts(samples: np.ndarray, rate: int, max_seconds: float, detector: str
     start = 0
     while samples.size - start > limit:
         lo, hi = start + int(min_seconds * rate), start + limit
-        best = None
-        for a, b in gaps:
-            mid = (a + b) // 2 * frame
-            if lo <= mid <= hi and (best is None or b - a >= best[0]):
-                best = (b - a, mid)
-        stop = best[1] if best is not None else hi
+        inside = [(b - a, (a + b) // 2 * frame) for a, b in gaps if lo <= (a + b) // 2 * frame <= hi]
+        # the latest clear pause keeps pieces long; a window with only short pauses takes its longest
+        clear = [c for c in inside if c[0] >= CLEAR_PAUSE_FRAMES]
+        stop = clear[-1][1] if clear else max(inside)[1] if inside else hi
         cuts.append((start, stop))
         start = stop
     cuts.append((start, samples.size))

@@ -5,7 +5,7 @@
 
 | path | what |
 |---|---|
-| ``hub/data/{train-0000X-of-00002,test-00000-of-00001}.parquet`` | ASR pairs (id, audio, text), ``datasets`` with its Audio feature; train = clips 0-8, test = 9-11 |
+| ``hub/data/{train-0000X-of-00002,test-00000-of-00001}.parquet`` | ASR pairs (id, audio, text), ``datasets`` with its Audio feature; train = clips 0-8 (bytes inside), test = 9-11 (paths relative to ``hub/``) |
 | ``damaged_parquet/codecs.parquet`` | pairs whose audio bytes are flac, wav, ogg, mp3, then undecodable bytes |
 | ``damaged_parquet/truncated.parquet`` | the first half of a parquet file |
 | ``arrays.parquet`` | pairs whose audio is ``{"array", "sampling_rate"}`` (clips 0-1, at 16 and 8 kHz) |
@@ -41,11 +41,18 @@ def encode(clip: Path, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _pairs(indices: list[int]):
+def _pairs(indices: list[int], embed: bool = True):
+    """Pairs with the audio bytes inside (what the Hub serves), or ``embed=False``: paths relative to
+    the dataset folder (``audio/clip-XX.flac``)."""
     from datasets import Audio, Dataset
 
-    return Dataset.from_dict({"id": [f"clip-{i:02d}" for i in indices], "audio": [str(CLIPS[i]) for i in indices],
-                              "text": [TEXTS[i] for i in indices]}).cast_column("audio", Audio())
+    audio = [{"bytes": CLIPS[i].read_bytes() if embed else None, "path": CLIPS[i].name if embed else
+              f"audio/{CLIPS[i].name}"} for i in indices]
+    ds = Dataset.from_dict({"id": [f"clip-{i:02d}" for i in indices], "audio": audio,
+                            "text": [TEXTS[i] for i in indices]})
+    # the Audio feature's path form is the same {bytes: null, path} struct; casting would make
+    # datasets look for the relative path from the current directory
+    return ds.cast_column("audio", Audio()) if embed else ds
 
 
 def build(root: Path) -> Path:
@@ -56,7 +63,8 @@ def build(root: Path) -> Path:
     hub.mkdir(parents=True)
     _pairs(list(range(0, 5))).to_parquet(str(hub / "train-00000-of-00002.parquet"))
     _pairs(list(range(5, 9))).to_parquet(str(hub / "train-00001-of-00002.parquet"))
-    _pairs(list(range(9, 12))).to_parquet(str(hub / "test-00000-of-00001.parquet"))
+    _pairs(list(range(9, 12)), embed=False).to_parquet(str(hub / "test-00000-of-00001.parquet"))
+    (root / "hub" / "audio").symlink_to(DATA / "audio")
 
     damaged = root / "damaged_parquet"
     damaged.mkdir()
