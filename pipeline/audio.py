@@ -50,7 +50,7 @@ class AudioLimits:
     split_long: bool = False  # split over-long clips into max_seconds pieces instead of rejecting
     max_split_seconds: float = MAX_SPLIT_SECONDS
     vad: bool = False  # with split_long: cut at pauses (pipeline.vad) instead of every max_seconds
-    vad_detector: str = "webrtc"
+    vad_detector: str = "silero"  # pipeline.vad.DEFAULT_DETECTOR
 
 
 @dataclass

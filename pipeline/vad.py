@@ -8,10 +8,11 @@ contiguous, so their offsets cover the whole clip.
 
 Detectors (``benchmarks/bench_vad.py`` measures them; docs/inputs.md has the numbers):
 
-- ``webrtc`` (default): the WebRTC VAD from the ``webrtcvad-wheels`` wheel, no model file, no
-  download, thousands of times faster than real time on one core.
-- ``silero``: Silero VAD from the ``silero-vad`` wheel (its TorchScript model ships in the wheel);
-  more robust to noise, about 50x real time on 2 busy cores.
+- ``silero`` (default): Silero VAD from the ``silero-vad`` wheel (its TorchScript model ships in
+  the wheel, nothing is downloaded); the only one that still cut in the pauses under loud noise,
+  25-50x real time on 2 busy cores (it runs only on clips over the window).
+- ``webrtc``: the WebRTC VAD from the ``webrtcvad-wheels`` wheel, no model file, ~3000x real
+  time; as good on clean speech, lost under loud noise.
 - ``energy``: frame RMS against a threshold relative to the clip's loud frames; no dependency.
 """
 
@@ -24,10 +25,11 @@ import numpy as np
 FRAME_S = 0.03  # webrtcvad accepts 10, 20 or 30 ms frames
 MIN_PAUSE_FRAMES = 3  # a pause of at least 90 ms is a cut candidate
 CLEAR_PAUSE_FRAMES = 10  # one of at least 300 ms is a sentence-like break
-DETECTORS = ("webrtc", "silero", "energy")
+DETECTORS = ("silero", "webrtc", "energy")
+DEFAULT_DETECTOR = "silero"
 
 
-def speech_frames(samples: np.ndarray, rate: int, detector: str = "webrtc") -> np.ndarray:
+def speech_frames(samples: np.ndarray, rate: int, detector: str = DEFAULT_DETECTOR) -> np.ndarray:
     """One bool per ``FRAME_S`` frame: True where the detector hears speech."""
     frame = int(rate * FRAME_S)
     n = samples.size // frame
@@ -74,7 +76,7 @@ def pauses(flags: np.ndarray) -> list[tuple[int, int]]:
     return out
 
 
-def pause_cuts(samples: np.ndarray, rate: int, max_seconds: float, detector: str = "webrtc",
+def pause_cuts(samples: np.ndarray, rate: int, max_seconds: float, detector: str = DEFAULT_DETECTOR,
                min_seconds: float = 1.0) -> list[tuple[int, int]]:
     """Sample ranges ``(start, stop)`` covering ``samples``, each at most ``max_seconds`` long,
     cut in pauses where the window holds one (module docstring)."""

@@ -89,7 +89,7 @@ class RegenerateConfig(SourceOptions):
     split_long_audio: bool = opt(False, "split clips over 30 s into 30 s pieces instead of rejecting them")
     vad_split: bool = opt(False, "cut a record's one clip over the audio window at pauses (voice activity "
                                  "detection) into pieces, each its own record with parent_id and offsets")
-    vad_detector: str = opt("webrtc", "--vad-split's detector: webrtc, silero or energy (pipeline/vad.py)")
+    vad_detector: str = opt("silero", "--vad-split's detector: silero, webrtc or energy (pipeline/vad.py)")
     log_every_s: float = opt(30.0, "seconds between progress lines when stderr is not a terminal")
 
     def __post_init__(self) -> None:
