@@ -486,8 +486,9 @@ def test_every_input_format_and_damaged_input_through_stage1(tiny_target, source
     # WebDataset: a garbage flac, a malformed json, a member cut short, the rest of a truncated tar
     out, _ = stage1("wds", source_datasets / "wds_bad")
     assert [r["id"] for r in _out_records(out)] == ["clip-00", "clip-03", "clip-04"]
-    assert [(e["id"], e["field"].split(".")[-1]) for e in _errors(out)] == [
-        ("clip-01", "audio"), ("clip-02", "json"), ("clip-05", "clip-05.flac"), (None, "file")]
+    assert [(e["id"], e["field"]) for e in _errors(out)] == [
+        ("clip-01", "conversations[0].content[0].audio"), ("clip-02", "json"), ("clip-05", "clip-05.flac"),
+        (None, "file")]
 
     # a saved DatasetDict's test split
     out, _ = stage1("saved", source_datasets / "saved", split="test")
@@ -522,7 +523,7 @@ def test_parquet_asr_pairs_to_a_trained_draft(tiny_target, source_datasets, engi
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "stages.train", "--store", str(store), "--target", str(tiny_target), "--output",
            str(run_dir), "--nproc", "1", "--draft-vocab-size", "256", "--batch-tokens", "512", "--eval-fraction",
-           "0.2", "--num-workers", "0", "--max-steps", "4", "--epochs", "100", "--save-every", "4", "--lr", "3e-3"]
+           "0.2", "--num-workers", "0", "--max-steps", "4", "--epochs", "100", "--save-every", "4", "--log-every", "1", "--lr", "3e-3"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     step = run_dir / "checkpoints" / "step-000004"
