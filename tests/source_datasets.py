@@ -11,6 +11,8 @@
 | ``arrays.parquet`` | pairs whose audio is ``{"array", "sampling_rate"}`` (clips 0-1, at 16 and 8 kHz) |
 | ``messages.parquet`` | a ``messages`` column (audio items without a path) + an ``audio`` list column |
 | ``saved/`` | a DatasetDict from ``save_to_disk``: train = clips 12-15, test = 16-17 |
+| ``saved_cut/`` | a saved Dataset (clips 12-15, one Arrow file each); the first file lost its last quarter |
+| ``rowgroups.parquet`` | clips 0-5 in row groups of 2 (pyarrow), the second group's page header overwritten |
 | ``wds/shard-00000{0,1}.tar`` | WebDataset shards (``.flac`` + ``.json``), clips 18-23 |
 | ``wds_bad/shard-000000.tar`` | clips 0-3; clip 1's flac is garbage, clip 2's json is malformed |
 | ``wds_bad/shard-000001.tar`` | clips 4-6, cut in the middle of clip 5's audio |
@@ -96,6 +98,20 @@ def build(root: Path) -> Path:
     Dataset.from_list(messages).to_parquet(str(root / "messages.parquet"))
 
     DatasetDict({"train": _pairs([12, 13, 14, 15]), "test": _pairs([16, 17])}).save_to_disk(str(root / "saved"))
+    _pairs([12, 13, 14, 15]).save_to_disk(str(root / "saved_cut"), max_shard_size=1)  # one file per row
+    arrow = sorted((root / "saved_cut").glob("*.arrow"))[0]
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size * 3 // 4])
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": [f"clip-{i:02d}" for i in range(6)], "text": TEXTS[:6],
+                      "audio": [{"bytes": CLIPS[i].read_bytes(), "path": CLIPS[i].name} for i in range(6)]})
+    pq.write_table(table, root / "rowgroups.parquet", row_group_size=2, compression="none")
+    column = pq.ParquetFile(root / "rowgroups.parquet").metadata.row_group(1).column(2)  # audio.bytes
+    blob = bytearray((root / "rowgroups.parquet").read_bytes())
+    blob[column.data_page_offset : column.data_page_offset + 40] = b"\xff" * 40  # its page header
+    (root / "rowgroups.parquet").write_bytes(bytes(blob))
 
     import webdataset as wds
 

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.sources.base import Format, Row, value_digest
+from pipeline.sources.base import Format, Row, describe_error, value_digest
 
 
 def saved_files(directory: Path) -> list[Path]:
@@ -43,7 +43,7 @@ class ArrowFormat(Format):
             if batch is None:
                 if start <= position < stop:
                     yield Row(file, position, f"row {position} on", f"{file.stem}-{position}", "", error=(
-                        "file", f"Arrow stream unreadable from row {position} on ({type(err).__name__}: {err}); "
+                        "file", f"Arrow stream unreadable from row {position} on ({describe_error(err)}); "
                                 "the rest of the file is counted as one rejected record"))
                 return
             n = batch.num_rows

@@ -72,6 +72,11 @@ class Format(ABC):
         return digest.hexdigest()
 
 
+def describe_error(err: BaseException) -> str:
+    """``Type: message`` on one line (library messages can span several)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
 def value_digest(values: dict[str, Any]) -> str:
     """sha256 (16 hex) of a row's values: bytes by their own sha256, the rest as JSON."""
 

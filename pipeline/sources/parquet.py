@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.sources.base import Format, Row, value_digest
+from pipeline.sources.base import Format, Row, describe_error, value_digest
 
 BATCH_ROWS = 64  # rows decoded at once: a row group of long audio can be hundreds of MB
 
@@ -36,7 +36,7 @@ class ParquetFormat(Format):
         except Exception as err:  # noqa: BLE001
             if start == 0 and stop >= 1:
                 yield Row(file, 0, "(whole file)", f"{file.stem}-0", "", error=(
-                    "file", f"not a readable Parquet file ({type(err).__name__}: {err}); its rows are unknown "
+                    "file", f"not a readable Parquet file ({describe_error(err)}); its rows are unknown "
                             "and counted as one rejected record"))
             return
         first = 0
@@ -61,7 +61,7 @@ class ParquetFormat(Format):
                     if position >= hi:
                         return
         except Exception as err:  # noqa: BLE001 - a damaged row group costs only its own rows
-            reason = f"row group {group} unreadable ({type(err).__name__}: {err})"
+            reason = f"row group {group} unreadable ({describe_error(err)})"
             for pos in range(max(position, lo), hi):
                 yield Row(file, pos, f"row {pos}", f"{file.stem}-{pos}", "", error=("row", reason))
 

@@ -85,6 +85,17 @@ def test_codecs_damaged_files_and_members_cost_only_their_records(source_dataset
         load_audio(recs[1].audio_paths[0])
 
 
+def test_a_broken_row_group_or_arrow_file_costs_only_its_rows(source_datasets):
+    items = list(InputSource(source_datasets / "rowgroups.parquet").read())
+    assert [i.id for i in records(items)] == ["clip-00", "clip-01", "clip-04", "clip-05"]
+    assert [(r.index, r.where, r.field) for r in rejections(items)] == [(2, "row 2", "row"), (3, "row 3", "row")]
+    assert all("row group 1 unreadable (OSError: Couldn't deserialize thrift" in r.reason for r in rejections(items))
+    items = list(InputSource(source_datasets / "saved_cut").read())
+    assert [i.id for i in records(items)] == ["clip-13", "clip-14", "clip-15"]
+    [cut] = rejections(items)
+    assert cut.source.endswith("data-00000-of-00004.arrow") and "Arrow stream unreadable from row 0 on" in cut.reason
+
+
 def test_subsets_splits_and_shard_ranges_are_stable(source_datasets):
     hub = source_datasets / "hub"
     whole = [r.id for r in records(InputSource(hub, split="train").read())]
