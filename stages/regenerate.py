@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from modeling.targets import family_of, target_identity
-from pipeline.audio import AudioError, AudioLimits, Clip, load_pieces
+from pipeline.audio import AudioLimits
 from pipeline.cli import stage_main
-from pipeline.clip_files import clip_file, float_wav
+from pipeline.clip_files import vad_records, with_clip_files
 from pipeline.config import ConfigError, config_hash, opt, require
 from pipeline.data import Part, Record, RecordError, Rejection, Turn, reason_key
 from pipeline.durable import DurableJsonl, atomic_write_bytes, fsync_dir, sha256_bytes
@@ -220,6 +220,7 @@ class _ShardWork:
         self.chat = ChatTokenizer(self.tokenizer, family_of(cfg.target))
         self.limits = cfg.limits(self.chat.family)
         self.audio_dir = Path(cfg.output) / "audio" / shard.name  # clips without a file, VAD pieces
+        self.vad_limits = replace(self.limits, split_long=True, vad=True, vad_detector=cfg.vad_detector)
         limits = [n for n in (engine.max_model_len, cfg.max_model_len) if n]
         self.context = min(limits) if limits else sys.maxsize
 
@@ -287,53 +288,14 @@ class _ShardWork:
         atomic_write_bytes(path, data)  # durable before the progress row that names it
         return path.resolve()
 
-    def _vad_pieces(self, rec: Record) -> list[Record]:
-        """``--vad-split``: a record whose one clip is over the window becomes one record per piece
-        (id ``<id>@<k>``, ``parent_id``, ``offset_s``/``end_s`` in the clip); raises RecordError."""
-        clips = [(t, p) for t, turn in enumerate(rec.turns) for p, part in enumerate(turn.parts) if part.kind == "audio"]
-        if len(clips) != 1:
-            return [rec]
-        t, p = clips[0]
-        limits = replace(self.limits, split_long=True, vad=True, vad_detector=self.cfg.vad_detector)
-        try:
-            pieces = load_pieces(rec.turns[t].parts[p].audio, limits)
-        except AudioError as err:
-            raise RecordError(f"conversations[{t}].content[{p}].audio", str(err)) from None
-        if len(pieces) == 1:
-            return [rec]
-        out = []
-        for k, piece in enumerate(pieces):
-            path = self._write(rec, f"piece{k:03d}.wav", float_wav(piece.samples))
-            turns = list(rec.turns)
-            parts = list(turns[t].parts)
-            parts[p] = Part("audio", audio=path)
-            turns[t] = replace(turns[t], parts=parts)
-            raw = {**rec.raw, "id": f"{rec.id}@{k}", "parent_id": rec.id, "offset_s": round(piece.start_s, 3),
-                   "end_s": round(piece.end_s, 3)}
-            out.append(replace(rec, id=f"{rec.id}@{k}", turns=turns, raw=raw))
-        return out
-
-    def _with_files(self, rec: Record) -> Record:
-        """The record with each in-dataset clip written under ``audio/`` and named by its path."""
-        turns, n = [], 0
-        for turn in rec.turns:
-            parts = []
-            for part in turn.parts:
-                if isinstance(part.audio, Clip):
-                    data, suffix = clip_file(part.audio)
-                    part = Part("audio", audio=self._write(rec, f"{n}{suffix}", data))
-                    n += 1
-                parts.append(part)
-            turns.append(replace(turn, parts=parts))
-        return replace(rec, turns=turns) if n else rec
-
     def batch_rows(self, records: list[Record]) -> list[dict[str, Any]]:
         """One progress-log row per record: its output lines and token count, or its error."""
         chains: list[_Chain] = []
         failed: dict[int, Rejection] = {}
         for rec in records:
             try:
-                for piece in self._vad_pieces(rec) if self.cfg.vad_split else [rec]:
+                pieces = vad_records(rec, self.vad_limits, self._write) if self.cfg.vad_split else [rec]
+                for piece in pieces:
                     chains.extend(self._chains(piece))
             except RecordError as err:
                 failed[rec.index] = rec.reject(err.field, err.reason)
@@ -342,7 +304,7 @@ class _ShardWork:
         for chain in chains:
             if chain.error is None and not failed.get(chain.record.index):
                 rec = chain.record
-                chain.record = written.setdefault(rec.id, self._with_files(rec))
+                chain.record = written.setdefault(rec.id, with_clip_files(rec, self._write))
         by_record: dict[int, list[_Chain]] = {}
         for chain in chains:
             by_record.setdefault(chain.record.index, []).append(chain)
