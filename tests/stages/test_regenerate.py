@@ -509,7 +509,10 @@ def test_every_input_format_and_damaged_input_through_stage1(tiny_target, source
 
 def test_parquet_asr_pairs_to_a_trained_draft(tiny_target, source_datasets, engine, tmp_path):
     """A pair dataset (audio + text columns, no conversations, no answers) through stage 1, stage 2
-    and a few training steps: the chain needs nothing but the parquet files."""
+    and a few training steps: the chain needs nothing but the parquet files; then the benchmark
+    (plain target) on the dataset's test split."""
+    from source_datasets import TEXTS
+
     from stages.dump import DumpConfig, run_dump
 
     regen = tmp_path / "regenerated"
@@ -530,3 +533,17 @@ def test_parquet_asr_pairs_to_a_trained_draft(tiny_target, source_datasets, engi
     assert (step / "COMMITTED").is_file() and (step / "draft").is_dir()
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+
+    # the benchmark on the dataset's test split (audio as paths relative to the dataset): its
+    # text column is the WER reference
+    out = tmp_path / "bench" / "RESULT.json"
+    cmd = [sys.executable, "-m", "stages.benchmark", "--target", str(tiny_target), "--input",
+           str(source_datasets / "hub"), "--split", "test", "--output", str(out), "--max-new-tokens", "8",
+           "--num-prompts", "3", "--repeats", "1", "--dtype", "float32", "--no-tie-check"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert (report["num_prompts"], report["rejected_records"], report["plain"]["errors"]) == (3, 0, 0)
+    assert report["plain"]["wer"] is not None and report["plain"]["wer"] > 0  # a random target, real references
+    outputs = [json.loads(x) for x in out.with_name("RESULT.outputs.jsonl").read_text().splitlines()]
+    assert [o["reference"] for o in outputs] == TEXTS[9:12]
