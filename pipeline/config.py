@@ -190,9 +190,12 @@ def parse_config(
         values.update(read_yaml_section(config_path, section))
     where = f"{config_path or 'command line'}"
     flags = {}
+    fields = _fields(cls)
     for name, value in args.items():
-        # a repeatable list flag arrives as a list of comma-joined strings
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        # a repeatable list flag arrives as a list of comma-joined strings (unless its items are
+        # sentences: ``opt(..., repeatable=True, comma_split=False)``)
+        if (isinstance(value, list) and all(isinstance(v, str) for v in value)
+                and fields[name].metadata.get("comma_split", True)):
             value = [p for v in value for p in v.split(",") if p]
         flags[name] = value
     values.update(flags)

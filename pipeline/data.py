@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.audio import AudioError, AudioLimits, load_audio
+from pipeline.audio import AudioError, AudioLimits, Clip, load_audio
 
 ROLES = ("system", "user", "assistant")
 
@@ -28,7 +28,7 @@ ROLES = ("system", "user", "assistant")
 class Part:
     kind: str  # "text" or "audio"
     text: str | None = None
-    audio: Path | None = None  # resolved absolute path
+    audio: Path | Clip | None = None  # resolved absolute path, or audio held in a dataset row
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Turn:
         return "".join(p.text or "" for p in self.parts if p.kind == "text")
 
     @property
-    def audio_paths(self) -> list[Path]:
+    def audio_paths(self) -> list[Path | Clip]:
         return [p.audio for p in self.parts if p.kind == "audio" and p.audio is not None]
 
 
@@ -57,14 +57,15 @@ class Record:
     source: str  # the jsonl path
     source_hash: str  # sha256 of the raw line: ties outputs to the exact input they came from
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    where: str | None = None  # "row 3", "key clip-00": the locator in formats without lines
 
     @property
-    def audio_paths(self) -> list[Path]:
+    def audio_paths(self) -> list[Path | Clip]:
         return [p for t in self.turns for p in t.audio_paths]
 
     def reject(self, field_name: str, reason: str) -> Rejection:
         """This record's rejection (file, line, id kept), for a stage that finds it unusable."""
-        return Rejection(self.index, self.line, self.source, self.id, field_name, reason)
+        return Rejection(self.index, self.line, self.source, self.id, field_name, reason, self.where)
 
 
 @dataclass
@@ -75,14 +76,19 @@ class Rejection:
     record_id: str | None
     field: str
     reason: str
+    where: str | None = None  # "row 3", "key clip-00" (None: jsonl, whose line says where)
 
     def message(self) -> str:
         rid = f" (id {self.record_id})" if self.record_id is not None else ""
-        return f"{self.source}:{self.line}{rid}: {self.field}: {self.reason}"
+        place = f"{self.source}:{self.line}" if self.where is None else f"{self.source} {self.where}"
+        return f"{place}{rid}: {self.field}: {self.reason}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "line": self.line, "source": self.source, "id": self.record_id,
-                "field": self.field, "reason": self.reason}
+        out = {"index": self.index, "line": self.line, "source": self.source, "id": self.record_id,
+               "field": self.field, "reason": self.reason}
+        if self.where is not None:
+            out["where"] = self.where
+        return out
 
 
 @dataclass
@@ -112,6 +118,8 @@ def _parse_part(obj: Any, where: str, base: Path) -> Part:
         return Part("text", text=text)
     if kind == "audio":
         ref = obj.get("audio", obj.get("audio_url"))
+        if isinstance(ref, (Clip, Path)):  # resolved by pipeline.sources.mapping
+            return Part("audio", audio=ref)
         if not isinstance(ref, str) or not ref:
             raise RecordError(f"{where}.audio", "must be a non-empty path string")
         path = Path(ref)

@@ -40,6 +40,7 @@ from pipeline.config import opt, require
 from pipeline.data import RecordError, Rejection
 from pipeline.durable import atomic_write_json, atomic_write_text
 from pipeline.engine import Generator, GenRequest, GenResult, Sampling
+from pipeline.sources import SourceOptions, open_source
 from pipeline.spec_counters import SpecCounters, scrape_spec
 from stages.benchmark_report import build_report, format_table
 
@@ -47,13 +48,14 @@ log = logging.getLogger("stages.benchmark")
 
 
 @dataclass(kw_only=True)
-class BenchmarkConfig:
+class BenchmarkConfig(SourceOptions):
     """Options of the benchmark (``benchmark:`` section of a pipeline YAML)."""
 
     target: str = opt("", "target model directory (its tokenizer builds the prompts in every mode)")
     draft: str = opt("", "exported draft directory (stages.export --engine vllm); empty: plain run only")
-    input: str = opt("", "eval conversations: a jsonl or stage 1's output directory; the first assistant "
-                         "turn of each record is the reference")
+    input: str = opt("", "eval records: a conversation jsonl, a glob, parquet files, a save_to_disk dataset, "
+                         "WebDataset shards or stage 1's output (docs/inputs.md); the first assistant turn of "
+                         "each record, or a pair dataset's text column, is the reference")
     output: str = opt("", "RESULT.json path (RESULT.outputs.jsonl is written next to it)")
     num_spec_tokens: int = opt(4, "draft tokens proposed per step (k)")
     max_new_tokens: int = opt(256, "generated tokens per prompt at most")
@@ -98,18 +100,19 @@ class EvalPrompt:
 def build_prompts(cfg: BenchmarkConfig) -> tuple[list[EvalPrompt], list[Rejection]]:
     """The first ``num_prompts`` usable records as requests, and every record passed over on the
     way, each with its reason (unreadable line, bad audio, prompt + answer over the context)."""
-    from pipeline.inputs import read_input
     from pipeline.samples import load_record_audio, target_context_length
     from pipeline.template import ChatTokenizer
 
     chat = ChatTokenizer.for_target(cfg.target)
     limits = AudioLimits(max_seconds=chat.family.max_audio_seconds)
     context = cfg.max_model_len or target_context_length(cfg.target)
-    read = read_input(cfg.input, require_assistant=False)
+    source = open_source(cfg.input, cfg)
     rejected: list[Rejection] = []
     prompts: list[EvalPrompt] = []
-    stop = read.total  # input records from here on were not needed
-    for rec in read.records:
+    for rec in source.read():  # streamed: stops reading once num_prompts are usable
+        if isinstance(rec, Rejection):
+            rejected.append(rec)
+            continue
         turns = rec.turns
         t = next((j for j, turn in enumerate(turns) if turn.role == "assistant"), len(turns))
         try:
@@ -127,13 +130,13 @@ def build_prompts(cfg: BenchmarkConfig) -> tuple[list[EvalPrompt], list[Rejectio
         sampling = Sampling(cfg.max_new_tokens, cfg.temperature, 1.0, cfg.seed + len(prompts))
         answer = turns[t] if t < len(turns) else None
         reference = answer.text if answer is not None and answer.text.strip() else None
+        if reference is None and isinstance(rec.raw.get("reference"), str) and rec.raw["reference"].strip():
+            reference = rec.raw["reference"]  # a pair dataset's text column
         prompts.append(EvalPrompt(rec.id, GenRequest(ids, audios, sampling, turns[:t]), reference,
                                   None if answer is None else answer.token_ids,
                                   None if answer is None else answer.extra.get("finish_reason")))
         if len(prompts) == cfg.num_prompts:
-            stop = rec.index + 1
             break
-    rejected = sorted(rejected + [r for r in read.rejected if r.index < stop], key=lambda r: r.index)
     for rej in rejected:
         log.warning("skipped %s", rej.message())
     if not prompts:

@@ -23,7 +23,6 @@ so sampling does not depend on batching or sharding either.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import hashlib
 import json
@@ -31,6 +30,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,10 @@ from typing import Any
 from modeling.targets import family_of, target_identity
 from pipeline.audio import AudioLimits
 from pipeline.cli import stage_main
+from pipeline.clip_files import vad_records, with_clip_files
 from pipeline.config import ConfigError, config_hash, opt, require
-from pipeline.data import Part, Record, RecordError, Rejection, Turn, read_conversations, reason_key
-from pipeline.durable import DurableJsonl, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
+from pipeline.data import Part, Record, RecordError, Rejection, Turn, reason_key
+from pipeline.durable import DurableJsonl, atomic_write_bytes, fsync_dir, sha256_bytes
 from pipeline.engine import Generator, GenRequest, GenResult, Sampling
 from pipeline.locks import LockHeld
 from pipeline.manifest import Manifest, ManifestMismatch, sharded_output_complete
@@ -48,6 +49,7 @@ from pipeline.progress import Progress
 from pipeline.samples import load_record_audio, split_audio_parts
 from pipeline.server_client import RequestFailed
 from pipeline.shards import Shard, plan_shards, resolve_shard_index, run_shards
+from pipeline.sources import InputSource, SourceOptions, open_source
 from pipeline.stage1_layout import shard_files
 from pipeline.template import ChatTokenizer
 
@@ -60,11 +62,12 @@ MUST_MATCH = ("stage", "input_sha256", "target_config_hash", "sampling", "config
 
 
 @dataclass(kw_only=True)
-class RegenerateConfig:
+class RegenerateConfig(SourceOptions):
     """Stage 1 settings; every field is also a ``--flag`` and a YAML key."""
 
     target: str = opt("", "target model directory (its tokenizer builds the prompts in both engine modes)")
-    input: str = opt("", "input conversation jsonl (audio paths relative to its folder)")
+    input: str = opt("", "input: a conversation jsonl, a glob, parquet files or their folder, a save_to_disk "
+                         "dataset, WebDataset .tar shards, or stage 1's output (docs/inputs.md)")
     output: str = opt("", "output directory: shard files, error files, manifest.json")
     num_shards: int = opt(1, "number of shards the input is split into (contiguous record ranges)")
     shard_index: int | None = opt(None, "shard to run; default $SLURM_ARRAY_TASK_ID, else all shards in sequence")
@@ -84,6 +87,9 @@ class RegenerateConfig:
     max_concurrency: int = opt(16, "server mode: requests in flight at once, over all servers")
     retries: int = opt(3, "server mode: retries per request (exponential backoff, next server each time)")
     split_long_audio: bool = opt(False, "split clips over 30 s into 30 s pieces instead of rejecting them")
+    vad_split: bool = opt(False, "cut a record's one clip over the audio window at pauses (voice activity "
+                                 "detection) into pieces, each its own record with parent_id and offsets")
+    vad_detector: str = opt("silero", "--vad-split's detector: silero, webrtc or energy (pipeline/vad.py)")
     log_every_s: float = opt(30.0, "seconds between progress lines when stderr is not a terminal")
 
     def __post_init__(self) -> None:
@@ -96,6 +102,10 @@ class RegenerateConfig:
         require(self.n >= 1, f"--n must be >= 1, got {self.n}")
         require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         require(self.max_concurrency >= 1 and self.retries >= 0, "--max-concurrency >= 1 and --retries >= 0")
+        require(not (self.vad_split and self.split_long_audio), "give --vad-split or --split-long-audio, not both")
+        from pipeline.vad import DETECTORS
+
+        require(self.vad_detector in DETECTORS, f"--vad-detector must be one of {list(DETECTORS)}")
 
     def limits(self, family: Any) -> AudioLimits:
         return AudioLimits(max_seconds=family.max_audio_seconds, split_long=self.split_long_audio)
@@ -204,11 +214,13 @@ def output_record(chain: _Chain, n: int) -> dict[str, Any]:
 class _ShardWork:
     """Generation for the records of one shard, batch by batch."""
 
-    def __init__(self, cfg: RegenerateConfig, engine: Generator):
+    def __init__(self, cfg: RegenerateConfig, engine: Generator, shard: Shard):
         self.cfg, self.engine = cfg, engine
         self.tokenizer = _tokenizer(str(Path(cfg.target).resolve()))
         self.chat = ChatTokenizer(self.tokenizer, family_of(cfg.target))
         self.limits = cfg.limits(self.chat.family)
+        self.audio_dir = Path(cfg.output) / "audio" / shard.name  # clips without a file, VAD pieces
+        self.vad_limits = replace(self.limits, split_long=True, vad=True, vad_detector=cfg.vad_detector)
         limits = [n for n in (engine.max_model_len, cfg.max_model_len) if n]
         self.context = min(limits) if limits else sys.maxsize
 
@@ -271,16 +283,28 @@ class _ShardWork:
             for (chain, t, _), result in zip(todo, results, strict=True):
                 self._accept(chain, t, result)
 
+    def _write(self, rec: Record, name: str, data: bytes) -> Path:
+        path = self.audio_dir / f"{rec.index:09d}-{name}"
+        atomic_write_bytes(path, data)  # durable before the progress row that names it
+        return path.resolve()
+
     def batch_rows(self, records: list[Record]) -> list[dict[str, Any]]:
         """One progress-log row per record: its output lines and token count, or its error."""
         chains: list[_Chain] = []
         failed: dict[int, Rejection] = {}
         for rec in records:
             try:
-                chains.extend(self._chains(rec))
+                pieces = vad_records(rec, self.vad_limits, self._write) if self.cfg.vad_split else [rec]
+                for piece in pieces:
+                    chains.extend(self._chains(piece))
             except RecordError as err:
                 failed[rec.index] = rec.reject(err.field, err.reason)
         self._generate(chains)
+        written: dict[str, Record] = {}
+        for chain in chains:
+            if chain.error is None and not failed.get(chain.record.index):
+                rec = chain.record
+                chain.record = written.setdefault(rec.id, with_clip_files(rec, self._write))
         by_record: dict[int, list[_Chain]] = {}
         for chain in chains:
             by_record.setdefault(chain.record.index, []).append(chain)
@@ -296,34 +320,41 @@ class _ShardWork:
         return rows
 
 
-def _in_shard(items: list[Any], shard: Shard) -> list[Any]:
-    """The items (sorted by ``.index``) whose index falls in the shard's range."""
-    lo = bisect.bisect_left(items, shard.start, key=lambda r: r.index)
-    hi = bisect.bisect_left(items, shard.stop, key=lambda r: r.index)
-    return items[lo:hi]
+def _batches(items: Iterable[Record | Rejection], shard: Shard, size: int,
+             rejected: list[Rejection]) -> Iterator[list[Record]]:
+    """The shard's records in batches cut at fixed input positions (every ``size`` indices), so a
+    resumed run sends the engine the same batches; the reader's rejections go to ``rejected``.
+    Only one batch of records (with its in-dataset audio) is held at a time."""
+    batch: list[Record] = []
+    end = shard.start + size
+    for item in items:
+        while item.index >= end:
+            yield batch
+            batch, end = [], end + size
+        (rejected if isinstance(item, Rejection) else batch).append(item)
+    yield batch
 
 
-def regenerate_shard(cfg: RegenerateConfig, shard: Shard, records: list[Record], rejected: list[Rejection],
+def regenerate_shard(cfg: RegenerateConfig, shard: Shard, items: Iterable[Record | Rejection],
                      engine: Generator) -> ShardResult:
-    """Generate the shard's ``records`` (resuming from its progress log), then commit the shard:
+    """Generate the shard's records (resuming from its progress log), then commit the shard:
     records and errors files atomically, then the manifest entry, then drop the log.
 
-    ``rejected`` are the reader's rejections in this shard; together with ``records`` they must
-    cover every input index of the shard.
+    ``items`` are the reader's records and rejections of the shard, one per input index in order.
     """
     start = time.monotonic()
     progress_path = shard_files(cfg.output, shard)[2]
-    work = _ShardWork(cfg, engine)
+    work = _ShardWork(cfg, engine, shard)
+    rejected: list[Rejection] = []
     with DurableJsonl(progress_path) as progress_log:
         rows = {row["index"]: row for row in progress_log.read()}
         if rows:
-            log.info("%s: resuming, %d of %d records already durable", shard.name, len(rows), len(records))
-        with Progress(len(records), shard.name, unit="rec", log_every_s=cfg.log_every_s, logger=log) as bar:
-            bar.update(sum(r.index in rows for r in records))
+            log.info("%s: resuming, %d of %d records already durable", shard.name, len(rows), len(shard))
+        with Progress(len(shard), shard.name, unit="rec", log_every_s=cfg.log_every_s, logger=log) as bar:
             tokens = 0
-            # batches at fixed positions: a resumed run sends the engine the same batches
-            for b in range(0, len(records), cfg.batch_size):
-                todo = [r for r in records[b : b + cfg.batch_size] if r.index not in rows]
+            for batch in _batches(items, shard, cfg.batch_size, rejected):
+                todo = [r for r in batch if r.index not in rows]
+                bar.update(len(batch) - len(todo))
                 if not todo:
                     continue
                 new = work.batch_rows(todo)
@@ -331,6 +362,7 @@ def regenerate_shard(cfg: RegenerateConfig, shard: Shard, records: list[Record],
                 rows.update((row["index"], row) for row in new)
                 tokens += sum(row.get("tokens", 0) for row in new)
                 bar.update(len(todo), tok_s=f"{tokens / (time.monotonic() - start):.1f}")
+    bar.update(len(rejected))
     result = _commit(cfg, shard, rows, rejected)
     progress_path.unlink()
     fsync_dir(progress_path.parent)
@@ -375,11 +407,12 @@ def _commit(cfg: RegenerateConfig, shard: Shard, rows: dict[int, dict[str, Any]]
     return result
 
 
-def manifest_header(cfg: RegenerateConfig, total: int) -> dict[str, Any]:
+def manifest_header(cfg: RegenerateConfig, source: InputSource) -> dict[str, Any]:
     """The run's identity; resuming requires the :data:`MUST_MATCH` keys to be equal."""
+    spec = cfg.input if set("*?[") & set(cfg.input) else str(Path(cfg.input).resolve())
     return {
-        "stage": "regenerate", "input": str(Path(cfg.input).resolve()), "input_sha256": sha256_file(cfg.input),
-        "input_records": total, "target": str(Path(cfg.target).resolve()),
+        "stage": "regenerate", "input": spec, "input_sha256": source.fingerprint(),
+        "input_records": source.total, "input_source": source.describe(), "target": str(Path(cfg.target).resolve()),
         "target_config_hash": target_identity(cfg.target)["sha256"], "num_shards": cfg.num_shards,
         "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "n": cfg.n, "seed": cfg.seed},
@@ -411,15 +444,15 @@ def run(cfg: RegenerateConfig, engine: Generator | None = None) -> list[ShardRes
     start = time.monotonic()
     # audio is decoded per shard while generating, not here: every job of a 1000-task array
     # would otherwise decode the whole dataset's audio just to find its own records
-    family = family_of(cfg.target)  # an unsupported target is refused before any work
-    read = read_conversations(cfg.input, require_assistant=False, check_audio=False, audio_limits=cfg.limits(family))
-    shards = plan_shards(read.total, cfg.num_shards)
+    family_of(cfg.target)  # an unsupported target is refused before any work
+    source = open_source(cfg.input, cfg)  # counts records; reads them only shard by shard
+    shards = plan_shards(source.total, cfg.num_shards)
     try:
         shard_index = resolve_shard_index(cfg.shard_index, cfg.num_shards)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     manifest = Manifest(cfg.output)
-    manifest.init(manifest_header(cfg, read.total), MUST_MATCH)
+    manifest.init(manifest_header(cfg, source), MUST_MATCH)
     if cfg.n > 1 and cfg.temperature == 0:
         log.warning("--n %d with --temperature 0 gives %d identical responses per prompt", cfg.n, cfg.n)
     results: list[ShardResult] = []
@@ -429,8 +462,7 @@ def run(cfg: RegenerateConfig, engine: Generator | None = None) -> list[ShardRes
         nonlocal engine
         if engine is None:
             engine = make_engine(cfg)
-        records, rejected = _in_shard(read.records, shard), _in_shard(read.rejected, shard)
-        results.append(regenerate_shard(cfg, shard, records, rejected, engine))
+        results.append(regenerate_shard(cfg, shard, source.read(shard.start, shard.stop), engine))
 
     try:
         summary = run_shards(cfg.output, shards, shard_index, process, manifest)

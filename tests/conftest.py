@@ -88,3 +88,14 @@ def fixture_store(tmp_path_factory, tiny_target: Path, fixtures_dir: Path) -> Pa
     argv = ["--target", str(tiny_target), "--input", str(fixtures_dir / "speech.jsonl"), "--store", str(store)]
     run_dump(parse_config(DumpConfig, argv, prog="dump", description="fixture store"))
     return store
+
+
+@pytest.fixture(scope="session")
+def source_datasets(tmp_path_factory) -> Path:
+    """Small datasets in every input format (tests/source_datasets.py), built once per session."""
+    import sys
+
+    sys.path.insert(0, str(TESTS_DIR))
+    from source_datasets import build
+
+    return build(tmp_path_factory.mktemp("sources") / "ds")

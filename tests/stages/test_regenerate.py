@@ -436,3 +436,114 @@ def test_requeued_slurm_task_takes_over_its_own_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "0")
     with FileLock(lock):
         assert json.loads(lock.read_text())["slurm_job"] == "77_3.0.0"
+
+
+def _out_records(out: Path) -> list[dict]:
+    return [r for p in sorted(out.glob("shard-*.jsonl")) for r in read_jsonl(p)]
+
+
+def _errors(out: Path) -> list[dict]:
+    return [e for p in sorted(out.glob("errors-*.jsonl")) for e in read_jsonl(p)]
+
+
+def test_every_input_format_and_damaged_input_through_stage1(tiny_target, source_datasets, engine, tmp_path):
+    """Parquet pairs (split, subset, 2 shards), damaged parquet, damaged WebDataset shards, a saved
+    DatasetDict and a long recording cut by VAD, all with the module's one engine."""
+    from source_datasets import CLIPS, TEXTS
+
+    def stage1(name: str, spec: Path, **kw) -> tuple[Path, dict]:
+        out = tmp_path / name
+        results = run(make_cfg(tiny_target, spec, out, **kw), engine)
+        manifest = json.loads((out / "manifest.json").read_text())
+        shards = manifest["shards"].values()
+        assert sum(s["input_records"] for s in shards) == manifest["input_records"] == sum(len(r.shard) for r in results)
+        assert all(s["accepted"] + s["rejected"] == s["input_records"] for s in shards)
+        return out, manifest
+
+    # ASR pairs from Hub-style parquet: train split, records 1..6, two shards
+    out, manifest = stage1("hub", source_datasets / "hub", split="train", skip=1, take=6, num_shards=2)
+    assert manifest["input_source"]["subset"] == {"skip": 1, "take": 6, "take_fraction": None, "first": 1, "stop": 7}
+    assert manifest["input_source"]["format"] == "parquet" and manifest["input_source"]["split"] == "train"
+    recs = _out_records(out)
+    assert [r["id"] for r in recs] == [f"clip-{i:02d}" for i in range(1, 7)] and not _errors(out)
+    for rec in recs:
+        clip = int(rec["id"][-2:])
+        assert rec["reference"] == TEXTS[clip] and rec["source_index"] == clip - 1
+        user, answer = rec["conversations"]
+        audio = Path(user["content"][0]["audio"])
+        assert audio.is_relative_to(out / "audio") and audio.read_bytes() == CLIPS[clip].read_bytes()
+        assert answer["role"] == "assistant" and 1 <= len(answer["token_ids"]) <= SETTINGS["max_new_tokens"]
+    assert read_conversations(out / "shard-00000-of-00002.jsonl").rejected == []  # stage 2 can read it
+
+    # damaged parquet: an undecodable row and a truncated file cost only themselves
+    out, manifest = stage1("damaged", source_datasets / "damaged_parquet")
+    assert [r["id"] for r in _out_records(out)] == ["codec-0", "codec-1", "codec-2", "codec-3"]
+    errors = _errors(out)
+    assert [(e["index"], e["id"], e["where"]) for e in errors] == [(4, "codec-4", "row 4"), (5, None, "(whole file)")]
+    assert "unreadable audio" in errors[0]["reason"] and "not a readable Parquet file" in errors[1]["reason"]
+    assert manifest["input_records"] == 6
+
+    # WebDataset: a garbage flac, a malformed json, a member cut short, the rest of a truncated tar
+    out, _ = stage1("wds", source_datasets / "wds_bad")
+    assert [r["id"] for r in _out_records(out)] == ["clip-00", "clip-03", "clip-04"]
+    assert [(e["id"], e["field"]) for e in _errors(out)] == [
+        ("clip-01", "conversations[0].content[0].audio"), ("clip-02", "json"), ("clip-05", "clip-05.flac"),
+        (None, "file")]
+
+    # a saved DatasetDict's test split
+    out, _ = stage1("saved", source_datasets / "saved", split="test")
+    assert [r["reference"] for r in _out_records(out)] == [TEXTS[16], TEXTS[17]]
+
+    # a 69 s recording: rejected by default, three records cut at pauses with --vad-split
+    long = source_datasets / "long" / "long.jsonl"
+    out, _ = stage1("long-reject", long)
+    assert "longer than the encoder's 30 s window" in _errors(out)[0]["reason"]
+    out, manifest = stage1("long-vad", long, vad_split=True)
+    recs = _out_records(out)
+    assert [r["id"] for r in recs] == ["long-0@0", "long-0@1", "long-0@2"] and not _errors(out)
+    assert {r["parent_id"] for r in recs} == {"long-0"} and recs[0]["offset_s"] == 0
+    assert all(a["end_s"] == b["offset_s"] for a, b in zip(recs[:-1], recs[1:], strict=True))
+    assert all(r["end_s"] - r["offset_s"] <= 30.0 for r in recs)
+    assert manifest["shards"]["00000"]["output_records"] == 3 and manifest["shards"]["00000"]["accepted"] == 1
+
+
+def test_parquet_asr_pairs_to_a_trained_draft(tiny_target, source_datasets, engine, tmp_path):
+    """A pair dataset (audio + text columns, no conversations, no answers) through stage 1, stage 2
+    and a few training steps: the chain needs nothing but the parquet files; then the benchmark
+    (plain target) on the dataset's test split."""
+    from source_datasets import TEXTS
+
+    from stages.dump import DumpConfig, run_dump
+
+    regen = tmp_path / "regenerated"
+    [result] = run(make_cfg(tiny_target, source_datasets / "hub", regen, split="train", max_new_tokens=16), engine)
+    assert (result.accepted, result.rejected) == (9, 0)
+    store = tmp_path / "store"
+    run_dump(parse_config(DumpConfig, ["--target", str(tiny_target), "--input", str(regen), "--store", str(store)],
+                          prog="dump", description=""))
+    dumped = json.loads((store / "manifest.json").read_text())
+    assert sum(s["accepted"] for s in dumped["shards"].values()) == 9
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "stages.train", "--store", str(store), "--target", str(tiny_target), "--output",
+           str(run_dir), "--nproc", "1", "--draft-vocab-size", "256", "--batch-tokens", "512", "--eval-fraction",
+           "0.2", "--num-workers", "0", "--max-steps", "4", "--epochs", "100", "--save-every", "4", "--log-every", "1", "--lr", "3e-3"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    step = run_dir / "checkpoints" / "step-000004"
+    assert (step / "COMMITTED").is_file() and (step / "draft").is_dir()
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+
+    # the benchmark on the dataset's test split (audio as paths relative to the dataset): its
+    # text column is the WER reference
+    out = tmp_path / "bench" / "RESULT.json"
+    cmd = [sys.executable, "-m", "stages.benchmark", "--target", str(tiny_target), "--input",
+           str(source_datasets / "hub"), "--split", "test", "--output", str(out), "--max-new-tokens", "8",
+           "--num-prompts", "3", "--repeats", "1", "--dtype", "float32", "--no-tie-check"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert (report["num_prompts"], report["rejected_records"], report["plain"]["errors"]) == (3, 0, 0)
+    assert report["plain"]["wer"] is not None and report["plain"]["wer"] > 0  # a random target, real references
+    outputs = [json.loads(x) for x in out.with_name("RESULT.outputs.jsonl").read_text().splitlines()]
+    assert [o["reference"] for o in outputs] == TEXTS[9:12]
