@@ -1,11 +1,11 @@
 """How well the SmolLM2 audio target listens, on held-out spoken prompts, in vLLM (README "A real LLM target").
 
-    python -m benchmarks.bench_smol_target --target work/smol-audio-target --teacher work/smol/teacher-eval.jsonl \\
+    python -m benchmarks.bench_smol_target --target work/smol-audio-target \\
         [--prompts 100 --max-tokens 128 --speed-tokens 64 --out benchmarks/results/smol_target.json]
 
 For each held-out (``eval`` split) prompt, spoken by espeak-ng in a voice the dataset draws:
 - **answer agreement**: the greedy answer to the clip vs the LLM's answer to the same words as text
-  (``--teacher``, :mod:`modeling.smol_audio.teacher`): exact (all ``--max-tokens`` tokens) and first 16
+  (computed in the same engine, as :mod:`modeling.smol_audio.teacher` does): exact (all ``--max-tokens`` tokens) and first 16
   tokens equal, and word error rate of the spoken answer against the written one;
 - **transcription WER**: the clip + "Transcribe the audio." against the prompt's words;
 - **peakedness**: mean probability of each greedy token (vLLM logprobs), answer length distribution;
@@ -56,13 +56,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from modeling.smol_audio.dataset import items
     from modeling.smol_audio.prompts import TRANSCRIBE, WPM_RANGE
+    from modeling.smol_audio.teacher import text_turns
     from pipeline.asr.speech import synthesize
     from pipeline.template import ChatTokenizer
     from pipeline.wer import corpus_wer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="work/smol-audio-target")
-    parser.add_argument("--teacher", default="work/smol/teacher-eval.jsonl")
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--speed-prompts", type=int, default=8)
@@ -73,7 +73,6 @@ def main(argv: list[str] | None = None) -> None:
 
     chat = ChatTokenizer.for_target(args.target)
     tok = chat.tokenizer
-    teacher = {json.loads(line)["id"]: json.loads(line)["answer_ids"] for line in Path(args.teacher).read_text().splitlines()}
     clips = items("eval", args.prompts, seed=0)
     waves = [synthesize(p.text, voice, wpm) for _, p, voice, wpm in clips]
     result: dict[str, Any] = {"prompts": len(clips), "max_tokens": args.max_tokens, "wpm": WPM_RANGE,
@@ -82,13 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     llm = _engine(args.target, "float32", 16)
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, logprobs=0, detokenize=False)
     answers = llm.generate(_requests(chat, waves, None), greedy, use_tqdm=False)
+    written = llm.generate([{"prompt_token_ids": chat.encode(text_turns(p.text), until_turn=1).input_ids.tolist()}
+                            for _, p, _, _ in clips], greedy, use_tqdm=False)
     transcripts = llm.generate(_requests(chat, waves, TRANSCRIBE),
                                SamplingParams(max_tokens=48, temperature=0.0, detokenize=False), use_tqdm=False)
     _close(llm)
     exact = first16 = 0
     probs, lengths, hyps, refs = [], [], [], []
-    for (_, p, _, _), out in zip(clips, answers, strict=True):
-        got, want = list(out.outputs[0].token_ids), teacher[p.id][: args.max_tokens]
+    for out, ref in zip(answers, written, strict=True):
+        got, want = list(out.outputs[0].token_ids), list(ref.outputs[0].token_ids)
         exact += got == want
         first16 += got[:16] == want[:16]
         lengths.append(len(got))

