@@ -41,7 +41,9 @@ DEFAULT_CACHE = Path("work/smol-llm")
 # projector maps 256 -> 576. Small enough to commit and to train on 2 cores in about an hour.
 AUDIO_SIZES = {"d_model": 256, "encoder_layers": 4, "encoder_attention_heads": 4, "encoder_ffn_dim": 1024}
 TRAINED_PREFIXES = ("audio_tower.", "multi_modal_projector.")
-ROWS_KEY = "audio_token_rows"  # [len(llm.AUDIO_TOKENS), hidden]: embedding rows of the audio tokens
+ROWS_KEY = "audio_token_rows"  # [2, hidden]: embedding rows of ROW_TOKENS (trained)
+# the audio boundary tokens the LLM reads; <|AUDIO|>'s row is never read (the encoder's output replaces it)
+ROW_TOKENS = ("<|audio_bos|>", "<|audio_eos|>")
 COMPLETE_MARKER = ".complete"
 
 
@@ -76,7 +78,7 @@ def random_trained_parts(config: dict[str, Any], seed: int) -> dict[str, Any]:
     tower, proj = Qwen2AudioEncoder(cfg.audio_config), Qwen2AudioMultiModalProjector(cfg)
     parts = {f"audio_tower.{k}": v for k, v in tower.state_dict().items()}
     parts |= {f"multi_modal_projector.{k}": v for k, v in proj.state_dict().items()}
-    parts[ROWS_KEY] = torch.zeros(len(llm.AUDIO_TOKENS), cfg.text_config.hidden_size)
+    parts[ROWS_KEY] = torch.zeros(len(ROW_TOKENS), cfg.text_config.hidden_size)
     return {k: v.detach().to(torch.float32).contiguous() for k, v in parts.items()}
 
 
@@ -95,7 +97,7 @@ def assemble_state(llm_state: dict[str, Any], parts: dict[str, Any], tok: Any) -
     """The full checkpoint's tensors: the LLM's plus the trained parts, audio rows written into the table."""
     state = dict(llm_state)
     table = state["language_model.model.embed_tokens.weight"].clone()
-    rows = [tok.convert_tokens_to_ids(t) for t in llm.AUDIO_TOKENS]
+    rows = [tok.convert_tokens_to_ids(t) for t in ROW_TOKENS]
     table[rows] = parts[ROWS_KEY].to(table.dtype)
     state["language_model.model.embed_tokens.weight"] = table
     state |= {k: v for k, v in parts.items() if k != ROWS_KEY}

@@ -214,7 +214,7 @@ def train(cfg: TrainConfig) -> Path:
         module.train()
     model.model.audio_tower.embed_positions.requires_grad_(False)  # sinusoidal, fixed as in Whisper
     rows = AudioRows(model.model.get_input_embeddings().weight.detach(),
-                     processor.tokenizer.convert_tokens_to_ids(["<|audio_bos|>", "<|audio_eos|>"]))
+                     processor.tokenizer.convert_tokens_to_ids(list(build.ROW_TOKENS)))
     ctc = CTCHead(model.config.text_config.hidden_size)
     params = [p for m in (*trainable, rows, ctc) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
