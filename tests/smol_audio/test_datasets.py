@@ -1,0 +1,49 @@
+"""The SmolLM2 target's three kinds of training conversation: spoken, the same words typed, and general
+text chat (the audio-vs-text comparison's inputs, docs/audio-vs-text.md). Typed kinds need no espeak-ng."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modeling.smol_audio import chat_prompts, prompts
+from modeling.smol_audio.dataset import ensure_dataset, items
+from pipeline.data import read_conversations
+
+
+def test_typed_records_pair_with_the_spoken_ones_by_id():
+    spoken, typed = items("train", 50, 0, "spoken"), items("train", 50, 0, "text")
+    assert [(i, p.text) for i, p, _, _ in spoken] == [(i, p.text) for i, p, _, _ in typed]
+
+
+def test_chat_prompts_are_other_requests_with_disjoint_splits():
+    train, held_out = chat_prompts.prompts("train"), chat_prompts.prompts("eval")
+    assert train and held_out
+    assert not {p.text for p in train} & {p.text for p in held_out}
+    spoken = {p.text for p in prompts.all_prompts()}
+    assert not spoken & {p.text for p in chat_prompts.all_prompts()}
+    assert not {p.id for p in prompts.all_prompts()} & {p.id for p in chat_prompts.all_prompts()}
+    kinds = {p.text.split()[0] for p in train[:40]}  # hash order mixes the templates
+    assert len(kinds) >= 4, kinds
+    with pytest.raises(ValueError, match="chat split"):
+        chat_prompts.prompts("target")
+
+
+@pytest.mark.parametrize("kind", ["text", "chat"])
+def test_typed_dataset_is_read_as_text_only_conversations(tmp_path, kind):
+    out = ensure_dataset(tmp_path / kind, "train", 7, 0, kind=kind)
+    assert json.loads((out / "dataset.json").read_text())["kind"] == kind
+    assert not (out / "audio").exists()
+    result = read_conversations(out / "data.jsonl", require_assistant=True)
+    assert len(result.records) == 7 and not result.rejected
+    for rec in result.records:
+        assert not rec.audio_paths and rec.turns[0].role == "user" and rec.turns[0].text.strip()
+    again = ensure_dataset(tmp_path / kind, "train", 7, 0, kind=kind)  # complete: kept, not rebuilt
+    assert again == out and (out / "data.jsonl").stat().st_mtime_ns == (again / "data.jsonl").stat().st_mtime_ns
+
+
+def test_bad_kind_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ensure_dataset(tmp_path / "x", "train", 3, 0, kind="video")
+    assert not (tmp_path / "x").exists()
