@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.data import Rejection
-from pipeline.wer import corpus_wer
+from pipeline.data.records import Rejection
+from pipeline.data.wer import corpus_wer
 
 if TYPE_CHECKING:
     from stages.benchmark import BenchmarkConfig, EvalPrompt, RunResult

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.durable import (
+from pipeline.core.durable import (
     DurableJsonl,
     atomic_replace_dir,
     atomic_write_bytes,
@@ -46,8 +46,8 @@ from pipeline.durable import (
     fsync_tree,
     sha256_file,
 )
-from pipeline.manifest import Manifest
-from pipeline.shards import Shard
+from pipeline.core.manifest import Manifest
+from pipeline.core.shards import Shard
 from storage.checksum import LEGACY, store_checksum
 from storage.codecs import ArraySpec, encode_sample
 from storage.columns import DEFAULT_COMPRESSION_THREADS, ChunkWriter, Column, create_array, sync_columns

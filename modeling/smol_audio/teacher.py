@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from modeling.smol_audio.prompts import Prompt, prompts
-from pipeline.data import Part, Turn
-from pipeline.durable import atomic_write_text
+from pipeline.core.durable import atomic_write_text
+from pipeline.data.records import Part, Turn
 
 
 def text_turns(text: str) -> list[Turn]:
@@ -32,8 +32,8 @@ def answer_texts(target: str | Path, items: list[Prompt], *, max_tokens: int, dt
     """Greedy answer ids for each prompt read as text (prompt ids from the pipeline's chat tokenizer)."""
     from vllm import SamplingParams
 
-    from pipeline.engine import build_llm
-    from pipeline.template import ChatTokenizer
+    from pipeline.data.template import ChatTokenizer
+    from pipeline.engine.offline import build_llm
 
     chat = ChatTokenizer.for_target(target)
     own = llm is None

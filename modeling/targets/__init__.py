@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from modeling.targets.base import TargetFamily
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 
 # name -> "module:Class"; imported on use, so a family's dependencies load only when it is used
 FAMILIES: dict[str, str] = {

@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.data import Turn
-from pipeline.template import Segment
+from pipeline.data.records import Turn
+from pipeline.data.template import Segment
 
 
 class TargetFamily:

@@ -3,7 +3,7 @@
 transformers 5.19 and vLLM 0.32 both name the model ``GlmAsrForConditionalGeneration``: a Whisper-style
 encoder with rotary attention (conv stride 2, then 4 frames merged into one 4*hidden vector), a
 two-layer projector and a Llama decoder. The Hub checkpoint uses Qwen2-Audio's key layout
-(transformers maps ``glmasr`` to the ``qwen2_audio`` renames), so ``pipeline.tiny_target.hub_key`` holds.
+(transformers maps ``glmasr`` to the ``qwen2_audio`` renames), so ``modeling.targets.qwen2_audio_tiny.hub_key`` holds.
 
 Conversation layout (the Jinja template below, as ``GlmAsrProcessor.apply_chat_template`` renders it)::
 
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from modeling.targets.base import TargetFamily, load_hf
-from pipeline.data import Turn
-from pipeline.template import Segment
+from pipeline.data.records import Turn
+from pipeline.data.template import Segment
 
 SAMPLING_RATE = 16_000
 HOP_SAMPLES = 160  # Whisper features: one mel frame per 10 ms

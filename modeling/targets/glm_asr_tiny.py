@@ -2,7 +2,7 @@
 
 Same architecture name, config structure, Hub safetensors key layout, chat template and processor
 (``GlmAsrProcessor`` around a 128-bin ``WhisperFeatureExtractor`` and a plain ``tokenizer.json``), so
-transformers and vLLM load it on CPU. The tokenizer reuses ``pipeline.tiny_target``'s byte-level BPE
+transformers and vLLM load it on CPU. The tokenizer reuses ``modeling.targets.qwen2_audio_tiny``'s byte-level BPE
 training on the fixture corpus; its special tokens are GLM-ASR's, at the end of the vocab in the real
 relative id order.
 
@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from modeling.targets import qwen2_audio_tiny as tiny_target
 from modeling.targets.glm_asr import (
     ASSISTANT,
     AUDIO_BOS,
@@ -36,8 +37,7 @@ from modeling.targets.glm_asr import (
     SYSTEM,
     USER,
 )
-from pipeline import tiny_target
-from pipeline.durable import ensure_dir
+from pipeline.core.durable import ensure_dir
 
 # Relative order of the real ids: <|endoftext|> 59246 (inferred from GLM-4's layout), <|system|> 59252,
 # <|user|> 59253, <|assistant|> 59254, <|observation|> 59255, <|pad|> 59260, <|begin_of_audio|> 59261,
@@ -199,7 +199,7 @@ def is_complete(out_dir: str | os.PathLike[str], **params: int) -> bool:
 def build_tiny(out_dir: str | os.PathLike[str], *, layers: int = 8, hidden: int = 256, heads: int = 4,
                kv_heads: int = 2, vocab: int = 640, seed: int = 0) -> Path:
     """Build into ``out_dir`` unless a finished build with these arguments by this code is there;
-    atomic (:func:`pipeline.durable.ensure_dir`), the ``.complete`` marker written last."""
+    atomic (:func:`pipeline.core.durable.ensure_dir`), the ``.complete`` marker written last."""
     params = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "seed": seed}
 
     def write(tmp: Path) -> None:

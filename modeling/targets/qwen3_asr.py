@@ -30,8 +30,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from modeling.targets.base import TargetFamily, hf_inner_forward, load_hf
-from pipeline.data import Turn
-from pipeline.template import Segment
+from pipeline.data.records import Turn
+from pipeline.data.template import Segment
 
 ARCHITECTURE = "Qwen3ASRForConditionalGeneration"
 END_OF_TEXT = "<|endoftext|>"

@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from modeling.targets import qwen2_audio_tiny as tiny_target
 from modeling.targets import qwen3_asr as family
-from pipeline import tiny_target
-from pipeline.durable import ensure_dir
+from pipeline.core.durable import ensure_dir
 
 # The Qwen3-ASR special tokens, in the order they get the last ids. transformers 5 registers named
 # tokens (eos/pad, then the processor's audio_* names) before the unnamed ones, so the relative order
@@ -130,7 +130,7 @@ def random_state_dict(config: dict[str, Any], seed: int, never_generated: list[i
 def build(out_dir: str | os.PathLike[str], *, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int,
           seed: int) -> Path:
     """Build into ``out_dir`` unless a finished build with these arguments by this code is there;
-    atomic (:func:`pipeline.durable.ensure_dir`), the ``.complete`` marker (arguments + builder id) last."""
+    atomic (:func:`pipeline.core.durable.ensure_dir`), the ``.complete`` marker (arguments + builder id) last."""
     params = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "seed": seed}
     marker = {**params, "builder": builder_id()}
 

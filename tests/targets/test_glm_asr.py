@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from modeling.targets.glm_asr import AUDIO_TOKEN
 from modeling.targets.glm_asr_tiny import NEVER_GENERATED, SPECIAL_TOKENS, build_tiny, is_complete
-from pipeline.data import Turn
+from pipeline.data.records import Turn
 
 # ---- the build -------------------------------------------------------------------------------------------
 
@@ -147,7 +147,7 @@ def test_render_equals_the_processor_template(processor: Any, records: list[Any]
 
 
 def test_render_trims_like_jinja_and_takes_a_system_prompt(processor: Any) -> None:
-    from pipeline.data import parse_record
+    from pipeline.data.records import parse_record
 
     msgs = [{"role": "user", "content": [{"type": "text", "text": "  \n"}, {"type": "audio", "audio": "a.wav"}]},
             {"role": "assistant", "content": "  spaced answer \n"},

@@ -21,7 +21,7 @@ import torch
 
 from modeling.targets import qwen3_asr_tiny as tiny
 from modeling.targets.qwen3_asr import CHAT_TEMPLATE, Qwen3ASRFamily, main, render_text
-from pipeline.data import Turn, read_conversations
+from pipeline.data.records import Turn, read_conversations
 
 F = Qwen3ASRFamily
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def load_clip(path: Path) -> np.ndarray:
 
 def encode(tokenizer: Any, turns: list[Turn], *, counts: list[int] | None = None,
            until_turn: int | None = None) -> tuple[list[int], list[int]]:
-    """Ids and loss mask from :meth:`render_segments` by the rules of ``pipeline.template.ChatTokenizer``:
+    """Ids and loss mask from :meth:`render_segments` by the rules of ``pipeline.data.template.ChatTokenizer``:
     consecutive template text tokenized in one piece, each ``<|audio_pad|>`` repeated ``counts[i]``
     times (once without counts: vLLM expands it), answers plus the turn-end token carry the loss."""
     turn_end = tokenizer.convert_tokens_to_ids(F.special_tokens["turn_end"])
@@ -379,8 +379,8 @@ def serve(args: dict) -> None:
 
     from modeling import vllm_plugin
     from modeling.targets import qwen3_asr_vllm, vllm_classes
-    from pipeline.engine import GenRequest, OfflineGenerator, Sampling, build_llm
-    from pipeline.spec_counters import SpecCounters
+    from pipeline.engine.offline import GenRequest, OfflineGenerator, Sampling, build_llm
+    from pipeline.engine.spec_counters import SpecCounters
 
     def entry() -> str:
         model = ModelRegistry.models[F.architectures[0]]
