@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     from modeling.smol_audio.dataset import items
     from modeling.smol_audio.prompts import TRANSCRIBE, WPM_RANGE
     from modeling.smol_audio.teacher import text_turns
-    from pipeline.data.template import ChatTokenizer
+    from modeling.targets import chat_tokenizer_for
     from pipeline.data.wer import corpus_wer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/smol_target.json")
     args = parser.parse_args(argv)
 
-    chat = ChatTokenizer.for_target(args.target)
+    chat = chat_tokenizer_for(args.target)
     tok = chat.tokenizer
     clips = items("eval", args.prompts, seed=0)
     waves = [synthesize(p.text, voice, wpm) for _, p, voice, wpm in clips]

@@ -100,10 +100,10 @@ class EvalPrompt:
 def build_prompts(cfg: BenchmarkConfig) -> tuple[list[EvalPrompt], list[Rejection]]:
     """The first ``num_prompts`` usable records as requests, and every record passed over on the
     way, each with its reason (unreadable line, bad audio, prompt + answer over the context)."""
-    from pipeline.data.samples import load_record_audio, target_context_length
-    from pipeline.data.template import ChatTokenizer
+    from modeling.targets import chat_tokenizer_for, target_context_length
+    from pipeline.data.samples import load_record_audio
 
-    chat = ChatTokenizer.for_target(cfg.target)
+    chat = chat_tokenizer_for(cfg.target)
     limits = AudioLimits(max_seconds=chat.family.max_audio_seconds)
     context = cfg.max_model_len or target_context_length(cfg.target)
     source = open_source(cfg.input, cfg)

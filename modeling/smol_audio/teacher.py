@@ -32,10 +32,10 @@ def answer_texts(target: str | Path, items: list[Prompt], *, max_tokens: int, dt
     """Greedy answer ids for each prompt read as text (prompt ids from the pipeline's chat tokenizer)."""
     from vllm import SamplingParams
 
-    from pipeline.data.template import ChatTokenizer
+    from modeling.targets import chat_tokenizer_for
     from pipeline.engine.offline import build_llm
 
-    chat = ChatTokenizer.for_target(target)
+    chat = chat_tokenizer_for(target)
     own = llm is None
     if own:
         llm = build_llm(target, max_model_len=1024, dtype=dtype, max_num_seqs=batch_size)

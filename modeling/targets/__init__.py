@@ -16,6 +16,8 @@ from typing import Any
 
 from modeling.targets.base import TargetFamily
 from pipeline.core.config import ConfigError
+from pipeline.data.samples import load_target_processor
+from pipeline.data.template import ChatTokenizer
 
 # name -> "module:Class"; imported on use, so a family's dependencies load only when it is used
 FAMILIES: dict[str, str] = {
@@ -82,3 +84,20 @@ def target_identity(target: str | Path) -> dict[str, Any]:
             digest.update(name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
     return {"path": str(path), "family": family.name, "architecture": (config.get("architectures") or ["?"])[0],
             "sha256": digest.hexdigest()}
+
+
+def target_context_length(target: str | Path) -> int | None:
+    """The language model's ``max_position_embeddings`` from the target's config.json, if any."""
+    path = Path(target) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    try:
+        return int(family_of(config).text_config(config)["max_position_embeddings"])
+    except (KeyError, ValueError):
+        return None
+
+
+def chat_tokenizer_for(target: str | Path) -> ChatTokenizer:
+    """The chat tokenizer of a target directory: its tokenizer and the family its config names."""
+    return ChatTokenizer(load_target_processor(target)[0], family_of(target))

@@ -92,19 +92,3 @@ def load_target_processor(target_dir: str | Path) -> tuple[Any, Any]:
 
     processor = AutoProcessor.from_pretrained(str(target_dir))
     return processor.tokenizer, processor.feature_extractor
-
-
-def target_context_length(target: str | Path) -> int | None:
-    """The language model's ``max_position_embeddings`` from the target's config.json, if any."""
-    import json
-
-    path = Path(target) / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text())
-    from modeling.targets import family_of
-
-    try:
-        return int(family_of(config).text_config(config)["max_position_embeddings"])
-    except (KeyError, ValueError):
-        return None

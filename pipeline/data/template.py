@@ -55,14 +55,6 @@ class ChatTokenizer:
         self.im_end_id = ids[family.special_tokens["turn_end"]]  # closes an answer (carries loss)
         self.end_ids = {ids[t] for t in family.end_tokens}
 
-    @classmethod
-    def for_target(cls, target: Any) -> ChatTokenizer:
-        """The chat tokenizer of a target directory: its tokenizer and the family its config names."""
-        from modeling.targets import family_of
-        from pipeline.data.samples import load_target_processor
-
-        return cls(load_target_processor(target)[0], family_of(target))
-
     def num_audio_tokens(self, num_samples: int) -> int:
         return int(self.family.num_audio_tokens(num_samples))
 
@@ -122,3 +114,29 @@ class ChatTokenizer:
             return answer + [self.im_end_id], [1] * len(answer) + [0]
         answer = self._text_ids(turn.text) + [self.im_end_id]
         return answer, [1] * len(answer)
+
+
+GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
+
+
+def format_sample(tokenizer, encoded: Encoded, color: bool = True) -> str:
+    """Render ids as text, one run per (loss, audio) state, colour or brackets for loss."""
+    ids, mask = encoded.input_ids.tolist(), encoded.loss_mask.tolist()
+    audio_starts = {s: e for s, e in encoded.audio_spans}
+    out: list[str] = []
+    i = 0
+    while i < len(ids):
+        if i in audio_starts:
+            end = audio_starts[i]
+            out.append(f"{DIM if color else ''}[AUDIO x {end - i}]{RESET if color else ''}")
+            i = end
+            continue
+        j = i
+        while j < len(ids) and mask[j] == mask[i] and j not in audio_starts:
+            j += 1
+        text = tokenizer.decode(ids[i:j], skip_special_tokens=False)
+        if mask[i]:
+            text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+        out.append(text)
+        i = j
+    return "".join(out)

@@ -11,35 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from modeling.targets import chat_tokenizer_for
 from pipeline.data.audio import AudioLimits
 from pipeline.data.records import RecordError, read_conversations
 from pipeline.data.samples import prepare_sample
-from pipeline.data.template import ChatTokenizer, Encoded
-
-GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
-
-
-def format_sample(tokenizer, encoded: Encoded, color: bool = True) -> str:
-    """Render ids as text, one run per (loss, audio) state, colour or brackets for loss."""
-    ids, mask = encoded.input_ids.tolist(), encoded.loss_mask.tolist()
-    audio_starts = {s: e for s, e in encoded.audio_spans}
-    out: list[str] = []
-    i = 0
-    while i < len(ids):
-        if i in audio_starts:
-            end = audio_starts[i]
-            out.append(f"{DIM if color else ''}[AUDIO x {end - i}]{RESET if color else ''}")
-            i = end
-            continue
-        j = i
-        while j < len(ids) and mask[j] == mask[i] and j not in audio_starts:
-            j += 1
-        text = tokenizer.decode(ids[i:j], skip_special_tokens=False)
-        if mask[i]:
-            text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
-        out.append(text)
-        i = j
-    return "".join(out)
+from pipeline.data.template import format_sample
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.index not in by_index:
         print(f"no record {args.index} in {args.input} ({result.total} records)", file=sys.stderr)
         return 1
-    chat = ChatTokenizer.for_target(args.target)
+    chat = chat_tokenizer_for(args.target)
     tokenizer = chat.tokenizer
     try:
         sample = prepare_sample(by_index[args.index], chat, limits=AudioLimits(max_seconds=chat.family.max_audio_seconds))

@@ -11,8 +11,7 @@ from modeling.targets.base import render_text as render_family_text
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.data.records import read_conversations
 from pipeline.data.samples import prepare_sample
-from pipeline.data.template import ChatTokenizer
-from pipeline.tools.view import format_sample
+from pipeline.data.template import ChatTokenizer, format_sample
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

@@ -24,11 +24,11 @@ def test_text_logits_equal_the_gguf_models(built):
     from transformers import Qwen2AudioForConditionalGeneration
 
     from modeling.smol_audio.teacher import text_turns
-    from pipeline.data.template import ChatTokenizer
+    from modeling.targets import chat_tokenizer_for
 
     ref, tok = llm.load_gguf_model(llm.fetch_gguf(CACHE / "smol-llm"))
     ours = Qwen2AudioForConditionalGeneration.from_pretrained(str(built), dtype=torch.float32).eval()
-    chat = ChatTokenizer.for_target(built)
+    chat = chat_tokenizer_for(built)
     for text in PROMPTS:
         ids = chat.encode(text_turns(text), until_turn=1).input_ids
         # the pipeline's prompt is the wheel tokenizer's own chat template, with the Qwen2-Audio system turn
