@@ -121,7 +121,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     import run_pipeline
 
     out["run_pipeline.py"] = _capture(run_pipeline.main)
-    for module in ("pipeline.core.faults", "pipeline.tools.view", "modeling.targets.qwen2_audio_tiny", "modeling.asr_target.train_target",
+    for module in ("pipeline.core.faults", "pipeline.tools.view", "pipeline.tools.tiny_target", "modeling.asr_target.train_target",
                    "modeling.asr_target.speech", "benchmarks.bench_asr_target", "benchmarks.bench_batch_invariance",
                    "benchmarks.bench_codecs", "benchmarks.bench_store", "benchmarks.bench_train",
                    "benchmarks.bench_ttt_step"):

@@ -19,7 +19,6 @@ concatenated segments are the processor's rendering plus ``<|user|>``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -229,18 +228,3 @@ class GlmAsrFamily(TargetFamily):
         from modeling.targets import vllm_classes
 
         vllm_classes.register("GlmAsrForConditionalGeneration", "GlmAsrEagle3ForConditionalGeneration")
-
-    @staticmethod
-    def build_tiny(out_dir: str | os.PathLike[str], *, layers: int = 8, hidden: int = 256, heads: int = 4,
-                   kv_heads: int = 2, vocab: int = 640, seed: int = 0) -> Path:
-        """A tiny random GLM-ASR checkpoint that transformers and vLLM load (see ``glm_asr_tiny``)."""
-        from modeling.targets.glm_asr_tiny import build_tiny
-
-        return build_tiny(out_dir, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                          vocab=vocab, seed=seed)
-
-
-if __name__ == "__main__":
-    from modeling.targets.glm_asr_tiny import main
-
-    main()

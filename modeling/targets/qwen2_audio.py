@@ -130,9 +130,3 @@ class Qwen2AudioFamily(TargetFamily):
         from modeling.targets import vllm_classes
 
         vllm_classes.register(ARCHITECTURE, "Qwen2AudioEagle3ForConditionalGeneration")
-
-    @staticmethod
-    def build_tiny(out_dir: str | Path, **sizes: int) -> Path:
-        from modeling.targets.qwen2_audio_tiny import ensure_tiny_target
-
-        return ensure_tiny_target(out_dir, **sizes)

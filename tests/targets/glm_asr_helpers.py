@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 
 from modeling.targets.glm_asr import AUDIO_TOKEN, GlmAsrFamily
+from modeling.targets.glm_asr_tiny import build_tiny
 from pipeline.data.records import Turn, read_conversations
 from pipeline.data.template import Segment
 
@@ -120,7 +121,7 @@ def glm_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     this fixture, and ``build_tiny`` returns a finished build as it is, so it is built once."""
     root = tmp_path_factory.getbasetemp() / "glm-asr"
     root.mkdir(exist_ok=True)
-    return FAMILY.build_tiny(root / "tiny")
+    return build_tiny(root / "tiny")
 
 
 @pytest.fixture(scope="session", name="processor")

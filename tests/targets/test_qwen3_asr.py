@@ -20,8 +20,9 @@ import soundfile as sf
 import torch
 
 from modeling.targets import qwen3_asr_tiny as tiny
-from modeling.targets.qwen3_asr import CHAT_TEMPLATE, Qwen3ASRFamily, main, render_text
+from modeling.targets.qwen3_asr import CHAT_TEMPLATE, Qwen3ASRFamily, render_text
 from pipeline.data.records import Turn, read_conversations
+from pipeline.tools.tiny_target import main
 
 F = Qwen3ASRFamily
 REPO = Path(__file__).resolve().parents[2]
@@ -73,7 +74,7 @@ def encode(tokenizer: Any, turns: list[Turn], *, counts: list[int] | None = None
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return F.build_tiny(tmp_path_factory.mktemp("qwen3-asr") / "tiny")
+    return tiny.build_tiny(tmp_path_factory.mktemp("qwen3-asr") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +112,8 @@ def _assistant_turns(record: Any) -> list[int]:
 
 
 def test_build_is_deterministic_per_seed_and_cli(target: Path, tmp_path: Path) -> None:
-    again = F.build_tiny(tmp_path / "seed0")
-    main(["--out", str(tmp_path / "seed1"), "--seed", "1"])
+    again = tiny.build_tiny(tmp_path / "seed0")
+    main(["--family", "qwen3-asr", "--out", str(tmp_path / "seed1"), "--seed", "1"])
     weights = (target / "model.safetensors").read_bytes()
     assert (again / "model.safetensors").read_bytes() == weights
     assert (tmp_path / "seed1" / "model.safetensors").read_bytes() != weights
