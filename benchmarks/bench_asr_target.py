@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_asr_target [--target tests/data/asr-target] [--clips 100] [--batch 16]
 
-- transformers, fp32, batch 1 (:mod:`pipeline.asr.quality`): WER over the transcription tasks,
+- transformers, fp32, batch 1 (:mod:`modeling.asr_target.quality`): WER over the transcription tasks,
   exact-match accuracy per task, mean top-1 probability of the target's own greedy tokens;
 - vLLM, bf16 and fp32: WER of the greedy answers, and the share of prompts whose greedy output is
   identical at ``max_num_seqs`` 1 and ``--batch`` (batch invariance; a random target: ~40% in bf16
@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
+    from modeling.asr_target.quality import TRANSCRIPTION_TASKS, greedy_quality, score
+    from modeling.asr_target.speech import ensure_dataset, utterances
     from modeling.targets.qwen2_audio import Qwen2AudioFamily
-    from pipeline.asr.quality import TRANSCRIPTION_TASKS, greedy_quality, score
-    from pipeline.asr.speech import ensure_dataset, utterances
-    from pipeline.engine import GenRequest, OfflineGenerator, Sampling, build_llm
-    from pipeline.template import ChatTokenizer
+    from pipeline.data.template import ChatTokenizer
+    from pipeline.engine.offline import GenRequest, OfflineGenerator, Sampling, build_llm
 
     data = ensure_dataset(args.data, "eval", args.clips)
     utts = utterances("eval", args.clips)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     del model
     gc.collect()
 
-    from pipeline.asr.quality import prompt_ids
+    from modeling.asr_target.quality import prompt_ids
 
     chat = ChatTokenizer(processor.tokenizer, Qwen2AudioFamily)
     requests = [GenRequest(prompt_ids(chat, u), [w], Sampling(32)) for u, w in zip(utts, waves, strict=True)]

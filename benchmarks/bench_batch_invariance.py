@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def greedy(target: str, prompts: list, dtype: str, max_num_seqs: int, draft: str | None = None) -> list[list[int]]:
-    from pipeline.engine import OfflineGenerator, build_llm
+    from pipeline.engine.offline import OfflineGenerator, build_llm
 
     extra: dict = {"max_num_seqs": max_num_seqs, "enable_prefix_caching": False}
     if draft:
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
 
+    from modeling.targets.qwen2_audio_tiny import ensure_tiny_target
     from modeling.targets.tie_check import DivergenceCase, TieChecker
-    from pipeline.tiny_target import ensure_tiny_target
     from stages.benchmark import BenchmarkConfig, build_prompts
 
     if args.target.endswith("tiny-target"):

@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.audio import load_audio
-from pipeline.data import Record
-from pipeline.sources import InputSource
+from pipeline.data.audio import load_audio
+from pipeline.data.records import Record
+from pipeline.data.sources import InputSource
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

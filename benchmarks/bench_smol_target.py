@@ -29,7 +29,7 @@ import numpy as np
 
 
 def _engine(target: str, dtype: str, max_num_seqs: int) -> Any:
-    from pipeline.engine import build_llm
+    from pipeline.engine.offline import build_llm
 
     return build_llm(target, max_model_len=1024, dtype=dtype, max_num_seqs=max_num_seqs)
 
@@ -41,7 +41,7 @@ def _close(llm: Any) -> None:
 def _requests(chat: Any, waves: list[np.ndarray], instruction: str | None) -> list[dict[str, Any]]:
     from pathlib import Path as P
 
-    from pipeline.data import Part, Turn
+    from pipeline.data.records import Part, Turn
 
     out = []
     for wave in waves:
@@ -54,12 +54,12 @@ def _requests(chat: Any, waves: list[np.ndarray], instruction: str | None) -> li
 def main(argv: list[str] | None = None) -> None:
     from vllm import SamplingParams
 
+    from modeling.asr_target.speech import synthesize
     from modeling.smol_audio.dataset import items
     from modeling.smol_audio.prompts import TRANSCRIBE, WPM_RANGE
     from modeling.smol_audio.teacher import text_turns
-    from pipeline.asr.speech import synthesize
-    from pipeline.template import ChatTokenizer
-    from pipeline.wer import corpus_wer
+    from modeling.targets import chat_tokenizer_for
+    from pipeline.data.wer import corpus_wer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="work/smol-audio-target")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/smol_target.json")
     args = parser.parse_args(argv)
 
-    chat = ChatTokenizer.for_target(args.target)
+    chat = chat_tokenizer_for(args.target)
     tok = chat.tokenizer
     clips = items("eval", args.prompts, seed=0)
     waves = [synthesize(p.text, voice, wpm) for _, p, voice, wpm in clips]

@@ -54,7 +54,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.synth_activations import SynthTarget, make_conversation, sample_lengths
-from pipeline.shards import plan_shards
+from pipeline.core.shards import plan_shards
 from storage.sample import CapturedSample
 from storage.store import HiddenStateStore, create_store, make_header, open_store
 from storage.writer import ShardWriter, commit_shard

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_vad [--gap-s 0.5] [--noise 0.002] [--window-s 30] [--repeat 4]
 
 Joins tests/data/audio/clip-*.flac with ``--gap-s`` of silence (plus white noise of std
-``--noise`` over everything), then for each detector of :mod:`pipeline.vad`: seconds to run, real
+``--noise`` over everything), then for each detector of :mod:`pipeline.data.vad`: seconds to run, real
 time factor, and how many of its cuts fall inside a true gap (a cut elsewhere splits a word).
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.audio import SAMPLE_RATE, load_audio
-from pipeline.vad import DETECTORS, pause_cuts, speech_frames
+from pipeline.data.audio import SAMPLE_RATE, load_audio
+from pipeline.data.vad import DETECTORS, pause_cuts, speech_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 

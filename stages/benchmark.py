@@ -6,13 +6,13 @@
         --server http://HOST:8000 [--baseline-server http://HOST:8001]
 
 Each eval record gives one prompt: the conversation up to its first assistant turn (audio +
-instruction), built as token ids by :class:`pipeline.template.ChatTokenizer` exactly as stage 1
+instruction), built as token ids by :class:`pipeline.data.template.ChatTokenizer` exactly as stage 1
 does; that turn's text, when present, is the reference for WER, and its ``token_ids`` (stage 1's
 output directory is a valid ``--input``) show whether the served target still says what stage 1
 wrote. Offline mode runs the target alone, frees it, then runs it with the draft (two engines
 never share the host memory); each engine gets one warm-up request, then ``--repeats`` timed
 passes over all prompts (medians and ranges in the report). Acceptance comes from vLLM's
-spec-decode counters (:mod:`pipeline.spec_counters`) read around the timed passes.
+spec-decode counters (:mod:`pipeline.engine.spec_counters`) read around the timed passes.
 
 At temperature 0, prompts whose plain and speculative outputs differ are checked by
 :mod:`modeling.targets.tie_check`: a divergence at a near-tie of the fp32 target is rounding noise of the
@@ -34,14 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.audio import AudioLimits
-from pipeline.cli import stage_main
-from pipeline.config import opt, require
-from pipeline.data import RecordError, Rejection
-from pipeline.durable import atomic_write_json, atomic_write_text
-from pipeline.engine import Generator, GenRequest, GenResult, Sampling
-from pipeline.sources import SourceOptions, open_source
-from pipeline.spec_counters import SpecCounters, scrape_spec
+from pipeline.core.cli import stage_main
+from pipeline.core.config import opt, require
+from pipeline.core.durable import atomic_write_json, atomic_write_text
+from pipeline.data.audio import AudioLimits
+from pipeline.data.records import RecordError, Rejection
+from pipeline.data.sources import SourceOptions, open_source
+from pipeline.engine.offline import Generator, GenRequest, GenResult, Sampling
+from pipeline.engine.spec_counters import SpecCounters, scrape_spec
 from stages.benchmark_report import build_report, format_table
 
 log = logging.getLogger("stages.benchmark")
@@ -100,10 +100,10 @@ class EvalPrompt:
 def build_prompts(cfg: BenchmarkConfig) -> tuple[list[EvalPrompt], list[Rejection]]:
     """The first ``num_prompts`` usable records as requests, and every record passed over on the
     way, each with its reason (unreadable line, bad audio, prompt + answer over the context)."""
-    from pipeline.samples import load_record_audio, target_context_length
-    from pipeline.template import ChatTokenizer
+    from modeling.targets import chat_tokenizer_for, target_context_length
+    from pipeline.data.samples import load_record_audio
 
-    chat = ChatTokenizer.for_target(cfg.target)
+    chat = chat_tokenizer_for(cfg.target)
     limits = AudioLimits(max_seconds=chat.family.max_audio_seconds)
     context = cfg.max_model_len or target_context_length(cfg.target)
     source = open_source(cfg.input, cfg)
@@ -196,7 +196,7 @@ def check_vllm_draft(draft: str | Path) -> None:
 
 def run_offline(cfg: BenchmarkConfig, prompts: list[EvalPrompt], draft: str | None) -> RunResult:
     """One engine (with ``draft`` as EAGLE-3 draft, if given) over the prompts; freed afterwards."""
-    from pipeline.engine import OfflineGenerator, build_llm
+    from pipeline.engine.offline import OfflineGenerator, build_llm
 
     # stats on in both runs: the counters need them, and both runs then pay the same overhead;
     # no prefix cache: every timed pass then does the same work (a cache would make passes 2.. cheaper)
@@ -218,7 +218,7 @@ def run_offline(cfg: BenchmarkConfig, prompts: list[EvalPrompt], draft: str | No
 
 def run_server(cfg: BenchmarkConfig, prompts: list[EvalPrompt], url: str, spec: bool) -> RunResult:
     from modeling.targets import family_of
-    from pipeline.server_client import ServerClient, ServerGenerator
+    from pipeline.engine.server import ServerClient, ServerGenerator
 
     engine = ServerGenerator(ServerClient([url], timeout_s=cfg.request_timeout_s), family_of(cfg.target),
                              max_concurrency=cfg.max_num_seqs)
@@ -228,7 +228,7 @@ def run_server(cfg: BenchmarkConfig, prompts: list[EvalPrompt], url: str, spec: 
 
 def run(cfg: BenchmarkConfig) -> dict[str, Any]:
     """Run the benchmark, write RESULT.json and the outputs file; returns the report."""
-    from pipeline.samples import load_target_processor
+    from pipeline.data.samples import load_target_processor
 
     if cfg.draft and not cfg.server:
         check_vllm_draft(cfg.draft)  # before minutes of plain decoding, not after
@@ -265,7 +265,7 @@ def is_complete(output: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; exit statuses as in :mod:`pipeline.cli`."""
+    """CLI entry point; exit statuses as in :mod:`pipeline.core.cli`."""
     return stage_main("python -m stages.benchmark", BenchmarkConfig, "benchmark",
                       "Benchmark an EAGLE-3 draft against the plain target (vLLM).", argv, _run_and_print,
                       input_errors=(ValueError, OSError))

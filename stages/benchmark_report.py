@@ -18,14 +18,14 @@ import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pipeline.data import Rejection
-from pipeline.wer import corpus_wer
+from pipeline.data.records import Rejection
+from pipeline.data.wer import corpus_wer
 
-if TYPE_CHECKING:
-    from stages.benchmark import BenchmarkConfig, EvalPrompt, RunResult
-
+# stages.benchmark's BenchmarkConfig, EvalPrompt and RunResult, read by attribute: stages.benchmark imports
+# this module, so importing them back would close a circle
+BenchmarkConfig = EvalPrompt = RunResult = Any
 
 def word_error_rate(prompts: list[EvalPrompt], texts: list[str]) -> float | None:
     """Corpus WER over prompts with a non-empty reference; None when there are none."""

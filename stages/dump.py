@@ -29,18 +29,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modeling.targets.capture import TargetCapture, aux_layer_ids, check_audio_spans, plan_batches
-from pipeline.audio import AudioLimits
-from pipeline.cli import stage_main
-from pipeline.config import ConfigError, opt, require
-from pipeline.data import Record, RecordError, Rejection
-from pipeline.durable import DurableJsonl, atomic_write_text, sha256_file
-from pipeline.inputs import InputSet, read_input
-from pipeline.locks import LockHeld
-from pipeline.manifest import Manifest, ManifestMismatch, sharded_output_complete
-from pipeline.progress import Progress
-from pipeline.samples import PreparedSample, load_target_processor, prepare_sample
-from pipeline.shards import Shard, plan_shards, resolve_shard_index, run_shards
-from pipeline.template import ChatTokenizer
+from pipeline.core.cli import stage_main
+from pipeline.core.config import ConfigError, opt, require
+from pipeline.core.durable import DurableJsonl, atomic_write_text, sha256_file
+from pipeline.core.locks import LockHeld
+from pipeline.core.manifest import Manifest, ManifestMismatch, sharded_output_complete
+from pipeline.core.progress import Progress
+from pipeline.core.shards import Shard, plan_shards, resolve_shard_index, run_shards
+from pipeline.data.audio import AudioLimits
+from pipeline.data.inputs import InputSet, read_input
+from pipeline.data.records import Record, RecordError, Rejection
+from pipeline.data.samples import PreparedSample, load_target_processor, prepare_sample
+from pipeline.data.template import ChatTokenizer
 from storage import checksum
 from storage.chunk_codec import DEFAULT_CODEC
 from storage.columns import DEFAULT_COMPRESSION_THREADS
@@ -325,7 +325,7 @@ def is_complete(store: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; exit statuses as in :mod:`pipeline.cli`."""
+    """CLI entry point; exit statuses as in :mod:`pipeline.core.cli`."""
     return stage_main("python -m stages.dump", DumpConfig, "dump",
                       "Stage 2: dump the target's aux hidden states into a hidden-state store.", argv,
                       _dump_and_report, input_errors=(ValueError, LockHeld))

@@ -37,9 +37,9 @@ from safetensors.torch import save_file
 
 from modeling.draft.config import aux_ids_for_engine
 from modeling.draft.snapshot import DraftSnapshot, find_step, load_draft_snapshot
-from pipeline.cli import stage_main
-from pipeline.config import opt, require
-from pipeline.durable import atomic_replace_dir, atomic_write_json, sha256_file
+from pipeline.core.cli import stage_main
+from pipeline.core.config import opt, require
+from pipeline.core.durable import atomic_replace_dir, atomic_write_json, sha256_file
 
 log = logging.getLogger("stages.export")
 
@@ -137,7 +137,7 @@ def is_complete(output: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; exit statuses as in :mod:`pipeline.cli`."""
+    """CLI entry point; exit statuses as in :mod:`pipeline.core.cli`."""
     return stage_main("python -m stages.export", ExportConfig, "export",
                       "Export a trained EAGLE-3 draft for vLLM or SGLang.", argv, export,
                       input_errors=(ValueError, OSError))  # SnapshotError, a corrupt vocab file, a missing run

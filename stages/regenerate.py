@@ -5,11 +5,11 @@
 
 EAGLE-3 drafts learn the target's own distribution, so the answers in the training data are
 replaced by what the target generates for the same prompts. The default engine is vLLM in-process,
-fed the exact token ids of :class:`pipeline.template.ChatTokenizer` (one ``<|AUDIO|>`` per clip;
+fed the exact token ids of :class:`pipeline.data.template.ChatTokenizer` (one ``<|AUDIO|>`` per clip;
 vLLM expands it), so stage 2 later sees the very prompt vLLM saw. Assistant turns are regenerated
 in order and later turns are conditioned on the generated ids of earlier ones; a conversation
 that ends with a user turn gets one assistant turn appended. With ``--server`` the requests go to
-OpenAI-compatible servers instead (see :mod:`pipeline.server_client` for why multi-turn records
+OpenAI-compatible servers instead (see :mod:`pipeline.engine.server` for why multi-turn records
 there are conditioned on re-tokenized text).
 
 Output in OUT_DIR: ``shard-XXXXX-of-YYYYY.jsonl`` (records with the generated text and, per
@@ -36,22 +36,22 @@ from pathlib import Path
 from typing import Any
 
 from modeling.targets import family_of, target_identity
-from pipeline.audio import AudioLimits
-from pipeline.cli import stage_main
-from pipeline.clip_files import vad_records, with_clip_files
-from pipeline.config import ConfigError, config_hash, opt, require
-from pipeline.data import Part, Record, RecordError, Rejection, Turn, reason_key
-from pipeline.durable import DurableJsonl, atomic_write_bytes, fsync_dir, sha256_bytes
-from pipeline.engine import Generator, GenRequest, GenResult, Sampling
-from pipeline.locks import LockHeld
-from pipeline.manifest import Manifest, ManifestMismatch, sharded_output_complete
-from pipeline.progress import Progress
-from pipeline.samples import load_record_audio, split_audio_parts
-from pipeline.server_client import RequestFailed
-from pipeline.shards import Shard, plan_shards, resolve_shard_index, run_shards
-from pipeline.sources import InputSource, SourceOptions, open_source
-from pipeline.stage1_layout import shard_files
-from pipeline.template import ChatTokenizer
+from pipeline.core.cli import stage_main
+from pipeline.core.config import ConfigError, config_hash, opt, require
+from pipeline.core.durable import DurableJsonl, atomic_write_bytes, fsync_dir, sha256_bytes
+from pipeline.core.locks import LockHeld
+from pipeline.core.manifest import Manifest, ManifestMismatch, sharded_output_complete
+from pipeline.core.progress import Progress
+from pipeline.core.shards import Shard, plan_shards, resolve_shard_index, run_shards
+from pipeline.core.stage1_layout import shard_files
+from pipeline.data.audio import AudioLimits
+from pipeline.data.clip_files import vad_records, with_clip_files
+from pipeline.data.records import Part, Record, RecordError, Rejection, Turn, reason_key
+from pipeline.data.samples import load_record_audio, split_audio_parts
+from pipeline.data.sources import InputSource, SourceOptions, open_source
+from pipeline.data.template import ChatTokenizer
+from pipeline.engine.offline import Generator, GenRequest, GenResult, Sampling
+from pipeline.engine.server import RequestFailed
 
 log = logging.getLogger("stages.regenerate")
 
@@ -89,7 +89,7 @@ class RegenerateConfig(SourceOptions):
     split_long_audio: bool = opt(False, "split clips over 30 s into 30 s pieces instead of rejecting them")
     vad_split: bool = opt(False, "cut a record's one clip over the audio window at pauses (voice activity "
                                  "detection) into pieces, each its own record with parent_id and offsets")
-    vad_detector: str = opt("silero", "--vad-split's detector: silero, webrtc or energy (pipeline/vad.py)")
+    vad_detector: str = opt("silero", "--vad-split's detector: silero, webrtc or energy (pipeline/data/vad.py)")
     log_every_s: float = opt(30.0, "seconds between progress lines when stderr is not a terminal")
 
     def __post_init__(self) -> None:
@@ -103,7 +103,7 @@ class RegenerateConfig(SourceOptions):
         require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         require(self.max_concurrency >= 1 and self.retries >= 0, "--max-concurrency >= 1 and --retries >= 0")
         require(not (self.vad_split and self.split_long_audio), "give --vad-split or --split-long-audio, not both")
-        from pipeline.vad import DETECTORS
+        from pipeline.data.vad import DETECTORS
 
         require(self.vad_detector in DETECTORS, f"--vad-detector must be one of {list(DETECTORS)}")
 
@@ -132,7 +132,7 @@ def derive_seed(seed: int, index: int, k: int, turn: int) -> int:
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(target: str) -> Any:
-    from pipeline.samples import load_target_processor
+    from pipeline.data.samples import load_target_processor
 
     return load_target_processor(target)[0]
 
@@ -140,11 +140,11 @@ def _tokenizer(target: str) -> Any:
 def make_engine(cfg: RegenerateConfig) -> Generator:
     """The offline vLLM engine, or a client of ``cfg.server`` URLs."""
     if cfg.server:
-        from pipeline.server_client import ServerClient, ServerGenerator
+        from pipeline.engine.server import ServerClient, ServerGenerator
 
         client = ServerClient(cfg.server, timeout_s=cfg.request_timeout_s, retries=cfg.retries)
         return ServerGenerator(client, family_of(cfg.target), max_concurrency=cfg.max_concurrency)
-    from pipeline.engine import OfflineGenerator, build_llm
+    from pipeline.engine.offline import OfflineGenerator, build_llm
 
     return OfflineGenerator(build_llm(cfg.target, tensor_parallel_size=cfg.tensor_parallel_size,
                                       max_model_len=cfg.max_model_len, dtype=cfg.dtype, seed=cfg.seed))
@@ -479,7 +479,7 @@ def is_complete(output: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; exit statuses as in :mod:`pipeline.cli` (1: the engine or every server failed)."""
+    """CLI entry point; exit statuses as in :mod:`pipeline.core.cli` (1: the engine or every server failed)."""
     return stage_main("python -m stages.regenerate", RegenerateConfig, "regenerate", __doc__.split("\n\n")[0],
                       argv, run, input_errors=(LockHeld, ConfigError, ManifestMismatch, FileNotFoundError,
                                                RequestFailed),

@@ -31,8 +31,8 @@ from modeling.training.setup import (
     check_schedule,
     run_lock_path,
 )
-from pipeline.cli import EXIT_SERVICE, stage_main
-from pipeline.locks import FileLock, LockHeld
+from pipeline.core.cli import EXIT_SERVICE, stage_main
+from pipeline.core.locks import FileLock, LockHeld
 
 log = logging.getLogger("stages.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def is_complete(run_dir: str | Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, check inputs, then relaunch (``--nproc``) or train in this process; exit statuses as
-    in :mod:`pipeline.cli` (every rank reports its own failure the same way). ``--check-only``
+    in :mod:`pipeline.core.cli` (every rank reports its own failure the same way). ``--check-only``
     stops after the checks (exit 0 or 2), for launchers such as torchrun that report every
     failed rank as 1."""
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))

@@ -41,7 +41,6 @@ from storage.chunk_codec import (
     hidden_compressors,
     nonfinite_count,
 )
-from storage.sample import CapturedSample
 
 HIDDEN_ARRAYS = ("aux_hidden", "last_hidden", "audio_embeds")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -213,27 +212,6 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
         b += 0x7FFF + ((b >> 16) & 1)  # round to nearest even on the dropped 16 bits
         np.right_shift(b, 16, out=out[r0:r1], casting="unsafe")
     return result.view(torch.bfloat16)
-
-
-def encode_sample(sample: CapturedSample, specs: dict[str, ArraySpec]) -> dict[str, np.ndarray]:
-    """The rows a sample appends to each array (numpy, stored dtypes)."""
-    out = {
-        "input_ids": sample.input_ids.numpy().astype(np.int32),
-        "loss_mask": sample.loss_mask.numpy().astype(np.uint8),
-        "last_hidden_positions": sample.last_hidden_positions.numpy().astype(np.int32),
-    }
-    h = sample.hidden_size
-    for name in HIDDEN_ARRAYS:
-        t = getattr(sample, name)
-        n_rows = int(t.shape[0])
-        spec = specs[name]
-        if spec.encoding == "fp8":
-            q, scale = quantize_fp8(t.reshape(-1, h))
-            out[name] = q.reshape(n_rows, spec.width).numpy()
-            out[spec.scale or ""] = scale.reshape(n_rows, spec.width // h).numpy()
-        else:
-            out[name] = hidden_to_bits(t.reshape(n_rows, spec.width))
-    return out
 
 
 def decode_arrays(raw: dict[str, torch.Tensor], specs: dict[str, ArraySpec], hidden_size: int,

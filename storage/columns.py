@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.durable import fsync_dir, fsync_file
+from pipeline.core.durable import fsync_dir, fsync_file
 from storage.checksum import LEGACY, digest_fn
 from storage.codecs import ArraySpec
 from storage.layout import ARRAYS_DIR, chunk_key

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.durable import DurableJsonl, atomic_replace_dir, atomic_write_text, sha256_file
+from pipeline.core.durable import DurableJsonl, atomic_replace_dir, atomic_write_text, sha256_file
 from storage.layout import CHECKSUMS_NAME, PROGRESS_NAME
 
 log = logging.getLogger(__name__)

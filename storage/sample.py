@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from storage.codecs import HIDDEN_ARRAYS, ArraySpec, hidden_to_bits, nonfinite_mask, quantize_fp8
+
 HIDDEN_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -111,8 +113,6 @@ class CapturedSample:
         return []
 
     def _finite_problems(self) -> list[str]:
-        from storage.codecs import hidden_to_bits, nonfinite_mask
-
         out = []
         for name in ("aux_hidden", "last_hidden", "audio_embeds"):
             t = getattr(self, name)
@@ -125,3 +125,24 @@ class CapturedSample:
 
 def _desc(t: torch.Tensor) -> str:
     return f"{list(t.shape)} {t.dtype}"
+
+
+def encode_sample(sample: CapturedSample, specs: dict[str, ArraySpec]) -> dict[str, np.ndarray]:
+    """The rows a sample appends to each array (numpy, stored dtypes)."""
+    out = {
+        "input_ids": sample.input_ids.numpy().astype(np.int32),
+        "loss_mask": sample.loss_mask.numpy().astype(np.uint8),
+        "last_hidden_positions": sample.last_hidden_positions.numpy().astype(np.int32),
+    }
+    h = sample.hidden_size
+    for name in HIDDEN_ARRAYS:
+        t = getattr(sample, name)
+        n_rows = int(t.shape[0])
+        spec = specs[name]
+        if spec.encoding == "fp8":
+            q, scale = quantize_fp8(t.reshape(-1, h))
+            out[name] = q.reshape(n_rows, spec.width).numpy()
+            out[spec.scale or ""] = scale.reshape(n_rows, spec.width // h).numpy()
+        else:
+            out[name] = hidden_to_bits(t.reshape(n_rows, spec.width))
+    return out

@@ -26,7 +26,7 @@ import fsspec
 import numpy as np
 import torch
 
-from pipeline.manifest import Manifest
+from pipeline.core.manifest import Manifest
 from storage import checksum as checksums
 from storage.chunk_codec import CODECS, DEFAULT_CODEC
 from storage.codecs import QUANTIZATIONS, TARGET_CHUNK_BYTES, ArraySpec, array_specs

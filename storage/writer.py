@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.durable import (
+from pipeline.core.durable import (
     DurableJsonl,
     atomic_replace_dir,
     atomic_write_bytes,
@@ -46,10 +46,10 @@ from pipeline.durable import (
     fsync_tree,
     sha256_file,
 )
-from pipeline.manifest import Manifest
-from pipeline.shards import Shard
+from pipeline.core.manifest import Manifest
+from pipeline.core.shards import Shard
 from storage.checksum import LEGACY, store_checksum
-from storage.codecs import ArraySpec, encode_sample
+from storage.codecs import ArraySpec
 from storage.columns import DEFAULT_COMPRESSION_THREADS, ChunkWriter, Column, create_array, sync_columns
 from storage.layout import (
     ARRAYS_DIR,
@@ -64,7 +64,7 @@ from storage.layout import (
     write_index,
 )
 from storage.resume import ResumeState, load_progress, recover_finished, shard_entry
-from storage.sample import CapturedSample, SampleError
+from storage.sample import CapturedSample, SampleError, encode_sample
 
 log = logging.getLogger(__name__)
 

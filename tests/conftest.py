@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tiny_target import ensure_tiny_target
+from modeling.targets.qwen2_audio_tiny import ensure_tiny_target
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -20,8 +20,8 @@ def tiny_target() -> Path:
 @pytest.fixture(scope="session")
 def espeak_ng() -> None:
     """For tests that speak clips: a clear failure naming the command to install espeak-ng when it is
-    missing (never a silent skip); `make test` checks it before anything else (pipeline/sysdeps.py)."""
-    from pipeline import sysdeps
+    missing (never a silent skip); `make test` checks it before anything else (pipeline/tools/sysdeps.py)."""
+    from pipeline.tools import sysdeps
 
     need = sysdeps.missing(sysdeps.REQUIRED)
     if need:
@@ -81,7 +81,7 @@ def hf_hidden_states(tiny_target: Path):
 @pytest.fixture(scope="session")
 def fixture_store(tmp_path_factory, tiny_target: Path, fixtures_dir: Path) -> Path:
     """Stage 2 run once per session on ``speech.jsonl`` (30 samples, ~3.8k tokens, ~500 loss tokens)."""
-    from pipeline.config import parse_config
+    from pipeline.core.config import parse_config
     from stages.dump import DumpConfig, run_dump
 
     store = tmp_path_factory.mktemp("fixture-store") / "store"

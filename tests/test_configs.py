@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from modeling.training.config import TrainConfig
-from pipeline.config import from_dict, read_yaml_section
-from pipeline.orchestrate import STAGES, Paths, load_pipeline_config, stage_path_args
-from pipeline.slurm import emit_slurm
+from pipeline.cluster.orchestrate import STAGES, Paths, load_pipeline_config, stage_path_args
+from pipeline.cluster.slurm import emit_slurm
+from pipeline.core.config import from_dict, read_yaml_section
 from stages.benchmark import BenchmarkConfig
 from stages.dump import DumpConfig
 from stages.export import ExportConfig

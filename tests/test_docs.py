@@ -7,7 +7,7 @@ docs/*.md must be an option of that command's argparse parser (built in-process 
 the command runs, no subprocess); a boolean switch must not be given a value (``--tie-check false``
 is an error: the switch is ``--no-tie-check``). A flag in a span of its own (``--split-long-audio``)
 must belong to some project command or to a known outside tool. ``make X`` must be a Makefile
-target. Every repository path in backticks (``pipeline/config.py``, ``configs/demo.yaml``,
+target. Every repository path in backticks (``pipeline/core/config.py``, ``configs/demo.yaml``,
 ``tests/x.py::test_y``) and every relative Markdown link must exist.
 
 Pages written in parallel branches (see ``PENDING``) may be linked before they land; every
@@ -90,7 +90,7 @@ def _capture(main: Callable[..., object], takes_argv: bool = True) -> argparse.A
 
 
 def _stage_parser(module: str, cls_name: str, cls_module: str | None = None) -> argparse.ArgumentParser:
-    from pipeline.config import build_parser
+    from pipeline.core.config import build_parser
 
     cls = getattr(importlib.import_module(cls_module or module), cls_name)
     parser = build_parser(cls, f"python -m {module}", "")
@@ -108,7 +108,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
         "stages.train": _stage_parser("stages.train", "TrainConfig", "modeling.training.config"),
         "stages.export": _stage_parser("stages.export", "ExportConfig"),
         "stages.benchmark": _stage_parser("stages.benchmark", "BenchmarkConfig"),
-        "pipeline.install_check": argparse.ArgumentParser(prog="python -m pipeline.install_check"),
+        "pipeline.tools.install_check": argparse.ArgumentParser(prog="python -m pipeline.tools.install_check"),
     }
     from storage.inspect.cli import build_parser as inspect_parser
 
@@ -121,8 +121,8 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     import run_pipeline
 
     out["run_pipeline.py"] = _capture(run_pipeline.main)
-    for module in ("pipeline.faults", "pipeline.view", "pipeline.tiny_target", "pipeline.asr.train_target",
-                   "pipeline.asr.speech", "benchmarks.bench_asr_target", "benchmarks.bench_batch_invariance",
+    for module in ("pipeline.core.faults", "pipeline.tools.view", "pipeline.tools.tiny_target", "modeling.asr_target.train_target",
+                   "modeling.asr_target.speech", "benchmarks.bench_asr_target", "benchmarks.bench_batch_invariance",
                    "benchmarks.bench_codecs", "benchmarks.bench_store", "benchmarks.bench_train",
                    "benchmarks.bench_ttt_step"):
         main = importlib.import_module(module).main

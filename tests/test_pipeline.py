@@ -63,7 +63,7 @@ def test_full_pipeline_trained_draft_beats_untrained_on_held_out_clips(tmp_path,
         assert result["plain"]["wer"] <= 0.10, result["plain"]  # the target listens to unseen sentences
     assert "mean acceptance length" in run.stdout and "training's estimate vs vLLM" in run.stdout
 
-    from pipeline.orchestrate import Paths, training_vs_serving
+    from pipeline.cluster.orchestrate import Paths, training_vs_serving
 
     rows = {r["draft"]: r for r in training_vs_serving(Paths(work), "eval")}
     print(rows)

@@ -29,7 +29,7 @@ import pytest
 import yaml
 from slurm_cluster import SlurmCluster, ensure_slurm, wait_for
 
-from pipeline.orchestrate import Paths, status_report
+from pipeline.cluster.orchestrate import Paths, status_report
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(2400)

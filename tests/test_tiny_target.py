@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 from safetensors import safe_open
 
-from pipeline.tiny_target import (
+from modeling.targets.qwen2_audio_tiny import (
     AUDIO_TOKEN,
     NEVER_GENERATED,
     SAMPLING_RATE,

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from modeling.draft.config import DraftConfig
 from modeling.draft.vocab import VocabMapping
-from pipeline.durable import atomic_replace_dir, atomic_write_json
+from pipeline.core.durable import atomic_replace_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 

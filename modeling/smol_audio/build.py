@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from modeling.smol_audio import llm
-from pipeline.durable import ensure_dir, sha256_file
-from pipeline.tiny_target import (
+from modeling.targets.qwen2_audio_tiny import (
     CHAT_TEMPLATE,
     SAMPLING_RATE,
     SPECIAL_TOKENS,
     model_config,
     write_checkpoint_files,
 )
+from pipeline.core.durable import ensure_dir, sha256_file
 
 log = logging.getLogger("smol_audio.build")
 

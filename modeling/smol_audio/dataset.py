@@ -26,10 +26,10 @@ import random
 from pathlib import Path
 from typing import Any
 
+from modeling.asr_target.speech import SAMPLE_RATE, VOICES, espeak_version, synthesize
 from modeling.smol_audio import chat_prompts
 from modeling.smol_audio.prompts import WPM_RANGE, Prompt, prompts
-from pipeline.asr.speech import SAMPLE_RATE, VOICES, espeak_version, synthesize
-from pipeline.durable import ensure_dir
+from pipeline.core.durable import ensure_dir
 
 DATASET_INFO = "dataset.json"
 KINDS = ("spoken", "text", "chat")

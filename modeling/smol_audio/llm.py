@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.durable import sha256_file
+from pipeline.core.durable import sha256_file
 
 log = logging.getLogger("smol_audio.llm")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from modeling.smol_audio.prompts import Prompt, prompts
-from pipeline.data import Part, Turn
-from pipeline.durable import atomic_write_text
+from pipeline.core.durable import atomic_write_text
+from pipeline.data.records import Part, Turn
 
 
 def text_turns(text: str) -> list[Turn]:
@@ -32,10 +32,10 @@ def answer_texts(target: str | Path, items: list[Prompt], *, max_tokens: int, dt
     """Greedy answer ids for each prompt read as text (prompt ids from the pipeline's chat tokenizer)."""
     from vllm import SamplingParams
 
-    from pipeline.engine import build_llm
-    from pipeline.template import ChatTokenizer
+    from modeling.targets import chat_tokenizer_for
+    from pipeline.engine.offline import build_llm
 
-    chat = ChatTokenizer.for_target(target)
+    chat = chat_tokenizer_for(target)
     own = llm is None
     if own:
         llm = build_llm(target, max_model_len=1024, dtype=dtype, max_num_seqs=batch_size)

@@ -14,7 +14,7 @@ Data: each ``target``-split prompt (:mod:`modeling.smol_audio.prompts`) spoken b
 Loss: cross-entropy of the answer tokens through the frozen 30-layer LLM (teacher-forced), plus a CTC
 loss on letters from the projected audio embeddings; the first ``--ctc-steps`` steps train the encoder
 with CTC alone (no LLM forward: ~20x cheaper a step). The audio path runs on unpadded mel frames
-(:mod:`pipeline.asr.encoder`: the same embeddings as the stock 30 s window).
+(:mod:`modeling.asr_target.encoder`: the same embeddings as the stock 30 s window).
 
 Resumable: a checkpoint every ``--save-every`` steps in ``--work``; a rerun continues from it with the
 same batches. The result is ``--out`` (default ``tests/data/smol-audio/trained.safetensors``, bf16)
@@ -38,15 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from modeling.asr_target.encoder import clip_features, encode_audio
+from modeling.asr_target.speech import VOICES, espeak_version, synthesize
+from modeling.asr_target.train_target import CTCHead
 from modeling.smol_audio import build, llm
 from modeling.smol_audio.prompts import TRANSCRIBE, WPM_RANGE, prompts
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
-from pipeline.asr.encoder import clip_features, encode_audio
-from pipeline.asr.speech import VOICES, espeak_version, synthesize
-from pipeline.asr.train_target import CTCHead
-from pipeline.data import Part, Turn
-from pipeline.durable import atomic_write_text
-from pipeline.template import ChatTokenizer
+from pipeline.core.durable import atomic_write_text
+from pipeline.data.records import Part, Turn
+from pipeline.data.template import ChatTokenizer
 
 log = logging.getLogger("smol_audio.train")
 

@@ -1,9 +1,9 @@
 """Target families behind one interface (:class:`modeling.targets.base.TargetFamily`), chosen from the
 target's ``config.json`` ``architectures``; an unsupported architecture is refused before any work.
 
-Adding a family: a module here with a ``TargetFamily`` subclass (see ``qwen3_asr.py``), its vLLM class
-spec in :mod:`modeling.targets.vllm_classes` if vLLM lacks EAGLE-3 for it, one line in
-:data:`FAMILIES`, and its tests under ``tests/targets/``.
+Adding a family: one module here with a ``TargetFamily`` subclass (see ``qwen3_asr.py``), its tiny
+builder beside it (``<family>_tiny.py``), one line in :data:`FAMILIES`, and its tests under
+``tests/targets/<family>/``.
 """
 
 from __future__ import annotations
@@ -11,17 +11,21 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from modeling.targets.base import TargetFamily
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
+from pipeline.data.samples import load_target_processor
+from pipeline.data.template import ChatTokenizer
 
-# name -> "module:Class"; imported on use, so a family's dependencies load only when it is used
-FAMILIES: dict[str, str] = {
-    "qwen2-audio": "modeling.targets.qwen2_audio:Qwen2AudioFamily",
-    "qwen3-asr": "modeling.targets.qwen3_asr:Qwen3ASRFamily",
-    "glm-asr": "modeling.targets.glm_asr:GlmAsrFamily",
+# name -> (the family's "module:Class", its tiny builder's "module:function"); imported on use, so a
+# family's dependencies load only when it is used
+FAMILIES: dict[str, tuple[str, str]] = {
+    "qwen2-audio": ("modeling.targets.qwen2_audio:Qwen2AudioFamily", "modeling.targets.qwen2_audio_tiny:ensure_tiny_target"),
+    "qwen3-asr": ("modeling.targets.qwen3_asr:Qwen3ASRFamily", "modeling.targets.qwen3_asr_tiny:build_tiny"),
+    "glm-asr": ("modeling.targets.glm_asr:GlmAsrFamily", "modeling.targets.glm_asr_tiny:build_tiny"),
 }
 # the files that decide what a target computes and how its prompts are built
 IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -32,11 +36,21 @@ class UnsupportedTarget(ConfigError):
     """The target's architecture is not one of the supported families."""
 
 
-def family_named(name: str) -> type[TargetFamily]:
+def _load(name: str, which: int) -> Any:
     if name not in FAMILIES:
         raise UnsupportedTarget(f"unknown target family {name!r}; supported: {sorted(FAMILIES)}")
-    module, cls = FAMILIES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    module, attribute = FAMILIES[name][which].split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def family_named(name: str) -> type[TargetFamily]:
+    return _load(name, 0)
+
+
+def tiny_builder(name: str) -> Callable[..., Path]:
+    """The family's tiny random checkpoint builder: ``builder(out_dir, *, layers=..., ..., seed=...)``
+    returns ``out_dir`` once a finished build with those arguments is there."""
+    return _load(name, 1)
 
 
 def _config(target: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -82,3 +96,20 @@ def target_identity(target: str | Path) -> dict[str, Any]:
             digest.update(name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
     return {"path": str(path), "family": family.name, "architecture": (config.get("architectures") or ["?"])[0],
             "sha256": digest.hexdigest()}
+
+
+def target_context_length(target: str | Path) -> int | None:
+    """The language model's ``max_position_embeddings`` from the target's config.json, if any."""
+    path = Path(target) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    try:
+        return int(family_of(config).text_config(config)["max_position_embeddings"])
+    except (KeyError, ValueError):
+        return None
+
+
+def chat_tokenizer_for(target: str | Path) -> ChatTokenizer:
+    """The chat tokenizer of a target directory: its tokenizer and the family its config names."""
+    return ChatTokenizer(load_target_processor(target)[0], family_of(target))

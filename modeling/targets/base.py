@@ -17,7 +17,6 @@ so the class itself is the adapter.
 | ``load_model``, ``decoder``, ``inner_forward`` | capture, tie check | the stock HF model, where the hooks go, a forward without lm_head |
 | ``embedding_key``, ``lm_head_key`` | training | the frozen tables in the safetensors (lm_head None: tied) |
 | ``vllm_register()`` | vLLM plugin | what vLLM lacks for EAGLE-3 (mixin, ``image_token_index`` shim, imports) |
-| ``build_tiny(out, ...)`` | tests, demo | a tiny random checkpoint both engines load |
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.data import Turn
-from pipeline.template import Segment
+from pipeline.data.records import Turn
+from pipeline.data.template import Segment
 
 
 class TargetFamily:
@@ -95,10 +94,6 @@ class TargetFamily:
 
     @staticmethod
     def vllm_register() -> None:
-        raise NotImplementedError
-
-    @staticmethod
-    def build_tiny(out_dir: str | Path, **sizes: int) -> Path:
         raise NotImplementedError
 
 

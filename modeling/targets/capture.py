@@ -33,8 +33,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.data import RecordError
-from pipeline.samples import PreparedSample
+from pipeline.data.records import RecordError
+from pipeline.data.samples import PreparedSample
 from storage.sample import CapturedSample
 
 NUM_AUX_LAYERS = 3  # EAGLE-3's fc is Linear(3H -> H); engines expect exactly three ids

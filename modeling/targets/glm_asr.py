@@ -3,7 +3,7 @@
 transformers 5.19 and vLLM 0.32 both name the model ``GlmAsrForConditionalGeneration``: a Whisper-style
 encoder with rotary attention (conv stride 2, then 4 frames merged into one 4*hidden vector), a
 two-layer projector and a Llama decoder. The Hub checkpoint uses Qwen2-Audio's key layout
-(transformers maps ``glmasr`` to the ``qwen2_audio`` renames), so ``pipeline.tiny_target.hub_key`` holds.
+(transformers maps ``glmasr`` to the ``qwen2_audio`` renames), so ``modeling.targets.qwen2_audio_tiny.hub_key`` holds.
 
 Conversation layout (the Jinja template below, as ``GlmAsrProcessor.apply_chat_template`` renders it)::
 
@@ -19,14 +19,13 @@ concatenated segments are the processor's rendering plus ``<|user|>``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modeling.targets.base import TargetFamily, load_hf
-from pipeline.data import Turn
-from pipeline.template import Segment
+from pipeline.data.records import Turn
+from pipeline.data.template import Segment
 
 SAMPLING_RATE = 16_000
 HOP_SAMPLES = 160  # Whisper features: one mel frame per 10 ms
@@ -229,18 +228,3 @@ class GlmAsrFamily(TargetFamily):
         from modeling.targets import vllm_classes
 
         vllm_classes.register("GlmAsrForConditionalGeneration", "GlmAsrEagle3ForConditionalGeneration")
-
-    @staticmethod
-    def build_tiny(out_dir: str | os.PathLike[str], *, layers: int = 8, hidden: int = 256, heads: int = 4,
-                   kv_heads: int = 2, vocab: int = 640, seed: int = 0) -> Path:
-        """A tiny random GLM-ASR checkpoint that transformers and vLLM load (see ``glm_asr_tiny``)."""
-        from modeling.targets.glm_asr_tiny import build_tiny
-
-        return build_tiny(out_dir, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                          vocab=vocab, seed=seed)
-
-
-if __name__ == "__main__":
-    from modeling.targets.glm_asr_tiny import main
-
-    main()

@@ -2,27 +2,25 @@
 
 Same architecture name, config structure, Hub safetensors key layout, chat template and processor
 (``GlmAsrProcessor`` around a 128-bin ``WhisperFeatureExtractor`` and a plain ``tokenizer.json``), so
-transformers and vLLM load it on CPU. The tokenizer reuses ``pipeline.tiny_target``'s byte-level BPE
+transformers and vLLM load it on CPU. The tokenizer reuses ``modeling.targets.qwen2_audio_tiny``'s byte-level BPE
 training on the fixture corpus; its special tokens are GLM-ASR's, at the end of the vocab in the real
 relative id order.
 
 Usage::
 
-    python -m modeling.targets.glm_asr --out DIR [--layers 8 --hidden 256 --heads 4 --kv-heads 2 --vocab 640 --seed 0]
+    python -m pipeline.tools.tiny_target --family glm-asr --out DIR [--layers 8 --hidden 256 --heads 4 --kv-heads 2 --vocab 640 --seed 0]
 
 The same arguments always give a byte-identical ``model.safetensors``.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import inspect
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from modeling.targets import qwen2_audio_tiny as tiny_target
 from modeling.targets.glm_asr import (
     ASSISTANT,
     AUDIO_BOS,
@@ -36,8 +34,10 @@ from modeling.targets.glm_asr import (
     SYSTEM,
     USER,
 )
-from pipeline import tiny_target
-from pipeline.durable import ensure_dir
+from modeling.targets.tiny_build import ensure_built, is_built, keyword_defaults
+
+_HERE = Path(__file__).resolve().parent
+SOURCES = (_HERE / "glm_asr_tiny.py", _HERE / "glm_asr.py", Path(tiny_target.__file__))  # hashed into the build marker
 
 # Relative order of the real ids: <|endoftext|> 59246 (inferred from GLM-4's layout), <|system|> 59252,
 # <|user|> 59253, <|assistant|> 59254, <|observation|> 59255, <|pad|> 59260, <|begin_of_audio|> 59261,
@@ -169,54 +169,15 @@ def _write_checkpoint(out: Path, *, layers: int, hidden: int, heads: int, kv_hea
     processor.save_pretrained(str(out))
 
 
-def _marker(params: dict[str, int]) -> dict[str, Any]:
-    """Build arguments plus the code and library versions that made the build."""
-    import tokenizers
-    import transformers
-
-    here = Path(__file__).resolve().parent
-    sources = (here / "glm_asr_tiny.py", here / "glm_asr.py", Path(tiny_target.__file__))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
-    return {**params, "builder": f"{digest}/transformers-{transformers.__version__}/tokenizers-{tokenizers.__version__}"}
-
-
-def _defaults() -> dict[str, int]:
-    """Keyword defaults of :func:`build_tiny`: its signature is the one place they are written."""
-    params = inspect.signature(build_tiny).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
 def is_complete(out_dir: str | os.PathLike[str], **params: int) -> bool:
     """True when ``out_dir`` holds a finished build with these arguments (defaults filled in), made by
     this code."""
-    marker = Path(out_dir) / tiny_target.COMPLETE_MARKER
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")) == _marker({**_defaults(), **params})
-    except (OSError, ValueError):
-        return False
+    return is_built(out_dir, {**keyword_defaults(build_tiny), **params}, SOURCES)
 
 
 def build_tiny(out_dir: str | os.PathLike[str], *, layers: int = 8, hidden: int = 256, heads: int = 4,
                kv_heads: int = 2, vocab: int = 640, seed: int = 0) -> Path:
     """Build into ``out_dir`` unless a finished build with these arguments by this code is there;
-    atomic (:func:`pipeline.durable.ensure_dir`), the ``.complete`` marker written last."""
+    atomic (:func:`modeling.targets.tiny_build.ensure_built`), the ``.complete`` marker written last."""
     params = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "seed": seed}
-
-    def write(tmp: Path) -> None:
-        _write_checkpoint(tmp, **params)
-        _write_json(tmp / tiny_target.COMPLETE_MARKER, _marker(params))
-
-    return ensure_dir(out_dir, lambda out: is_complete(out, **params), write)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="output directory (replaced)")
-    for name, default in _defaults().items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
-    args = vars(parser.parse_args(argv))
-    print(build_tiny(args.pop("out"), **args))
-
-
-if __name__ == "__main__":
-    main()
+    return ensure_built(out_dir, params, SOURCES, lambda tmp: _write_checkpoint(tmp, **params))

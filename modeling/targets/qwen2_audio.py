@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from modeling.targets.base import TargetFamily, hf_inner_forward, load_hf
-from pipeline.data import Turn
-from pipeline.template import Segment
+from pipeline.data.records import Turn
+from pipeline.data.template import Segment
 
 ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -130,9 +130,3 @@ class Qwen2AudioFamily(TargetFamily):
         from modeling.targets import vllm_classes
 
         vllm_classes.register(ARCHITECTURE, "Qwen2AudioEagle3ForConditionalGeneration")
-
-    @staticmethod
-    def build_tiny(out_dir: str | Path, **sizes: int) -> Path:
-        from pipeline.tiny_target import ensure_tiny_target
-
-        return ensure_tiny_target(out_dir, **sizes)

@@ -22,16 +22,14 @@ also covers the ``\\n`` after ``<|im_end|>``; no engine generates it (generation
 
 from __future__ import annotations
 
-import argparse
-import inspect
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from modeling.targets.base import TargetFamily, hf_inner_forward, load_hf
-from pipeline.data import Turn
-from pipeline.template import Segment
+from pipeline.data.records import Turn
+from pipeline.data.template import Segment
 
 ARCHITECTURE = "Qwen3ASRForConditionalGeneration"
 END_OF_TEXT = "<|endoftext|>"
@@ -250,27 +248,3 @@ class Qwen3ASRFamily(TargetFamily):
         from modeling.targets import vllm_classes
 
         vllm_classes.register(ARCHITECTURE, "Qwen3ASREagle3ForConditionalGeneration")
-
-    @staticmethod
-    def build_tiny(out_dir: str | Path, *, layers: int = 8, hidden: int = 256, heads: int = 4, kv_heads: int = 2,
-                   vocab: int = 640, seed: int = 0) -> Path:
-        """A tiny random checkpoint both transformers and vLLM load (see :mod:`modeling.targets.qwen3_asr_tiny`)."""
-        from modeling.targets.qwen3_asr_tiny import build
-
-        return build(out_dir, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, vocab=vocab, seed=seed)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m modeling.targets.qwen3_asr --out DIR [--layers 8 --hidden 256 ...]``"""
-    parser = argparse.ArgumentParser(description="Build a tiny random Qwen3-ASR checkpoint (transformers + vLLM).")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (replaced)")
-    # the defaults are written once, in build_tiny's signature
-    for p in inspect.signature(Qwen3ASRFamily.build_tiny).parameters.values():
-        if p.kind is inspect.Parameter.KEYWORD_ONLY:
-            parser.add_argument(f"--{p.name.replace('_', '-')}", type=int, default=p.default)
-    args = vars(parser.parse_args(argv))
-    print(Qwen3ASRFamily.build_tiny(args.pop("out"), **args))
-
-
-if __name__ == "__main__":
-    main()

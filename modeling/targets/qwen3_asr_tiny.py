@@ -10,15 +10,17 @@ Only the sizes differ. transformers and vLLM both load it; the same arguments gi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from modeling.targets import qwen2_audio_tiny as tiny_target
 from modeling.targets import qwen3_asr as family
-from pipeline import tiny_target
-from pipeline.durable import ensure_dir
+from modeling.targets import tiny_build
+from modeling.targets.tiny_build import ensure_built
+
+SOURCES = (Path(__file__), Path(family.__file__), Path(tiny_target.__file__))  # hashed into the build marker
 
 # The Qwen3-ASR special tokens, in the order they get the last ids. transformers 5 registers named
 # tokens (eos/pad, then the processor's audio_* names) before the unnamed ones, so the relative order
@@ -127,12 +129,11 @@ def random_state_dict(config: dict[str, Any], seed: int, never_generated: list[i
     return {k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}
 
 
-def build(out_dir: str | os.PathLike[str], *, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int,
-          seed: int) -> Path:
-    """Build into ``out_dir`` unless a finished build with these arguments by this code is there;
-    atomic (:func:`pipeline.durable.ensure_dir`), the ``.complete`` marker (arguments + builder id) last."""
+def build_tiny(out_dir: str | os.PathLike[str], *, layers: int = 8, hidden: int = 256, heads: int = 4,
+               kv_heads: int = 2, vocab: int = 640, seed: int = 0) -> Path:
+    """A tiny random checkpoint both transformers and vLLM load, built into ``out_dir`` unless a finished
+    build with these arguments by this code is there (:func:`modeling.targets.tiny_build.ensure_built`)."""
     params = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "seed": seed}
-    marker = {**params, "builder": builder_id()}
 
     def write(tmp: Path) -> None:
         processor = build_processor(vocab)
@@ -141,23 +142,10 @@ def build(out_dir: str | os.PathLike[str], *, layers: int, hidden: int, heads: i
         state = random_state_dict(config, seed, [ids[t] for t in NEVER_GENERATED])
         # weights, config.json, generation_config.json (stop ids <|im_end|>, <|endoftext|>), processor files
         tiny_target.write_checkpoint_files(tmp, config, state, processor)
-        (tmp / tiny_target.COMPLETE_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
 
-    def complete(out: Path) -> bool:
-        try:
-            return json.loads((out / tiny_target.COMPLETE_MARKER).read_text(encoding="utf-8")) == marker
-        except (OSError, ValueError):
-            return False
-
-    return ensure_dir(out_dir, complete, write)
+    return ensure_built(out_dir, params, SOURCES, write)
 
 
 def builder_id() -> str:
     """The code that built a checkpoint: this file, the family module and the Qwen2-Audio builder it reuses."""
-    import tokenizers
-    import transformers
-
-    digest = hashlib.sha256()
-    for source in (Path(__file__), Path(family.__file__), Path(tiny_target.__file__)):
-        digest.update(source.read_bytes())
-    return f"{digest.hexdigest()[:16]}/transformers-{transformers.__version__}/tokenizers-{tokenizers.__version__}"
+    return tiny_build.builder_id(SOURCES)

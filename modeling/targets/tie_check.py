@@ -87,7 +87,7 @@ class TieChecker:
 
     def __init__(self, target: str | Path, device: str = "cpu"):
         from modeling.targets import family_of
-        from pipeline.samples import load_target_processor
+        from pipeline.data.samples import load_target_processor
 
         self.target, self.device = target, device
         self.family = family_of(target)

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from modeling.draft.snapshot import COMMITTED, LATEST, SnapshotError, find_step
-from pipeline.durable import atomic_write_json, atomic_write_text, fsync_tree
+from pipeline.core.durable import atomic_write_json, atomic_write_text, fsync_tree
 
 CHECKPOINTS = "checkpoints"
 TRAIN_STATE = "train_state.json"

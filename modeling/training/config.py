@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.config import config_hash, opt, require
+from pipeline.core.config import config_hash, opt, require
 
 # Options that may change between a run and its resume: they do not change the trained weights.
 RESUMABLE_CHANGES = ("output", "nproc", "log_every", "save_every", "keep_checkpoints", "num_workers",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from modeling.draft.ttt import chain_estimates, simulated_acceptance
-from pipeline.durable import atomic_write_text
+from pipeline.core.durable import atomic_write_text
 
 log = logging.getLogger("stages.train")
 

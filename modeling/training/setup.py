@@ -24,8 +24,8 @@ from modeling.draft.config import DraftConfig
 from modeling.draft.vocab import VocabMapping, build_draft_vocab
 from modeling.training.config import TrainConfig
 from modeling.training.data import Split, split_samples, store_columns, supervised_counts
-from pipeline.config import to_dict
-from pipeline.durable import atomic_write_json
+from pipeline.core.config import to_dict
+from pipeline.core.durable import atomic_write_json
 from storage.reader import ChunkReadError
 from storage.store import HiddenStateStore, open_store
 

@@ -37,9 +37,9 @@ from modeling.training.model import (
     warmup_steps,
 )
 from modeling.training.setup import TrainInputs, check_run_dir, load_vocab, run_lock_path, write_run_files
-from pipeline.durable import atomic_write_json, atomic_write_text
-from pipeline.faults import crash_point
-from pipeline.locks import FileLock
+from pipeline.core.durable import atomic_write_json, atomic_write_text
+from pipeline.core.faults import crash_point
+from pipeline.core.locks import FileLock
 
 log = logging.getLogger("stages.train")
 FINISHED = "FINISHED"

@@ -107,7 +107,7 @@ def cmd_stats(args: argparse.Namespace, item: Inspected) -> tuple[dict[str, Any]
 
 
 def cmd_show(args: argparse.Namespace, item: Inspected) -> tuple[dict[str, Any], str, int]:
-    from pipeline.samples import load_target_processor
+    from pipeline.data.samples import load_target_processor
     from storage.inspect.stats import find_sample, show_sample
     from storage.store import open_store
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         item = detect(args.path)
         if item.kind != STORE and not stage1_ok:
             raise InspectError(f"{args.command} needs a hidden-state store; {item.path} is a stage 1 output "
-                               f"(for its records use python -m pipeline.view)")
+                               f"(for its records use python -m pipeline.tools.view)")
         result, text, status = fn(args, item)
     except InspectError as err:
         print(f"storage.inspect: error: {err}", file=sys.stderr)

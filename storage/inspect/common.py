@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.manifest import Manifest, shard_key
-from pipeline.shards import SHARD_NAME
+from pipeline.core.manifest import Manifest, shard_key
+from pipeline.core.shards import SHARD_NAME
 
 STORE, STAGE1 = "store", "stage1"
 TMP_NAME = re.compile(r"\.shard-(\d{5})\.tmp")  # a store shard being written: storage.layout.tmp_dir_name

@@ -12,9 +12,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline.durable import sha256_file
-from pipeline.shards import SHARD_NAME
-from pipeline.stage1_layout import PROGRESS_DIR, entry_files
+from pipeline.core.durable import sha256_file
+from pipeline.core.shards import SHARD_NAME
+from pipeline.core.stage1_layout import PROGRESS_DIR, entry_files
 from storage.inspect.common import (
     Inspected,
     Problem,

@@ -1,7 +1,7 @@
 """``show`` and ``stats`` of ``python -m storage.inspect``: one sample up close, and activation
 statistics over many.
 
-``show`` renders the sample's tokens with :func:`pipeline.view.format_sample` (loss tokens green
+``show`` renders the sample's tokens with :func:`pipeline.data.template.format_sample` (loss tokens green
 or ``[[bracketed]]``, ``[AUDIO x N]`` for audio spans) and the per-token L2 norms of every stored
 hidden tensor. ``stats`` reads lengths from the indexes alone and activations from up to
 ``--max-samples`` samples: mean, std, abs-max, and the fraction of outlier channels, i.e.
@@ -53,8 +53,7 @@ def find_sample(store: HiddenStateStore, key: str) -> dict[str, Any]:
 
 def show_sample(store: HiddenStateStore, sample: dict[str, Any], tokenizer: Any, color: bool) -> str:
     """Header line, tensor shapes, the decoded text and per-layer L2 norms of one sample."""
-    from pipeline.template import Encoded
-    from pipeline.view import format_sample
+    from pipeline.data.template import Encoded, format_sample
 
     spans = sample["audio_spans"]
     encoded = Encoded(sample["input_ids"].numpy(), sample["loss_mask"].numpy().astype(np.uint8), spans)

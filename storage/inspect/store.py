@@ -43,7 +43,7 @@ def partial_shards(item: Inspected) -> set[int]:
 
 def rejections_by_reason(item: Inspected) -> Counter:
     """Rejections of the committed shards, classed like stage 1's summary (errors files are small)."""
-    from pipeline.data import reason_key  # one classification for both stages' rejections
+    from pipeline.data.records import reason_key  # one classification for both stages' rejections
 
     counts: Counter = Counter()
     for _, entry in item.done_entries():

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.durable import sha256_file
+from pipeline.core.durable import sha256_file
 from storage.inspect.common import (
     SHARD_NAME,
     TMP_NAME,

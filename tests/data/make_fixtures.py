@@ -1,7 +1,7 @@
 """Regenerate the speech fixtures: ``audio/clip-XX.flac`` and ``speech.jsonl`` next to this file.
 
 Run ``.venv/bin/python tests/data/make_fixtures.py`` (needs ``espeak-ng`` on PATH). Each clip is a
-known sentence (:data:`pipeline.tiny_target.FIXTURE_SENTENCES`) spoken by espeak-ng with one of several
+known sentence (:data:`modeling.targets.qwen2_audio_tiny.FIXTURE_SENTENCES`) spoken by espeak-ng with one of several
 voices and speeds, resampled to 16 kHz mono, silence-trimmed, 16-bit FLAC. ``speech.jsonl`` holds one
 conversation per clip (audio + instruction -> the sentence), then text-only and two-turn conversations.
 The output is deterministic for a given espeak-ng build.
@@ -19,7 +19,7 @@ import librosa
 import numpy as np
 import soundfile as sf
 
-from pipeline.tiny_target import FIXTURE_SENTENCES, SAMPLING_RATE
+from modeling.targets.qwen2_audio_tiny import FIXTURE_SENTENCES, SAMPLING_RATE
 
 HERE = Path(__file__).resolve().parent
 # (voice, words per minute): accents, genders and speeds differ so clips differ acoustically.

@@ -15,9 +15,9 @@ from modeling.targets.capture import (
     plan_batches,
 )
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
-from pipeline.data import read_conversations
-from pipeline.samples import load_target_processor, prepare_sample
-from pipeline.template import ChatTokenizer
+from pipeline.data.records import read_conversations
+from pipeline.data.samples import load_target_processor, prepare_sample
+from pipeline.data.template import ChatTokenizer
 
 PICK = ["clip-00", "text-00", "multi-00", "multi-02", "two-clips"]  # audio, text only, multi-turn, system
 

@@ -9,10 +9,10 @@ import torch
 
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from modeling.targets.tie_check import TIE_Z, DivergenceCase, TieChecker, first_divergence, noise_bound
-from pipeline.audio import AudioLimits
-from pipeline.data import read_conversations
-from pipeline.samples import load_record_audio
-from pipeline.template import ChatTokenizer
+from pipeline.data.audio import AudioLimits
+from pipeline.data.records import read_conversations
+from pipeline.data.samples import load_record_audio
+from pipeline.data.template import ChatTokenizer
 
 
 def test_first_divergence_and_noise_bound() -> None:

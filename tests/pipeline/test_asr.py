@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from modeling.asr_target.encoder import clip_features, encode_audio
+from modeling.asr_target.sentences import SPLITS, sentences, split_of, vocabulary, written
+from modeling.asr_target.speech import TASKS, answer, ensure_dataset, synthesize, trim_silence, utterances
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
-from pipeline.asr.encoder import clip_features, encode_audio
-from pipeline.asr.sentences import SPLITS, sentences, split_of, vocabulary, written
-from pipeline.asr.speech import TASKS, answer, ensure_dataset, synthesize, trim_silence, utterances
-from pipeline.audio import AudioLimits
-from pipeline.data import read_conversations
-from pipeline.samples import load_record_audio
+from pipeline.data.audio import AudioLimits
+from pipeline.data.records import read_conversations
+from pipeline.data.samples import load_record_audio
 
 needs_espeak = pytest.mark.usefixtures("espeak_ng")  # fails, naming the install command, without it
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from pipeline.config import ConfigError, config_hash, from_dict, opt, parse_config, require
+from pipeline.core.config import ConfigError, config_hash, from_dict, opt, parse_config, require
 
 
 @dataclass(kw_only=True)

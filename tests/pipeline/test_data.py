@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.audio import SAMPLE_RATE, AudioError, AudioLimits, load_audio
-from pipeline.data import read_conversations
+from pipeline.data.audio import SAMPLE_RATE, AudioError, AudioLimits, load_audio
+from pipeline.data.records import read_conversations
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -76,14 +76,14 @@ def test_long_audio_split_only_when_asked(tmp_path):
 
 
 def test_hours_of_audio_refused_from_the_header_without_decoding(monkeypatch):
-    import pipeline.audio
+    import pipeline.data.audio
 
     huge = DATA / "bad" / "huge.flac"  # 20 minutes at 8 kHz (a constant level: 30 KB)
 
     def no_decode(path):
         raise AssertionError(f"{path} was decoded")
 
-    monkeypatch.setattr(pipeline.audio, "_decode", no_decode)
+    monkeypatch.setattr(pipeline.data.audio, "_decode", no_decode)
     with pytest.raises(AudioError, match=r"audio is 1200\.0 s, longer than the encoder's 30 s window"):
         load_audio(huge)
     with pytest.raises(AudioError, match=r"1200\.0 s, longer than the 600 s that --split-long-audio splits"):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.faults import CrashSpec, crash_chain, random_passages, read_trace
+from pipeline.core.faults import CrashSpec, crash_chain, random_passages, read_trace
 
 REPO = Path(__file__).resolve().parents[2]
 # writes a.txt then b.txt (skipping what exists: "resume"), through the durable write path
-WRITER = ("from pathlib import Path\nfrom pipeline.durable import atomic_write_text\n"
+WRITER = ("from pathlib import Path\nfrom pipeline.core.durable import atomic_write_text\n"
           "for name in ('a.txt', 'b.txt'):\n"
           "    if not Path(name).exists():\n"
           "        atomic_write_text(name, name * 1000)\n")
@@ -47,7 +47,7 @@ def test_crash_chain_kills_at_each_point_and_the_last_run_completes(tmp_path: Pa
 
 
 def test_drill_cli(tmp_path: Path) -> None:
-    drill = [sys.executable, "-m", "pipeline.faults", "--logs", str(tmp_path / "logs")]
+    drill = [sys.executable, "-m", "pipeline.core.faults", "--logs", str(tmp_path / "logs")]
     ok = subprocess.run([*drill, "--crash", "after-rename:a.txt", "--", sys.executable, "-c", WRITER],
                         cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(REPO)})
     assert ok.returncode == 0, ok.stderr

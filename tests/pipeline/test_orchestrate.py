@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError
-from pipeline.locks import FileLock
-from pipeline.manifest import Manifest
-from pipeline.orchestrate import Paths, load_pipeline_config, stage_complete, status_report
-from pipeline.slurm import emit_slurm
+from pipeline.cluster.orchestrate import Paths, load_pipeline_config, stage_complete, status_report
+from pipeline.cluster.slurm import emit_slurm
+from pipeline.core.config import ConfigError
+from pipeline.core.locks import FileLock
+from pipeline.core.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from pipeline.durable import DurableJsonl
-from pipeline.locks import FileLock, LockHeld
-from pipeline.manifest import Manifest, ManifestMismatch
-from pipeline.shards import plan_shards, resolve_shard_index, run_shards
+from pipeline.core.durable import DurableJsonl
+from pipeline.core.locks import FileLock, LockHeld
+from pipeline.core.manifest import Manifest, ManifestMismatch
+from pipeline.core.shards import plan_shards, resolve_shard_index, run_shards
 
 
 @pytest.mark.parametrize("n,k", [(0, 1), (1, 3), (10, 3), (24, 4), (7, 7)])

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.audio import AudioError, AudioLimits, load_audio, load_pieces
-from pipeline.config import ConfigError
-from pipeline.data import Record, Rejection
-from pipeline.sources import ColumnMapping, InputSource, SourceError, Subset
-from pipeline.vad import pause_cuts
+from pipeline.core.config import ConfigError
+from pipeline.data.audio import AudioError, AudioLimits, load_audio, load_pieces
+from pipeline.data.records import Record, Rejection
+from pipeline.data.sources import ColumnMapping, InputSource, SourceError, Subset
+from pipeline.data.vad import pause_cuts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from source_datasets import CLIPS, GAP_S, TEXTS  # noqa: E402
@@ -154,7 +154,7 @@ def test_vad_cuts_a_long_recording_at_its_pauses(source_datasets):
 
 
 def test_benchmark_prompts_from_a_pair_dataset_use_its_text_as_reference(source_datasets, tiny_target, tmp_path):
-    from pipeline.config import parse_config
+    from pipeline.core.config import parse_config
     from stages.benchmark import BenchmarkConfig, build_prompts
 
     argv = ["--target", str(tiny_target), "--input", str(source_datasets / "wds_bad"), "--output",

@@ -1,4 +1,4 @@
-"""The system-package check `make test`, `make demo` and .ci/run start with (pipeline/sysdeps.py)."""
+"""The system-package check `make test`, `make demo` and .ci/run start with (pipeline/tools/sysdeps.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import sysdeps
+from pipeline.tools import sysdeps
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pipeline" / "sysdeps.py"
@@ -59,5 +59,5 @@ def test_make_test_and_demo_check_system_packages_before_the_venv() -> None:
         lines = subprocess.run(["make", "-n", "-B", "-C", str(REPO), target], capture_output=True, text=True,
                                check=True).stdout.splitlines()
         commands = [line for line in lines if line and not line.startswith(("make", "#"))]
-        assert commands[0].endswith("pipeline/sysdeps.py"), commands[:3]
+        assert commands[0].endswith("pipeline/tools/sysdeps.py"), commands[:3]
         assert any("-m venv" in c for c in commands[1:]), target

@@ -9,10 +9,9 @@ import pytest
 
 from modeling.targets.base import render_text as render_family_text
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
-from pipeline.data import read_conversations
-from pipeline.samples import prepare_sample
-from pipeline.template import ChatTokenizer
-from pipeline.view import format_sample
+from pipeline.data.records import read_conversations
+from pipeline.data.samples import prepare_sample
+from pipeline.data.template import ChatTokenizer, format_sample
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -115,8 +114,8 @@ def test_generated_ids_used_verbatim(processor, records):
 def test_split_long_audio_gives_one_placeholder_per_piece(processor, records, tmp_path):
     import soundfile as sf
 
-    from pipeline.audio import AudioLimits
-    from pipeline.data import read_conversations
+    from pipeline.data.audio import AudioLimits
+    from pipeline.data.records import read_conversations
 
     speech, _ = sf.read(DATA / "audio" / "clip-00.flac", dtype="float32")
     long_clip = np.tile(speech, int(65 * 16000 / speech.shape[0]) + 1)[: 65 * 16000]  # 65 s

@@ -9,7 +9,7 @@ import pytest
 
 from modeling.smol_audio import chat_prompts, prompts
 from modeling.smol_audio.dataset import ensure_dataset, items
-from pipeline.data import read_conversations
+from pipeline.data.records import read_conversations
 
 
 def test_typed_records_pair_with_the_spoken_ones_by_id():

@@ -24,11 +24,11 @@ def test_text_logits_equal_the_gguf_models(built):
     from transformers import Qwen2AudioForConditionalGeneration
 
     from modeling.smol_audio.teacher import text_turns
-    from pipeline.template import ChatTokenizer
+    from modeling.targets import chat_tokenizer_for
 
     ref, tok = llm.load_gguf_model(llm.fetch_gguf(CACHE / "smol-llm"))
     ours = Qwen2AudioForConditionalGeneration.from_pretrained(str(built), dtype=torch.float32).eval()
-    chat = ChatTokenizer.for_target(built)
+    chat = chat_tokenizer_for(built)
     for text in PROMPTS:
         ids = chat.encode(text_turns(text), until_turn=1).input_ids
         # the pipeline's prompt is the wheel tokenizer's own chat template, with the Qwen2-Audio system turn
@@ -52,7 +52,7 @@ def test_build_is_reused_and_deterministic(built):
     committed target was built (tests/data/smol-audio/build.json) are what this build wrote."""
     import json
 
-    from pipeline.durable import sha256_file
+    from pipeline.core.durable import sha256_file
 
     marker = (built / build.COMPLETE_MARKER).read_text()
     assert build.build(built, cache_dir=CACHE / "smol-llm") == built  # complete: nothing rebuilt

@@ -19,13 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from modeling.targets.capture import plan_batches
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
-from pipeline.config import parse_config
-from pipeline.data import read_conversations
-from pipeline.durable import sha256_file
-from pipeline.faults import crash_chain, random_passages, read_trace, tracing
-from pipeline.manifest import Manifest, ManifestMismatch
-from pipeline.samples import load_target_processor, prepare_sample
-from pipeline.template import ChatTokenizer
+from pipeline.core.config import parse_config
+from pipeline.core.durable import sha256_file
+from pipeline.core.faults import crash_chain, random_passages, read_trace, tracing
+from pipeline.core.manifest import Manifest, ManifestMismatch
+from pipeline.data.records import read_conversations
+from pipeline.data.samples import load_target_processor, prepare_sample
+from pipeline.data.template import ChatTokenizer
 from stages.dump import DumpConfig, main, run_dump
 from storage.store import open_store
 

@@ -33,8 +33,8 @@ from modeling.draft.snapshot import (
 )
 from modeling.draft.vocab import build_draft_vocab, count_supervised_tokens
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
-from pipeline.faults import crash_chain
-from pipeline.spec_counters import SpecCounters
+from pipeline.core.faults import crash_chain
+from pipeline.engine.spec_counters import SpecCounters
 from stages import export as export_stage
 from stages.benchmark_report import format_table
 
@@ -50,9 +50,9 @@ AUDIO_ARCH = "Qwen2AudioForConditionalGeneration"
 def write_run(run_dir: Path, target: Path, draft_vocab_size: int, steps: dict[int, bool], seed: int = 0) -> DraftConfig:
     """A training run dir as the trainer leaves it: {step: committed?} snapshots of a random draft."""
     from modeling.targets import target_text_config
-    from pipeline.data import read_conversations
-    from pipeline.samples import load_target_processor
-    from pipeline.template import ChatTokenizer
+    from pipeline.data.records import read_conversations
+    from pipeline.data.samples import load_target_processor
+    from pipeline.data.template import ChatTokenizer
 
     cfg = DraftConfig.from_target_config(target_text_config(target), draft_vocab_size)
     vocab = None
@@ -336,7 +336,7 @@ def test_plugin_leaves_text_only_models_alone(engine_runs: dict) -> None:
 
 
 def _greedy(model: str, prompts: list[list[int]]) -> list[list[int]]:
-    from pipeline.engine import GenRequest, OfflineGenerator, Sampling, build_llm
+    from pipeline.engine.offline import GenRequest, OfflineGenerator, Sampling, build_llm
 
     engine = OfflineGenerator(build_llm(model, max_num_seqs=4))
     try:
@@ -353,7 +353,7 @@ def probe(args: dict) -> None:
     from vllm.plugins import load_general_plugins
 
     from modeling import vllm_plugin
-    from pipeline.samples import load_target_processor
+    from pipeline.data.samples import load_target_processor
     from stages.benchmark import BenchmarkConfig, build_prompts, run_offline
 
     def registry() -> dict[str, str]:

@@ -25,15 +25,15 @@ from pathlib import Path
 import pytest
 
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
-from pipeline.audio import AudioLimits
-from pipeline.config import parse_config
-from pipeline.data import read_conversations, reason_key
-from pipeline.durable import sha256_file
-from pipeline.faults import crash_chain, random_passages, read_trace, tracing
-from pipeline.locks import FileLock
-from pipeline.manifest import ManifestMismatch
-from pipeline.samples import load_record_audio, load_target_processor
-from pipeline.template import ChatTokenizer
+from pipeline.core.config import parse_config
+from pipeline.core.durable import sha256_file
+from pipeline.core.faults import crash_chain, random_passages, read_trace, tracing
+from pipeline.core.locks import FileLock
+from pipeline.core.manifest import ManifestMismatch
+from pipeline.data.audio import AudioLimits
+from pipeline.data.records import read_conversations, reason_key
+from pipeline.data.samples import load_record_audio, load_target_processor
+from pipeline.data.template import ChatTokenizer
 from stages import regenerate
 from stages.regenerate import RegenerateConfig, derive_seed, run
 
@@ -345,7 +345,7 @@ def test_server_mode_matches_offline_single_turn(reference, served_reference):
         turns, ref_turns = rec["conversations"], offline[rec["id"]]["conversations"]
         first = next(i for i, t in enumerate(turns) if t["role"] == "assistant")
         # single-turn records entirely; multi-turn ones up to their first answer (module docstring
-        # of pipeline.server_client: later turns are conditioned on re-tokenized text)
+        # of pipeline.engine.server: later turns are conditioned on re-tokenized text)
         compare = range(len(turns)) if rec["id"].startswith(("clip-", "text-", "good-", "no-")) else [first]
         for i in compare:
             assert turns[i] == ref_turns[i], (rec["id"], i)
@@ -395,7 +395,7 @@ def stub_server(reply):
 
 
 def test_server_client_retries_fails_over_and_stops_on_4xx():
-    from pipeline.server_client import RequestFailed, ServerClient
+    from pipeline.engine.server import RequestFailed, ServerClient
 
     codes = [503, 200, 400]
     with stub_server(lambda method, path: (codes[0], {"ok": codes.pop(0) == 200})) as live:
@@ -424,7 +424,7 @@ def test_outage_fails_the_job_instead_of_rejecting_records(tiny_target, inputs, 
 
 def test_requeued_slurm_task_takes_over_its_own_lock(tmp_path, monkeypatch):
     """A requeued task on another node must not wait 15 min for its own pre-requeue lock to age."""
-    from pipeline.locks import LockHeld
+    from pipeline.core.locks import LockHeld
 
     lock = tmp_path / "shard.lock"
     lock.write_text(json.dumps({"host": "other-node", "pid": 1, "started": time.time(), "slurm_job": "77_3.0.0"}))

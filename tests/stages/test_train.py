@@ -28,7 +28,7 @@ from modeling.targets.weights import read_target_final_norm, read_target_lm_head
 from modeling.training.checkpoint import list_steps
 from modeling.training.data import Packing, Schedule, collate_row, split_samples, store_columns
 from modeling.training.model import TrainDraft, WarmupCosine, with_audio_ids
-from pipeline.faults import crash_chain
+from pipeline.core.faults import crash_chain
 from stages.train import main, strip_local_rank
 from storage.store import open_store
 
@@ -222,7 +222,7 @@ def _copy_target(src: Path, dst: Path, skip: str = "") -> Path:
 
 
 def _no_loss_store(fixture_store: Path, path: Path) -> Path:
-    from pipeline.shards import Shard
+    from pipeline.core.shards import Shard
     from storage.sample import CapturedSample
     from storage.store import STORE_MUST_MATCH, create_store
     from storage.writer import ShardWriter, commit_shard

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from modeling.training.data import PackedRows, read_or_skip
-from pipeline.durable import atomic_write_json, sha256_file
-from pipeline.manifest import Manifest
+from pipeline.core.durable import atomic_write_json, sha256_file
+from pipeline.core.manifest import Manifest
 from storage.checksum import digest_fn
 from storage.store import open_store
 

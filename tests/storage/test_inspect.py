@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
-from pipeline.data import Rejection, read_conversations
-from pipeline.durable import sha256_file
-from pipeline.engine import GenResult
-from pipeline.manifest import Manifest
-from pipeline.samples import load_target_processor
-from pipeline.shards import plan_shards
-from pipeline.template import ChatTokenizer
+from pipeline.core.durable import sha256_file
+from pipeline.core.manifest import Manifest
+from pipeline.core.shards import plan_shards
+from pipeline.data.records import Rejection, read_conversations
+from pipeline.data.samples import load_target_processor
+from pipeline.data.template import ChatTokenizer
+from pipeline.engine.offline import GenResult
 from storage.inspect import main
 from storage.sample import CapturedSample
 from storage.store import create_store, make_header, open_store
@@ -222,7 +222,7 @@ def test_verify_deep_finds_a_nan(samples, tmp_path, monkeypatch, capsys) -> None
 
 
 def _encoded(sample: CapturedSample):
-    from pipeline.template import Encoded
+    from pipeline.data.template import Encoded
 
     return Encoded(sample.input_ids.numpy(), sample.loss_mask.numpy().astype(np.uint8), sample.audio_spans)
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.manifest import Manifest, ManifestMismatch
-from pipeline.shards import Shard, plan_shards
+from pipeline.core.manifest import Manifest, ManifestMismatch
+from pipeline.core.shards import Shard, plan_shards
 from storage.layout import SHARDS_DIR, tmp_dir_name
 from storage.sample import CapturedSample, SampleError
 from storage.store import create_store, make_header, open_store
@@ -169,7 +169,7 @@ CHILD = textwrap.dedent("""
     import os, resource, signal, sys, time
     sys.path.insert(0, {test_dir!r})
     from test_store import make_samples
-    from pipeline.shards import plan_shards
+    from pipeline.core.shards import plan_shards
     from storage.writer import ShardWriter, StoreWriteError
     root, mode, background = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     samples = make_samples()

@@ -16,7 +16,7 @@ import zarr
 from test_store import LENGTHS, bits, build, make_samples
 
 from modeling.training.data import PackedRows, dequantize_row, read_or_skip
-from pipeline.manifest import Manifest
+from pipeline.core.manifest import Manifest
 from storage.chunk_codec import nonfinite_count
 from storage.layout import SHARDS_DIR
 from storage.reader import ChunkReadError
@@ -141,8 +141,8 @@ def test_stage_2_continues_a_format_1_store_in_its_own_format(tmp_path: Path, ti
                                                                fixtures_dir: Path) -> None:
     """A rerun of stage 2 into a store begun before format 2 keeps sha256 and its codec (auto);
     asking for another codec is refused with the keys that differ."""
-    from pipeline.inputs import read_input
-    from pipeline.manifest import ManifestMismatch
+    from pipeline.core.manifest import ManifestMismatch
+    from pipeline.data.inputs import read_input
     from stages.dump import DumpConfig, Target, open_store_for
 
     cfg = DumpConfig(target=str(tiny_target), input=str(fixtures_dir / "speech.jsonl"), store=str(tmp_path / "s"))

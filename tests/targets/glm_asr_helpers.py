@@ -14,8 +14,9 @@ import pytest
 import soundfile as sf
 
 from modeling.targets.glm_asr import AUDIO_TOKEN, GlmAsrFamily
-from pipeline.data import Turn, read_conversations
-from pipeline.template import Segment
+from modeling.targets.glm_asr_tiny import build_tiny
+from pipeline.data.records import Turn, read_conversations
+from pipeline.data.template import Segment
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
@@ -77,7 +78,7 @@ def loss_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
 
 
 def record_waves(record: Any) -> list[np.ndarray]:
-    from pipeline.audio import load_audio
+    from pipeline.data.audio import load_audio
 
     return [w for p in record.audio_paths for w in load_audio(p)]
 
@@ -100,7 +101,7 @@ def long_clip(seconds: float) -> np.ndarray:
 
 def two_clip_turns() -> list[Turn]:
     """One user turn with two clips (placeholder order and spans matter) and its answer."""
-    from pipeline.data import parse_record
+    from pipeline.data.records import parse_record
 
     two = [{"role": "user", "content": [{"type": "audio", "audio": "audio/clip-03.flac"},
                                         {"type": "text", "text": "and"},
@@ -120,7 +121,7 @@ def glm_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     this fixture, and ``build_tiny`` returns a finished build as it is, so it is built once."""
     root = tmp_path_factory.getbasetemp() / "glm-asr"
     root.mkdir(exist_ok=True)
-    return FAMILY.build_tiny(root / "tiny")
+    return build_tiny(root / "tiny")
 
 
 @pytest.fixture(scope="session", name="processor")

@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from modeling.targets.glm_asr import AUDIO_TOKEN
 from modeling.targets.glm_asr_tiny import NEVER_GENERATED, SPECIAL_TOKENS, build_tiny, is_complete
-from pipeline.data import Turn
+from pipeline.data.records import Turn
 
 # ---- the build -------------------------------------------------------------------------------------------
 
@@ -108,7 +108,7 @@ def test_build_is_deterministic_per_seed_and_atomic(tmp_path: Path) -> None:
     assert is_complete(a, **small) and not is_complete(a, **small, seed=1)
     # no temporary directories left (the builders' lock files beside each output stay, by design)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["a", "b", "c"]
-    out = subprocess.run([sys.executable, "-m", "modeling.targets.glm_asr", "--out", str(tmp_path / "cli"),
+    out = subprocess.run([sys.executable, "-m", "pipeline.tools.tiny_target", "--family", "glm-asr", "--out", str(tmp_path / "cli"),
                           "--layers", "1", "--vocab", "400"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "cli" / "model.safetensors").read_bytes() == weights
@@ -147,7 +147,7 @@ def test_render_equals_the_processor_template(processor: Any, records: list[Any]
 
 
 def test_render_trims_like_jinja_and_takes_a_system_prompt(processor: Any) -> None:
-    from pipeline.data import parse_record
+    from pipeline.data.records import parse_record
 
     msgs = [{"role": "user", "content": [{"type": "text", "text": "  \n"}, {"type": "audio", "audio": "a.wav"}]},
             {"role": "assistant", "content": "  spaced answer \n"},

@@ -119,7 +119,7 @@ def engine(args: dict[str, Any]) -> None:
     from vllm.model_executor.models.interfaces import EagleModelMixin, supports_eagle3
 
     from modeling.targets import vllm_classes
-    from pipeline.spec_counters import SpecCounters
+    from pipeline.engine.spec_counters import SpecCounters
 
     llm = LLM(model=args["target"], dtype="float32", max_model_len=2048, gpu_memory_utilization=0.3,
               enforce_eager=True, limit_mm_per_prompt={"audio": 2}, seed=0, disable_log_stats=False,

@@ -20,8 +20,9 @@ import soundfile as sf
 import torch
 
 from modeling.targets import qwen3_asr_tiny as tiny
-from modeling.targets.qwen3_asr import CHAT_TEMPLATE, Qwen3ASRFamily, main, render_text
-from pipeline.data import Turn, read_conversations
+from modeling.targets.qwen3_asr import CHAT_TEMPLATE, Qwen3ASRFamily, render_text
+from pipeline.data.records import Turn, read_conversations
+from pipeline.tools.tiny_target import main
 
 F = Qwen3ASRFamily
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +41,7 @@ def load_clip(path: Path) -> np.ndarray:
 
 def encode(tokenizer: Any, turns: list[Turn], *, counts: list[int] | None = None,
            until_turn: int | None = None) -> tuple[list[int], list[int]]:
-    """Ids and loss mask from :meth:`render_segments` by the rules of ``pipeline.template.ChatTokenizer``:
+    """Ids and loss mask from :meth:`render_segments` by the rules of ``pipeline.data.template.ChatTokenizer``:
     consecutive template text tokenized in one piece, each ``<|audio_pad|>`` repeated ``counts[i]``
     times (once without counts: vLLM expands it), answers plus the turn-end token carry the loss."""
     turn_end = tokenizer.convert_tokens_to_ids(F.special_tokens["turn_end"])
@@ -73,7 +74,7 @@ def encode(tokenizer: Any, turns: list[Turn], *, counts: list[int] | None = None
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return F.build_tiny(tmp_path_factory.mktemp("qwen3-asr") / "tiny")
+    return tiny.build_tiny(tmp_path_factory.mktemp("qwen3-asr") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +112,8 @@ def _assistant_turns(record: Any) -> list[int]:
 
 
 def test_build_is_deterministic_per_seed_and_cli(target: Path, tmp_path: Path) -> None:
-    again = F.build_tiny(tmp_path / "seed0")
-    main(["--out", str(tmp_path / "seed1"), "--seed", "1"])
+    again = tiny.build_tiny(tmp_path / "seed0")
+    main(["--family", "qwen3-asr", "--out", str(tmp_path / "seed1"), "--seed", "1"])
     weights = (target / "model.safetensors").read_bytes()
     assert (again / "model.safetensors").read_bytes() == weights
     assert (tmp_path / "seed1" / "model.safetensors").read_bytes() != weights
@@ -379,8 +380,8 @@ def serve(args: dict) -> None:
 
     from modeling import vllm_plugin
     from modeling.targets import qwen3_asr_vllm, vllm_classes
-    from pipeline.engine import GenRequest, OfflineGenerator, Sampling, build_llm
-    from pipeline.spec_counters import SpecCounters
+    from pipeline.engine.offline import GenRequest, OfflineGenerator, Sampling, build_llm
+    from pipeline.engine.spec_counters import SpecCounters
 
     def entry() -> str:
         model = ModelRegistry.models[F.architectures[0]]

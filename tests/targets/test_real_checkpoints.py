@@ -271,7 +271,7 @@ def test_weight_key_names_for_the_published_layout(case: Case, real_dir: Path) -
     family = family_of(real_dir)
     config = _config(real_dir)
     if case.family == "qwen2-audio":
-        from pipeline.tiny_target import hub_key
+        from modeling.targets.qwen2_audio_tiny import hub_key
 
         assert family.embedding_key(config) == hub_key("model.language_model.embed_tokens.weight")
         assert family.lm_head_key(config) == hub_key("lm_head.weight")
@@ -312,7 +312,7 @@ def _damage(config: dict[str, Any], case: Case, kind: str) -> str:
 
 def test_damaged_real_configs_are_refused_by_every_stage_naming_the_field(case: Case, real_dir: Path,
                                                                           tmp_path: Path, capsys) -> None:
-    from pipeline.config import ConfigError
+    from pipeline.core.config import ConfigError
     from stages.dump import DumpConfig, Target
     from stages.train import main as train_main
 

@@ -1,0 +1,1 @@
+"""Orchestration: the whole-pipeline runner and its Slurm scripts."""

@@ -1,0 +1,1 @@
+"""Foundations: durable writes, manifests, shards, locks, crash points, config, progress, the stage shell."""

@@ -1,0 +1,1 @@
+"""The data layer: conversation records, audio, chat rendering, samples, input sources."""

@@ -1,0 +1,1 @@
+"""vLLM generation: the offline engine, the OpenAI-server client, spec-decode counters."""
