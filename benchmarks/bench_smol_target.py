@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--speed-prompts", type=int, default=8)
     parser.add_argument("--speed-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per dtype; 0: skip the speed rows "
+                        "(the quality figures do not depend on the machine's load, the speed does)")
     parser.add_argument("--out", default="benchmarks/results/smol_target.json")
     args = parser.parse_args(argv)
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                      for (_, p, _, _), h, a, r in list(zip(clips, heard, hyps, refs, strict=True))[:5]],
     }
     speed = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16") if args.repeats else ():  # --repeats 0: quality only
         llm = _engine(args.target, dtype, 1)
         reqs = _requests(chat, waves[: args.speed_prompts], None)
         params = SamplingParams(max_tokens=args.speed_tokens, min_tokens=args.speed_tokens, temperature=0.0,
