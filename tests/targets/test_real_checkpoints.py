@@ -205,15 +205,12 @@ def test_draft_config_aux_ids_and_exported_config_at_the_real_depth(case: Case, 
 
 
 def test_audio_placeholder_ids_where_the_vllm_shim_reads_them(case: Case, real_dir: Path) -> None:
-    from modeling.targets.vllm_classes import SPECS
-
     engine_config = case.reference(real_dir)
     # vLLM's Qwen3-ASR model keeps thinker_config as its config; Qwen2-Audio the top-level one
     model_config = getattr(engine_config, "thinker_config", engine_config)
     for name, value in case.audio_ids.items():
         assert getattr(model_config, name) == value
-    spec = next(s for s in SPECS.values() if s.cls in _config(real_dir)["architectures"])
-    assert getattr(model_config, spec.placeholder) == next(iter(case.audio_ids.values()))
+    assert getattr(model_config, family_of(real_dir).vllm.placeholder) == next(iter(case.audio_ids.values()))
 
 
 def test_audio_token_counts_follow_the_real_encoder(case: Case, real_dir: Path) -> None:
