@@ -56,7 +56,7 @@ log = logging.getLogger("stages.dump")
 class DumpConfig:
     """Options of stage 2 (``dump:`` section of a pipeline YAML)."""
 
-    target: str = opt("", "target model directory (Qwen2-Audio, Hugging Face layout)")
+    target: str = opt("", "target model directory (Hugging Face layout, a supported family)")
     input: str = opt("", "stage 1 output directory (its completed shards) or a conversation jsonl")
     store: str = opt("", "hidden-state store directory (created, or resumed when it exists)")
     num_shards: int = opt(1, "shards the input is split into (one Slurm array task each)")

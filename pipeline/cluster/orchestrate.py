@@ -26,7 +26,8 @@ class PipelineConfig:
     workdir: str = opt("work/pipeline", "root of every artifact of this run (one folder per stage)")
     target: str = opt("", "target model directory; with build_tiny_target, where the tiny one is built")
     build_tiny_target: bool = opt(False, "build a tiny random target into `target` first (demo, tests)")
-    tiny_target_family: str = opt("qwen2-audio", "family of that tiny target: qwen2-audio, qwen3-asr or glm-asr")
+    tiny_target_family: str = opt("", "family of that tiny target (a name in modeling.targets.FAMILIES); required "
+                                      "with build_tiny_target")
     input: str = opt("", "training conversations (jsonl) for stage 1 (default with synth_train_clips: the "
                          "synthesised clips)")
     eval_input: str = opt("", "evaluation conversations for the benchmark (jsonl or stage 1 directory); default: "
@@ -51,8 +52,9 @@ class PipelineConfig:
         require(bool(self.target), "pipeline: `target` is required")
         from modeling.targets import FAMILIES
 
-        require(self.tiny_target_family in FAMILIES,
-                f"pipeline: tiny_target_family {self.tiny_target_family!r} is not one of {sorted(FAMILIES)}")
+        require(not self.build_tiny_target or self.tiny_target_family in FAMILIES,
+                f"pipeline: build_tiny_target needs tiny_target_family, one of {sorted(FAMILIES)}; "
+                f"got {self.tiny_target_family!r}")
         require(self.synth_train_clips >= 0 and self.synth_eval_clips >= 0, "pipeline: synth_*_clips must be >= 0")
         require(self.synth_generator in ("asr", "smol-audio"),
                 f"pipeline: synth_generator must be `asr` or `smol-audio`, got {self.synth_generator!r}")
