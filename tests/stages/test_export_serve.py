@@ -307,7 +307,7 @@ def test_benchmark_cli_serves_the_export_as_eagle3(engine_runs: dict) -> None:
 
 @pytest.mark.timeout(1800)
 def test_full_vocab_draft_without_d2t_loads_and_matches_plain(engine_runs: dict, tiny_target: Path) -> None:
-    from modeling.targets.tie_check import DivergenceCase, TieChecker
+    from modeling.target_io.tie_check import DivergenceCase, TieChecker
     from stages.benchmark import BenchmarkConfig, build_prompts
 
     _ok(engine_runs["probe"])

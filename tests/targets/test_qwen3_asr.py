@@ -237,9 +237,9 @@ def test_audio_token_counts_equal_the_encoder_output(target: Path, processor: An
 
 
 def test_capture_hooks_equal_output_hidden_states(target: Path, processor: Any, records: dict[str, Any]) -> None:
-    """Hooks on ``decoder(model)`` as modeling.targets.capture sets them, against an independent model instance's
+    """Hooks on ``decoder(model)`` as modeling.target_io.capture sets them, against an independent model instance's
     ``output_hidden_states=True`` forward: bit-exact at batch size 1 (same weights, same ops)."""
-    from modeling.targets.capture import aux_layer_ids
+    from modeling.target_io.capture import aux_layer_ids
 
     model = F.load_model(target, "bf16")
     reference = F.load_model(target, "bf16")

@@ -181,7 +181,7 @@ def test_draft_config_aux_ids_and_exported_config_at_the_real_depth(case: Case, 
     from transformers import LlamaConfig
 
     from modeling.draft.snapshot import DraftSnapshot, identity_vocab
-    from modeling.targets.capture import aux_layer_ids
+    from modeling.target_io.capture import aux_layer_ids
     from stages.export import serving_config
 
     text = target_text_config(real_dir)
@@ -237,7 +237,7 @@ def test_audio_token_counts_follow_the_real_encoder(case: Case, real_dir: Path) 
 
 
 def test_full_size_model_on_meta_with_capture_hooks(case: Case, real_dir: Path) -> None:
-    from modeling.targets.capture import TargetCapture, aux_layer_ids
+    from modeling.target_io.capture import TargetCapture, aux_layer_ids
 
     family = family_of(real_dir)
     config = _config(real_dir)
