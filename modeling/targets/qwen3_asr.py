@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from modeling.targets.base import TargetFamily
+from modeling.targets.base import render_text as render_family_text
 from modeling.targets.vllm_classes import VllmSpec
 from pipeline.data.records import Turn
 from pipeline.data.template import Segment
@@ -140,8 +141,7 @@ def alias_torchvision_free_qwen2_vl() -> bool:
 
 def render_text(turns: list[Turn], *, add_generation_prompt: bool = False) -> str:
     """The string the chat template renders (each answer followed by its ``<|im_end|>``)."""
-    segs = Qwen3ASRFamily.render_segments(turns, until_turn=len(turns) if add_generation_prompt else None)
-    return "".join(s.text + (IM_END if s.kind == "answer" else "") for s in segs)
+    return render_family_text(Qwen3ASRFamily, turns, add_generation_prompt=add_generation_prompt)
 
 
 class Qwen3ASRFamily(TargetFamily):
