@@ -5,7 +5,7 @@
 
 For each dtype the same prompts are decoded greedily by an engine with ``max_num_seqs=1`` and one
 with ``max_num_seqs=N`` (and, with ``--draft``, by the EAGLE-3 engine at batch 1); every prompt
-whose outputs differ is scored by :mod:`modeling.targets.tie_check` (fp32 logit gap at the first
+whose outputs differ is scored by :mod:`modeling.target_io.tie_check` (fp32 logit gap at the first
 divergence, in units of the bf16 noise measured there). With native bf16 (AMX / AVX512-BF16,
 GPUs) the bf16 rows differ at near-ties; fp32 rows are what the tests rely on for exact
 comparisons across batch plans. ``ONEDNN_MAX_CPU_ISA=AVX512_CORE`` makes torch emulate bf16 on an
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
 
+    from modeling.target_io.tie_check import DivergenceCase, TieChecker
     from modeling.targets.qwen2_audio_tiny import ensure_tiny_target
-    from modeling.targets.tie_check import DivergenceCase, TieChecker
     from stages.benchmark import BenchmarkConfig, build_prompts
 
     if args.target.endswith("tiny-target"):

@@ -3,7 +3,7 @@
 Run ``python -m benchmarks.bench_codecs [--hidden 4096] [--tokens 1024]``; prints markdown tables
 of compressed size (% of raw), single-thread compress/decompress MB/s, per array kind, and the
 effect of fp8 on the teacher distribution (KL, top-1 agreement through a random lm_head).
-The choices in ``storage/codecs.py`` cite these numbers.
+The choices in ``storage/array_encoding.py`` cite these numbers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from numcodecs import Blosc, Zstd
 
 from benchmarks.synth_activations import SynthTarget
-from storage.codecs import dequantize_fp8, quantize_fp8
+from storage.array_encoding import dequantize_fp8, quantize_fp8
 
 SHUFFLES = {"none": Blosc.NOSHUFFLE, "byte": Blosc.SHUFFLE, "bit": Blosc.BITSHUFFLE}
 

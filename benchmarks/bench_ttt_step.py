@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 SHAPES = {
     # H, heads, kv heads, head_dim, MLP, target hidden, target vocab, draft vocab, S, sample len
@@ -63,12 +62,10 @@ def child(args: argparse.Namespace) -> Row:
     import torch
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # a test-only reference
-    from ttt_reference import ttt_loss_reference
-
     from modeling.draft.config import DraftConfig
     from modeling.draft.model import Eagle3Draft
     from modeling.draft.ttt import ttt_loss
+    from modeling.draft.ttt_reference import ttt_loss_reference
     from modeling.draft.vocab import build_draft_vocab, count_supervised_tokens
 
     spec = dict(SHAPES[args.shape])

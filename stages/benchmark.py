@@ -15,7 +15,7 @@ passes over all prompts (medians and ranges in the report). Acceptance comes fro
 spec-decode counters (:mod:`pipeline.engine.spec_counters`) read around the timed passes.
 
 At temperature 0, prompts whose plain and speculative outputs differ are checked by
-:mod:`modeling.targets.tie_check`: a divergence at a near-tie of the fp32 target is rounding noise of the
+:mod:`modeling.target_io.tie_check`: a divergence at a near-tie of the fp32 target is rounding noise of the
 engine's dtype, anything else a real mismatch. Writes RESULT.json (README, "Export, serve and
 benchmark"), ``RESULT.outputs.jsonl`` (per prompt: both runs' ids and texts) and prints a table.
 """

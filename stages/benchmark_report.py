@@ -3,7 +3,7 @@
 - Speed: median tokens/s of the timed passes with their range; speedup = ratio of the medians,
   its range the extreme ratios (slowest speculative pass / fastest plain pass, and the reverse).
 - Lossless check (temperature 0): ``equal``; ``equal up to numerical ties`` when every prompt
-  whose outputs differ parts at a near-tie of the fp32 target (:mod:`modeling.targets.tie_check`); or
+  whose outputs differ parts at a near-tie of the fp32 target (:mod:`modeling.target_io.tie_check`); or
   ``NO: n real mismatches``.
 - Reproduction: when the eval records carry stage 1's ``token_ids``, the share of prompts whose
   plain output equals them (a draft learns the answers stage 1 wrote; it can only be accepted
@@ -43,7 +43,7 @@ def speedup(plain: RunResult, spec: RunResult) -> tuple[float, list[float]]:
 def lossless_check(cfg: BenchmarkConfig, prompts: list[EvalPrompt], plain: RunResult,
                    spec: RunResult) -> dict[str, Any]:
     """Exact equality per prompt; divergences scored as near-tie or real mismatch."""
-    from modeling.targets.tie_check import DivergenceCase
+    from modeling.target_io.tie_check import DivergenceCase
 
     cases = [DivergenceCase(p.id, p.request.prompt_ids, p.request.audios, a.token_ids, b.token_ids)
              for p, a, b in zip(prompts, plain.results, spec.results, strict=True)
@@ -58,7 +58,7 @@ def lossless_check(cfg: BenchmarkConfig, prompts: list[EvalPrompt], plain: RunRe
     if cases and cfg.tie_check:
         import torch
 
-        from modeling.targets.tie_check import TieChecker
+        from modeling.target_io.tie_check import TieChecker
 
         device = cfg.tie_check_device
         if device == "auto":

@@ -6,7 +6,7 @@
 Per sample the store gets the ids, the loss mask, three aux hidden states at every token, the
 final post-norm state where the next token carries loss (~25% of a chat sample's positions;
 ``--last-hidden all`` keeps all of them, ~23% more bytes) and the audio embeddings; see
-:mod:`modeling.targets.capture` and the README, "Stage 2".
+:mod:`modeling.target_io.capture` and the README, "Stage 2".
 
 Forwards take ``--batch-tokens`` padded tokens. Records are read in windows of
 ``--sort-window``; a window is sorted by length into batches (padding stays small) and its
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from modeling.targets.capture import TargetCapture, aux_layer_ids, check_audio_spans, plan_batches
+from modeling.target_io.capture import TargetCapture, aux_layer_ids, check_audio_spans, plan_batches
 from pipeline.core.cli import stage_main
 from pipeline.core.config import ConfigError, opt, require
 from pipeline.core.durable import DurableJsonl, atomic_write_text, sha256_file
@@ -42,7 +42,7 @@ from pipeline.data.records import Record, RecordError, Rejection
 from pipeline.data.samples import PreparedSample, load_target_processor, prepare_sample
 from pipeline.data.template import ChatTokenizer
 from storage import checksum
-from storage.chunk_codec import DEFAULT_CODEC
+from storage.chunk_compression import DEFAULT_CODEC
 from storage.columns import DEFAULT_COMPRESSION_THREADS
 from storage.layout import INDEX_NAME, read_index
 from storage.sample import CapturedSample, SampleError
@@ -56,7 +56,7 @@ log = logging.getLogger("stages.dump")
 class DumpConfig:
     """Options of stage 2 (``dump:`` section of a pipeline YAML)."""
 
-    target: str = opt("", "target model directory (Qwen2-Audio, Hugging Face layout)")
+    target: str = opt("", "target model directory (Hugging Face layout, a supported family)")
     input: str = opt("", "stage 1 output directory (its completed shards) or a conversation jsonl")
     store: str = opt("", "hidden-state store directory (created, or resumed when it exists)")
     num_shards: int = opt(1, "shards the input is split into (one Slurm array task each)")

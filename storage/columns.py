@@ -24,8 +24,8 @@ import numpy as np
 import zarr
 
 from pipeline.core.durable import fsync_dir, fsync_file
+from storage.array_encoding import ArraySpec
 from storage.checksum import LEGACY, digest_fn
-from storage.codecs import ArraySpec
 from storage.layout import ARRAYS_DIR, chunk_key
 
 # Compression threads per writer. Measured at H=4096 (bench_store's writer sweep, lossless zstd):

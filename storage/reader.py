@@ -29,9 +29,9 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from storage import buffers
+from storage.array_encoding import ArraySpec, decode_arrays
 from storage.checksum import LEGACY, digest_fn
-from storage.chunk_codec import nonfinite_count
-from storage.codecs import ArraySpec, decode_arrays
+from storage.chunk_compression import nonfinite_count
 from storage.layout import ROW_SPACES, chunk_key
 from storage.mapped import ChunkSizeError, MappedChunks, can_map
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.codecs import HIDDEN_ARRAYS, ArraySpec, hidden_to_bits, nonfinite_mask, quantize_fp8
+from storage.array_encoding import HIDDEN_ARRAYS, ArraySpec, hidden_to_bits, nonfinite_mask, quantize_fp8
 
 HIDDEN_DTYPES = (torch.bfloat16, torch.float16)
 

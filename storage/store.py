@@ -28,8 +28,8 @@ import torch
 
 from pipeline.core.manifest import Manifest
 from storage import checksum as checksums
-from storage.chunk_codec import CODECS, DEFAULT_CODEC
-from storage.codecs import QUANTIZATIONS, TARGET_CHUNK_BYTES, ArraySpec, array_specs
+from storage.array_encoding import QUANTIZATIONS, TARGET_CHUNK_BYTES, ArraySpec, array_specs
+from storage.chunk_compression import CODECS, DEFAULT_CODEC
 from storage.layout import CHECKSUMS_NAME, FORMAT_VERSION, INDEX_NAME, SHARDS_DIR, read_index, spans_of
 from storage.reader import ShardReader
 
@@ -170,7 +170,7 @@ class HiddenStateStore:
 
     def sample(self, index: int, *, dequantize: bool = True) -> dict[str, Any]:
         """Sample ``index``; ``dequantize=False`` leaves fp8 arrays as uint8 + ``<name>_scale``
-        (see :func:`storage.codecs.decode_arrays`)."""
+        (see :func:`storage.array_encoding.decode_arrays`)."""
         pos, row = self.locate(index)
         return self._sample(pos, row, index, dequantize)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from storage.array_encoding import ArraySpec
 from storage.checksum import LEGACY, digest_fn
-from storage.codecs import ArraySpec
 from storage.layout import ARRAYS_DIR, CHECKSUMS_NAME, INDEX_NAME, ROW_SPACES
 from storage.reader import ShardReader
 

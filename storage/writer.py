@@ -48,8 +48,8 @@ from pipeline.core.durable import (
 )
 from pipeline.core.manifest import Manifest
 from pipeline.core.shards import Shard
+from storage.array_encoding import ArraySpec
 from storage.checksum import LEGACY, store_checksum
-from storage.codecs import ArraySpec
 from storage.columns import DEFAULT_COMPRESSION_THREADS, ChunkWriter, Column, create_array, sync_columns
 from storage.layout import (
     ARRAYS_DIR,

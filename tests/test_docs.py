@@ -436,7 +436,7 @@ See [resume](stage-dump.md#no-such-heading).
         assert any(message in p for p in problems), f"not caught: {message}\n" + "\n".join(problems)
     assert len(problems) == len(expected), "\n".join(problems)
     good = bad.replace(" --bogus-flag 3", "").replace("--tie-check false", "--no-tie-check") \
-        .replace(" --stage train", " --only train").replace("modeling/tie_check.py", "modeling/targets/tie_check.py") \
+        .replace(" --stage train", " --only train").replace("modeling/tie_check.py", "modeling/target_io/tie_check.py") \
         .replace("--deeep", "--deep").replace("configs/no-such.yaml", "configs/demo.yaml") \
         .replace("test_that_does_not_exist", "test_crash_chain_then_resume_is_identical") \
         .replace("stage-nine.md", "stage-dump.md").replace("make nothing", "make demo") \

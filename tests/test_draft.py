@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from ttt_reference import ttt_loss_reference
 
 from modeling.draft.config import DraftConfig, aux_ids_for_engine, default_aux_layer_ids
 from modeling.draft.model import Eagle3Draft
 from modeling.draft.ttt import chain_estimates, chain_stats, ttt_loss
+from modeling.draft.ttt_reference import ttt_loss_reference
 from modeling.draft.vocab import VocabMapping, build_draft_vocab, count_supervised_tokens
-from modeling.targets.weights import read_target_embedding, read_target_lm_head
+from modeling.target_io.weights import read_target_embedding, read_target_lm_head
 
 EXPORT_NAMES = {
     "fc.weight", "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight",

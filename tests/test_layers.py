@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("pipeline.engine",)),
     ("storage", ("storage",)),
     ("targets", ("modeling.targets",)),
+    ("target I/O", ("modeling.target_io",)),
     ("draft", ("modeling.draft",)),
     ("training", ("modeling.training",)),
     ("target builders and the vLLM plugin", ("modeling.asr_target", "modeling.smol_audio", "modeling.vllm_plugin")),

@@ -22,6 +22,7 @@ import argparse
 import json
 import random
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def conversation(u: Utterance, audio_path: str) -> dict[str, Any]:
                 {"role": "assistant", "content": [{"type": "text", "text": u.answer}]}]}
 
 
-def _write_dataset(tmp: Path, split: str, count: int, seed: int) -> None:
+def _write_dataset(tmp: Path, split: str, count: int, seed: int) -> dict[str, Any]:
     import soundfile as sf
 
     (tmp / "audio").mkdir()
@@ -136,23 +137,33 @@ def _write_dataset(tmp: Path, split: str, count: int, seed: int) -> None:
         sf.write(tmp / "audio" / f"{u.id}.flac", synthesize(u.sentence, u.voice, u.wpm), SAMPLE_RATE, subtype="PCM_16")
         lines.append(json.dumps(conversation(u, f"audio/{u.id}.flac")) + "\n")
     (tmp / "data.jsonl").write_text("".join(lines))
-    info = {"split": split, "count": count, "seed": seed, "espeak": espeak_version()}
-    (tmp / DATASET_INFO).write_text(json.dumps(info, indent=1) + "\n")  # last: the dataset is complete
+    return {"espeak": espeak_version()}
+
+
+def ensure_dataset_dir(out: str | Path, want: dict[str, Any], write: Callable[[Path], dict[str, Any]],
+                       defaults: dict[str, Any] | None = None) -> Path:
+    """``out`` built atomically by ``write(tmp)`` unless the ``dataset.json`` there records ``want``
+    (``defaults``: values of keys older builds did not record). ``write`` returns what else to record
+    (tool versions); ``dataset.json`` is written last, so only a complete build has one."""
+    def complete(path: Path) -> bool:
+        try:
+            info = {**(defaults or {}), **json.loads((path / DATASET_INFO).read_text())}
+        except (OSError, ValueError):
+            return False
+        return {k: info.get(k) for k in want} == want
+
+    def build(tmp: Path) -> None:
+        info = {**want, **write(tmp)}
+        (tmp / DATASET_INFO).write_text(json.dumps(info, indent=1) + "\n")  # last: the dataset is complete
+
+    return ensure_dir(out, complete, build)
 
 
 def ensure_dataset(out: str | Path, split: str, count: int, seed: int = 0) -> Path:
     """``out`` with ``count`` clips of ``split`` (``data.jsonl``, ``audio/``, ``dataset.json``), built
     atomically only if no complete build with these arguments is there."""
-    want = {"split": split, "count": count, "seed": seed}
-
-    def complete(path: Path) -> bool:
-        try:
-            info = json.loads((path / DATASET_INFO).read_text())
-        except (OSError, ValueError):
-            return False
-        return {k: info.get(k) for k in want} == want
-
-    return ensure_dir(out, complete, lambda tmp: _write_dataset(tmp, split, count, seed))
+    return ensure_dataset_dir(out, {"split": split, "count": count, "seed": seed},
+                              lambda tmp: _write_dataset(tmp, split, count, seed))
 
 
 def main(argv: list[str] | None = None) -> None:

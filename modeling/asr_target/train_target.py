@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from modeling.asr_target.encoder import clip_features, encode_audio
+from modeling.asr_target.clip_batches import load_clips, make_batch
+from modeling.asr_target.encoder import encode_audio
 from modeling.asr_target.sentences import sentences, vocabulary, written
-from modeling.asr_target.speech import TASKS, Utterance, answer, espeak_version, synthesize, utterances
+from modeling.asr_target.speech import TASKS, Utterance, answer, espeak_version, utterances
 from modeling.targets.qwen2_audio import DEFAULT_SYSTEM_PROMPT, Qwen2AudioFamily
 from pipeline.core.durable import build_dir
 from pipeline.data.records import Part, Turn
@@ -73,69 +74,17 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
+def _spoken(utts: list[Utterance]) -> list[tuple[str, str, int]]:
+    return [(u.sentence, u.voice, u.wpm) for u in utts]
+
+
+def _cache_file(cache: Path, utts: list[Utterance]) -> Path:
+    return cache / f"clips-{utts[0].id}-{utts[-1].id}-{len(utts)}.npz"
+
+
 def turns_for(u: Utterance) -> list[Turn]:
     return [Turn("user", [Part("audio", audio=Path(f"{u.id}.flac")), Part("text", text=u.instruction)]),
             Turn("assistant", [Part("text", text=u.answer)])]
-
-
-@dataclass
-class ClipSet:
-    """Utterances with their mel features (each [128, L + 2]) and lengths in samples."""
-
-    utterances: list[Utterance]
-    features: list[np.ndarray]
-    num_samples: list[int]
-    waves: list[np.ndarray] | None = None
-
-
-def _synth(u: Utterance) -> np.ndarray:
-    return synthesize(u.sentence, u.voice, u.wpm)
-
-
-def load_clips(cache: Path, utts: list[Utterance], extractor: Any, keep_waves: bool = False) -> ClipSet:
-    """Synthesise (two processes) and featurize, or read both from ``cache``."""
-    from multiprocessing import Pool
-
-    key = f"{utts[0].id}-{utts[-1].id}-{len(utts)}"
-    path = cache / f"clips-{key}.npz"
-    if path.exists() and not keep_waves:
-        data = np.load(path)
-        offsets = data["offsets"]
-        # fp16 in memory (8000 clips: 0.6 GB instead of 1.2), fp32 per batch
-        allf = data["features"]
-        feats = [allf[:, offsets[i]:offsets[i + 1]] for i in range(len(utts))]
-        return ClipSet(utts, feats, data["num_samples"].tolist())
-    with Pool(2) as pool:
-        waves = pool.map(_synth, utts, chunksize=16)
-    feats = [clip_features(extractor, w) for w in waves]
-    cache.mkdir(parents=True, exist_ok=True)
-    offsets = np.cumsum([0] + [f.shape[1] for f in feats])
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, features=np.concatenate(feats, axis=1).astype(np.float16), offsets=offsets,
-             num_samples=np.array([w.shape[0] for w in waves]))
-    os.replace(tmp, path)
-    return ClipSet(utts, feats, [w.shape[0] for w in waves], waves if keep_waves else None)
-
-
-def make_batch(clips: ClipSet, idx: list[int], chat: ChatTokenizer, pad_id: int) -> dict[str, torch.Tensor | list]:
-    """Right-padded ids, attention and loss masks, and left-aligned mel features for ``idx``."""
-    encoded = [chat.encode(turns_for(clips.utterances[i]),
-                           audio_token_counts=[Qwen2AudioFamily.num_audio_tokens(clips.num_samples[i])]) for i in idx]
-    width = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(idx), width, dtype=torch.long)
-    loss = torch.zeros(len(idx), width, dtype=torch.bool)
-    for b, e in enumerate(encoded):
-        n = len(e.input_ids)
-        ids[b, :n], attn[b, :n] = torch.from_numpy(e.input_ids), 1
-        loss[b, :n] = torch.from_numpy(e.loss_mask.astype(bool))
-    frames = max(clips.features[i].shape[1] for i in idx)
-    feats = torch.zeros(len(idx), clips.features[idx[0]].shape[0], frames)
-    for b, i in enumerate(idx):
-        feats[b, :, : clips.features[i].shape[1]] = torch.from_numpy(clips.features[i].astype(np.float32))
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "features": feats,
-            "num_samples": [clips.num_samples[i] for i in idx],
-            "sentences": [clips.utterances[i].sentence for i in idx]}
 
 
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz'"  # index + 1: 0 is the CTC blank
@@ -215,8 +164,10 @@ def train(cfg: TrainTargetConfig) -> Path:
     processor = build_processor(TEXT_SIZES["vocab"], tokenizer_corpus())
     chat = ChatTokenizer(processor.tokenizer, Qwen2AudioFamily)
     utts = utterances("target", cfg.clips + MONITOR_CLIPS, cfg.seed)
-    clips = load_clips(Path(cfg.cache), utts[: cfg.clips], processor.feature_extractor)
-    monitor = load_clips(Path(cfg.cache), utts[cfg.clips:], processor.feature_extractor, keep_waves=True)
+    train_utts, monitor_utts = utts[: cfg.clips], utts[cfg.clips:]
+    clips = load_clips(_cache_file(Path(cfg.cache), train_utts), _spoken(train_utts), processor.feature_extractor)
+    monitor = load_clips(_cache_file(Path(cfg.cache), monitor_utts), _spoken(monitor_utts), processor.feature_extractor,
+                         keep_waves=True)
     log.info("data: %d training clips, %d monitor clips (%.0f s)", cfg.clips, MONITOR_CLIPS, time.monotonic() - start)
     model, config = build_model(processor, cfg.seed)
     ctc = CTCHead(TEXT_SIZES["hidden"])
@@ -243,7 +194,9 @@ def train(cfg: TrainTargetConfig) -> Path:
     for step in range(first, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = make_batch(clips, order.sample(range(cfg.clips), cfg.batch_size), chat, pad_id)
+        idx = order.sample(range(cfg.clips), cfg.batch_size)
+        batch = make_batch([turns_for(train_utts[i]) for i in idx], clips, idx, chat, pad_id)
+        batch["sentences"] = [train_utts[i].sentence for i in idx]
         loss = loss_of(model, batch, ctc, cfg.ctc_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -256,7 +209,7 @@ def train(cfg: TrainTargetConfig) -> Path:
             window = []
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             model.eval()
-            quality = greedy_quality(model, processor, monitor.utterances, monitor.waves or [])
+            quality = greedy_quality(model, processor, monitor_utts, monitor.waves or [])
             model.train()
             history.append({"step": step + 1, **quality})
             log.info("step %d monitor: %s", step + 1, quality)

@@ -197,7 +197,7 @@ class Eagle3Draft(nn.Module):
 
     def load_target_embedding(self, checkpoint_dir: str | Path) -> None:
         """Copy the target's input embedding table, reading only that tensor from disk."""
-        from modeling.targets.weights import read_target_embedding
+        from modeling.target_io.weights import read_target_embedding
 
         weight = read_target_embedding(checkpoint_dir)
         if weight.shape != self.embed_tokens.weight.shape:

@@ -18,7 +18,7 @@ Acceptance estimates (all for a chain draft of k tokens, k = 1..T):
   target adds one token, and the next draft starts after it; 1 + accepted / drafts. This is the
   number vLLM reports as mean acceptance length when the served target repeats the data.
 
-Why it is cheaper than the public trainers' loop (``tests/ttt_reference.py``):
+Why it is cheaper than the public trainers' loop (:mod:`modeling.draft.ttt_reference`):
 - Only *active* positions (supervised at some step >= k) run queries, o_proj, MLP and
   lm_head at step k; step 0 still projects keys/values for every position. Audio prompts
   are mostly unsupervised audio frames, so most positions drop out at once.

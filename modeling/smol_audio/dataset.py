@@ -26,12 +26,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from modeling.asr_target.speech import SAMPLE_RATE, VOICES, espeak_version, synthesize
+from modeling.asr_target.speech import SAMPLE_RATE, VOICES, ensure_dataset_dir, espeak_version, synthesize
 from modeling.smol_audio import chat_prompts
 from modeling.smol_audio.prompts import WPM_RANGE, Prompt, prompts
-from pipeline.core.durable import ensure_dir
 
-DATASET_INFO = "dataset.json"
 KINDS = ("spoken", "text", "chat")
 
 
@@ -69,7 +67,7 @@ def user_content(tmp: Path, kind: str, clip_id: str, p: Prompt, voice: str, wpm:
     return [{"type": "audio", "audio": f"audio/{clip_id}.flac"}]
 
 
-def _write(tmp: Path, split: str, count: int, seed: int, answers: dict[str, str], kind: str) -> None:
+def _write(tmp: Path, split: str, count: int, seed: int, answers: dict[str, str], kind: str) -> dict[str, Any]:
     if kind == "spoken":
         (tmp / "audio").mkdir()
     lines = []
@@ -80,9 +78,7 @@ def _write(tmp: Path, split: str, count: int, seed: int, answers: dict[str, str]
         record = {"id": clip_id, "prompt": p.text, "voice": voice, "wpm": wpm, "conversations": turns}
         lines.append(json.dumps(record) + "\n")
     (tmp / "data.jsonl").write_text("".join(lines))
-    info = {"split": split, "count": count, "seed": seed, "kind": kind, "teacher": bool(answers),
-            "espeak": espeak_version() if kind == "spoken" else None}
-    (tmp / DATASET_INFO).write_text(json.dumps(info, indent=1) + "\n")  # last: the dataset is complete
+    return {"espeak": espeak_version() if kind == "spoken" else None}
 
 
 def ensure_dataset(out: str | Path, split: str, count: int, seed: int = 0, *, teacher: Path | None = None,
@@ -90,16 +86,8 @@ def ensure_dataset(out: str | Path, split: str, count: int, seed: int = 0, *, te
     """``out`` with ``count`` records of ``split``, built atomically unless a complete build is there."""
     items(split, 0, seed, kind)  # a bad kind or split fails here, before any work
     want = {"split": split, "count": count, "seed": seed, "teacher": teacher is not None, "kind": kind}
-
-    def complete(path: Path) -> bool:
-        try:
-            info = json.loads((path / DATASET_INFO).read_text())
-        except (OSError, ValueError):
-            return False
-        info.setdefault("kind", "spoken")  # builds before the kinds were all spoken
-        return {k: info.get(k) for k in want} == want
-
-    return ensure_dir(out, complete, lambda tmp: _write(tmp, split, count, seed, teacher_texts(teacher, tokenizer_dir), kind))
+    return ensure_dataset_dir(out, want, lambda tmp: _write(tmp, split, count, seed, teacher_texts(teacher, tokenizer_dir), kind),
+                              defaults={"kind": "spoken"})  # builds before the kinds were all spoken
 
 
 def main(argv: list[str] | None = None) -> None:

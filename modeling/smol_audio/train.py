@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from modeling.asr_target.encoder import clip_features, encode_audio
-from modeling.asr_target.speech import VOICES, espeak_version, synthesize
+from modeling.asr_target.clip_batches import ClipSet, load_clips, make_batch
+from modeling.asr_target.encoder import encode_audio
+from modeling.asr_target.speech import VOICES, espeak_version
 from modeling.asr_target.train_target import CTCHead
 from modeling.smol_audio import build, llm
 from modeling.smol_audio.prompts import TRANSCRIBE, WPM_RANGE, prompts
@@ -87,28 +88,10 @@ def clips_for(renditions: int, seed: int) -> list[Clip]:
             for p in prompts("target") for _ in range(renditions)]
 
 
-def _synth(c: Clip) -> np.ndarray:
-    return synthesize(c.text, c.voice, c.wpm)
-
-
-def load_features(work: Path, clips: list[Clip], extractor: Any) -> tuple[list[np.ndarray], list[int]]:
-    """Mel features [128, L + 2] and lengths in samples of every clip, synthesised once and cached."""
-    from multiprocessing import Pool
-
+def load_features(work: Path, clips: list[Clip], extractor: Any) -> ClipSet:
+    """Mel features and lengths of every clip, synthesised once and cached under ``work``."""
     path = work / f"clips-{len(clips)}-{clips[0].prompt_id}-{clips[-1].voice}{clips[-1].wpm}.npz"
-    if not path.exists():
-        with Pool(2) as pool:
-            waves = pool.map(_synth, clips, chunksize=16)
-        feats = [clip_features(extractor, w) for w in waves]
-        offsets = np.cumsum([0] + [f.shape[1] for f in feats])
-        work.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, features=np.concatenate(feats, axis=1).astype(np.float16), offsets=offsets,
-                 num_samples=np.array([w.shape[0] for w in waves]))
-        os.replace(tmp, path)
-    data = np.load(path)
-    offsets, allf = data["offsets"], data["features"]
-    return [allf[:, offsets[i]:offsets[i + 1]] for i in range(len(clips))], data["num_samples"].tolist()
+    return load_clips(path, [(c.text, c.voice, c.wpm) for c in clips], extractor)
 
 
 def turns(clip: Clip, task: str, answer_ids: list[int]) -> list[Turn]:
@@ -133,24 +116,10 @@ class AudioRows(torch.nn.Module):
         return emb
 
 
-def make_batch(idx: list[int], tasks: list[str], clips: list[Clip], feats: list[np.ndarray], lengths: list[int],
-               teacher: dict[str, list[int]], chat: ChatTokenizer, pad_id: int) -> dict[str, Any]:
-    encoded = [chat.encode(turns(clips[i], t, teacher[clips[i].prompt_id]),
-                           audio_token_counts=[Qwen2AudioFamily.num_audio_tokens(lengths[i])]) for i, t in zip(idx, tasks, strict=True)]
-    width = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(idx), width, dtype=torch.long)
-    loss = torch.zeros(len(idx), width, dtype=torch.bool)
-    for b, e in enumerate(encoded):
-        n = len(e.input_ids)
-        ids[b, :n], attn[b, :n] = torch.from_numpy(e.input_ids), 1
-        loss[b, :n] = torch.from_numpy(e.loss_mask.astype(bool))
-    frames = max(feats[i].shape[1] for i in idx)
-    x = torch.zeros(len(idx), feats[idx[0]].shape[0], frames)
-    for b, i in enumerate(idx):
-        x[b, :, : feats[i].shape[1]] = torch.from_numpy(feats[i].astype(np.float32))
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "features": x,
-            "num_samples": [lengths[i] for i in idx], "texts": [clips[i].text.lower() for i in idx]}
+def batch_of(idx: list[int], tasks: list[str], clips: list[Clip], features: ClipSet, teacher: dict[str, list[int]],
+             chat: ChatTokenizer, pad_id: int) -> dict[str, Any]:
+    conversations = [turns(clips[i], t, teacher[clips[i].prompt_id]) for i, t in zip(idx, tasks, strict=True)]
+    return {**make_batch(conversations, features, idx, chat, pad_id), "texts": [clips[i].text.lower() for i in idx]}
 
 
 def losses(model: Any, rows: AudioRows, ctc: CTCHead, batch: dict[str, Any], with_llm: bool) -> dict[str, torch.Tensor]:
@@ -203,7 +172,8 @@ def train(cfg: TrainConfig) -> Path:
     missing = {c.prompt_id for c in clips} - set(teacher)
     if missing:
         raise ValueError(f"{cfg.teacher}: no teacher answer for {len(missing)} target prompts (e.g. {sorted(missing)[:3]})")
-    feats, lengths = load_features(work, clips, processor.feature_extractor)
+    features = load_features(work, clips, processor.feature_extractor)
+    lengths = features.num_samples
     log.info("data: %d clips, %.1f h of speech (%.0f s)", len(clips), sum(lengths) / 16000 / 3600,
              time.monotonic() - start)
     model = Qwen2AudioForConditionalGeneration.from_pretrained(cfg.target, dtype=torch.float32)
@@ -238,7 +208,7 @@ def train(cfg: TrainConfig) -> Path:
             group["lr"] = lr_at(step, total, cfg)
         idx = order.sample(range(len(clips)), cfg.batch_size if with_llm else cfg.ctc_batch_size)
         tasks = ["transcribe" if order.random() < cfg.transcribe_share else "answer" for _ in idx]
-        batch = make_batch(idx, tasks, clips, feats, lengths, teacher, chat, processor.tokenizer.pad_token_id)
+        batch = batch_of(idx, tasks, clips, features, teacher, chat, processor.tokenizer.pad_token_id)
         parts = losses(model, rows, ctc, batch, with_llm)
         loss = parts.get("ce", 0.0) + (cfg.ctc_weight if with_llm else 1.0) * parts["ctc"]
         opt.zero_grad(set_to_none=True)

@@ -14,9 +14,12 @@ so the class itself is the adapter.
 | ``num_audio_tokens(n)`` | stage 1-2, benchmark | placeholders the encoder emits for ``n`` samples at 16 kHz |
 | ``audio_inputs(fe, waves)`` | capture, tie check | the HF forward's audio keyword arguments |
 | ``min_audio_tokens``, ``max_audio_seconds`` | audio limits, capture | clip lengths the model takes |
-| ``load_model``, ``decoder``, ``inner_forward`` | capture, tie check | the stock HF model, where the hooks go, a forward without lm_head |
-| ``embedding_key``, ``lm_head_key`` | training | the frozen tables in the safetensors (lm_head None: tied) |
-| ``vllm_register()`` | vLLM plugin | what vLLM lacks for EAGLE-3 (mixin, ``image_token_index`` shim, imports) |
+| ``load_model``, ``decoder``, ``inner_forward`` | capture, tie check | the stock HF model (named like the architecture), where the hooks go, a forward without lm_head |
+| ``embedding_key``, ``lm_head_key`` | training | the frozen tables in the safetensors (``embedding_weight``, ``lm_head_weight``; lm_head None: tied) |
+| ``vllm``, ``vllm_register()`` | vLLM plugin | the family's vLLM class and what it lacks for EAGLE-3 (:class:`VllmSpec`) |
+
+Members with a body here are defaults every family shares; a family states its data (class names,
+weight keys, its :class:`VllmSpec`) and overrides a method only where it truly differs.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from modeling.targets.vllm_classes import VllmSpec, register
 from pipeline.data.records import Turn
 from pipeline.data.template import Segment
 
 
 class TargetFamily:
-    """The interface (see the module docstring); families override every member."""
+    """The interface (see the module docstring); members without a body here are the family's to give."""
 
     name: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]
@@ -50,6 +54,11 @@ class TargetFamily:
     config_class: ClassVar[str]
     nested_config: ClassVar[dict[str, str]] = {}
     required_text_fields: ClassVar[tuple[str, ...]] = ()
+
+    # the decoder's embedding and untied lm_head in the safetensors (``embedding_key``, ``lm_head_key``)
+    embedding_weight: ClassVar[str]
+    lm_head_weight: ClassVar[str]
+    vllm: ClassVar[VllmSpec]
 
     @classmethod
     def text_config(cls, config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
@@ -72,29 +81,52 @@ class TargetFamily:
     def audio_inputs(feature_extractor: Any, waveforms: list[np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    @staticmethod
-    def load_model(target_dir: str | Path, dtype: str = "bf16", device: str = "cpu") -> Any:
-        raise NotImplementedError
+    @classmethod
+    def load_model(cls, target_dir: str | Path, dtype: str = "bf16", device: str = "cpu") -> Any:
+        """The stock transformers class named like the architecture, in bf16 or fp32, eval, frozen."""
+        import torch
+        import transformers
+
+        dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+        if dtype not in dtypes:
+            raise ValueError(f"dtype must be one of {list(dtypes)}, got {dtype!r}")
+        model = getattr(transformers, cls.architectures[0]).from_pretrained(str(target_dir), dtype=dtypes[dtype])
+        return model.to(device).eval().requires_grad_(False)
 
     @staticmethod
     def decoder(model: Any) -> Any:
-        raise NotImplementedError
+        """The text decoder: its ``.layers`` are the hook targets, it is called with ``inputs_embeds=``."""
+        return model.model.language_model
 
     @staticmethod
     def inner_forward(model: Any, input_ids: Any, attention_mask: Any, **audio_kwargs: Any) -> Any:
-        raise NotImplementedError
+        """``model.model(...)``'s final post-norm hidden states; the lm_head never runs. Audio arrays go
+        to the model's device, floating ones in the model's dtype: HF encoders feed the features to
+        their first conv as they come, and a bf16 model refuses fp32 features (vLLM casts them itself)."""
+        import torch
 
-    @staticmethod
-    def embedding_key(config: dict[str, Any]) -> str:
-        raise NotImplementedError
+        audio = {}
+        for key, value in audio_kwargs.items():
+            value = torch.as_tensor(value, device=model.device)
+            audio[key] = value.to(model.dtype) if value.is_floating_point() else value
+        out = model.model(input_ids=torch.as_tensor(input_ids, device=model.device),
+                          attention_mask=torch.as_tensor(attention_mask, device=model.device), use_cache=False,
+                          **audio)
+        return out.last_hidden_state
 
-    @staticmethod
-    def lm_head_key(config: dict[str, Any]) -> str | None:
-        raise NotImplementedError
+    @classmethod
+    def embedding_key(cls, config: dict[str, Any]) -> str:
+        return cls.embedding_weight
 
-    @staticmethod
-    def vllm_register() -> None:
-        raise NotImplementedError
+    @classmethod
+    def lm_head_key(cls, config: dict[str, Any]) -> str | None:
+        """None when the lm_head is tied to the embedding: then no such tensor is stored."""
+        return None if cls.text_config(config)["tie_word_embeddings"] else cls.lm_head_weight
+
+    @classmethod
+    def vllm_register(cls) -> None:
+        """Point vLLM's registry entry for the architecture at the EAGLE-3 capable class (lazy, idempotent)."""
+        register(cls.architectures[0], cls.vllm)
 
 
 def render_text(family: type[TargetFamily], turns: list[Turn], *, add_generation_prompt: bool = False) -> str:
@@ -102,27 +134,3 @@ def render_text(family: type[TargetFamily], turns: list[Turn], *, add_generation
     segs = family.render_segments(turns, until_turn=len(turns) if add_generation_prompt else None)
     end = family.special_tokens["turn_end"]
     return "".join(s.text + (end if s.kind == "answer" else "") for s in segs)
-
-
-def hf_inner_forward(model: Any, input_ids: Any, attention_mask: Any, **audio_kwargs: Any) -> Any:
-    """``model.model(...)``'s final post-norm hidden states, audio features cast to the model's dtype
-    (some HF encoders convolve without casting); the lm_head never runs."""
-    import torch
-
-    kwargs = {k: torch.as_tensor(v, device=model.device) for k, v in audio_kwargs.items()}
-    if "input_features" in kwargs:
-        kwargs["input_features"] = kwargs["input_features"].to(model.dtype)
-    out = model.model(input_ids=torch.as_tensor(input_ids, device=model.device),
-                      attention_mask=torch.as_tensor(attention_mask, device=model.device), use_cache=False, **kwargs)
-    return out.last_hidden_state
-
-
-def load_hf(cls: Any, target_dir: str | Path, dtype: str, device: str) -> Any:
-    """``cls.from_pretrained`` in bf16 or fp32, eval, frozen."""
-    import torch
-
-    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {list(dtypes)}, got {dtype!r}")
-    model = cls.from_pretrained(str(target_dir), dtype=dtypes[dtype])
-    return model.to(device).eval().requires_grad_(False)

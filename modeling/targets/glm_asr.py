@@ -18,12 +18,12 @@ concatenated segments are the processor's rendering plus ``<|user|>``.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
-from modeling.targets.base import TargetFamily, load_hf
+from modeling.targets.base import TargetFamily
+from modeling.targets.vllm_classes import VllmSpec
 from pipeline.data.records import Turn
 from pipeline.data.template import Segment
 
@@ -125,6 +125,10 @@ class GlmAsrFamily(TargetFamily):
     max_audio_seconds: float = MAX_WINDOWS * 30.0
 
     config_class = "GlmAsrConfig"  # its defaults: the Nano-2512 text model, top-level tie True, Llama's False
+    embedding_weight = "language_model.model.embed_tokens.weight"
+    lm_head_weight = "language_model.lm_head.weight"
+    # vLLM 0.32's class lacks SupportsEagle3: the plugin adds it and the image_token_index shim
+    vllm = VllmSpec("vllm.model_executor.models.glmasr", "GlmAsrForConditionalGeneration", "audio_token_id")
 
     @staticmethod
     def render_segments(turns: list[Turn], *, until_turn: int | None = None,
@@ -185,46 +189,3 @@ class GlmAsrFamily(TargetFamily):
                                 padding="max_length", return_tensors="np")
         return {"input_features": out["input_features"].astype(np.float32),
                 "input_features_mask": out["attention_mask"].astype(np.int64)}
-
-    @staticmethod
-    def load_model(target_dir: str | os.PathLike[str], dtype: str = "bf16", device: str = "cpu") -> Any:
-        """The stock transformers ``GlmAsrForConditionalGeneration``, eval, frozen."""
-        from transformers import GlmAsrForConditionalGeneration
-
-        return load_hf(GlmAsrForConditionalGeneration, target_dir, dtype, device)
-
-    @staticmethod
-    def decoder(model: Any) -> Any:
-        """The ``LlamaModel``: ``.layers`` are the decoder layers, called with ``inputs_embeds=``."""
-        return model.model.language_model
-
-    @staticmethod
-    def inner_forward(model: Any, input_ids: Any, attention_mask: Any, **audio_kwargs: Any) -> Any:
-        """Last hidden state (after the final norm) from the inner ``GlmAsrModel``: no lm_head, no logits.
-
-        ``audio_kwargs`` (arrays or tensors, e.g. :meth:`audio_inputs`) go to the model's device, the
-        features in the model's dtype: HF's encoder feeds them to conv1 as they come and a bf16 model
-        refuses fp32 features (vLLM casts them itself)."""
-        import torch
-
-        audio = {}
-        for key, value in audio_kwargs.items():
-            value = torch.as_tensor(value, device=model.device)
-            audio[key] = value.to(model.dtype) if value.is_floating_point() else value
-        out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **audio)
-        return out.last_hidden_state
-
-    @staticmethod
-    def embedding_key(config: dict[str, Any]) -> str:
-        return "language_model.model.embed_tokens.weight"
-
-    @staticmethod
-    def lm_head_key(config: dict[str, Any]) -> str | None:
-        return None if GlmAsrFamily.text_config(config)["tie_word_embeddings"] else "language_model.lm_head.weight"
-
-    @staticmethod
-    def vllm_register() -> None:
-        """Point vLLM's registry entry at the EAGLE-3 capable subclass (lazy, idempotent)."""
-        from modeling.targets import vllm_classes
-
-        vllm_classes.register("GlmAsrForConditionalGeneration", "GlmAsrEagle3ForConditionalGeneration")

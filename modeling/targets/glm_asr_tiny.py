@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from modeling.targets import qwen2_audio_tiny as tiny_target
+from modeling.targets.build_marker import ensure_built, is_built, keyword_defaults
 from modeling.targets.glm_asr import (
     ASSISTANT,
     AUDIO_BOS,
@@ -34,7 +35,6 @@ from modeling.targets.glm_asr import (
     SYSTEM,
     USER,
 )
-from modeling.targets.tiny_build import ensure_built, is_built, keyword_defaults
 
 _HERE = Path(__file__).resolve().parent
 SOURCES = (_HERE / "glm_asr_tiny.py", _HERE / "glm_asr.py", Path(tiny_target.__file__))  # hashed into the build marker
@@ -178,6 +178,6 @@ def is_complete(out_dir: str | os.PathLike[str], **params: int) -> bool:
 def build_tiny(out_dir: str | os.PathLike[str], *, layers: int = 8, hidden: int = 256, heads: int = 4,
                kv_heads: int = 2, vocab: int = 640, seed: int = 0) -> Path:
     """Build into ``out_dir`` unless a finished build with these arguments by this code is there;
-    atomic (:func:`modeling.targets.tiny_build.ensure_built`), the ``.complete`` marker written last."""
+    atomic (:func:`modeling.targets.build_marker.ensure_built`), the ``.complete`` marker written last."""
     params = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "seed": seed}
     return ensure_built(out_dir, params, SOURCES, lambda tmp: _write_checkpoint(tmp, **params))

@@ -15,12 +15,12 @@ vLLM lacks EAGLE-3 for it: :mod:`modeling.targets.vllm_classes` adds the interfa
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from modeling.targets.base import TargetFamily, hf_inner_forward, load_hf
+from modeling.targets.base import TargetFamily
+from modeling.targets.vllm_classes import VllmSpec
 from pipeline.data.records import Turn
 from pipeline.data.template import Segment
 
@@ -57,6 +57,10 @@ class Qwen2AudioFamily(TargetFamily):
     inline_audio_placeholders: ClassVar[bool] = True
 
     config_class: ClassVar[str] = "Qwen2AudioConfig"
+    embedding_weight: ClassVar[str] = "language_model.model.embed_tokens.weight"
+    lm_head_weight: ClassVar[str] = "language_model.lm_head.weight"
+    # vLLM lacks EAGLE-3 for it: the plugin adds the interface and the image_token_index shim
+    vllm: ClassVar[VllmSpec] = VllmSpec("vllm.model_executor.models.qwen2_audio", ARCHITECTURE, "audio_token_index")
 
     @staticmethod
     def render_segments(turns: list[Turn], *, until_turn: int | None = None,
@@ -104,29 +108,3 @@ class Qwen2AudioFamily(TargetFamily):
                                 padding="max_length", return_tensors="np")
         return {"input_features": out["input_features"].astype(np.float32),
                 "feature_attention_mask": out["attention_mask"].astype(np.int64)}
-
-    @staticmethod
-    def load_model(target_dir: str | Path, dtype: str = "bf16", device: str = "cpu") -> Any:
-        from transformers import Qwen2AudioForConditionalGeneration
-
-        return load_hf(Qwen2AudioForConditionalGeneration, target_dir, dtype, device)
-
-    @staticmethod
-    def decoder(model: Any) -> Any:
-        return model.model.language_model
-
-    inner_forward = staticmethod(hf_inner_forward)
-
-    @staticmethod
-    def embedding_key(config: dict[str, Any]) -> str:
-        return "language_model.model.embed_tokens.weight"
-
-    @staticmethod
-    def lm_head_key(config: dict[str, Any]) -> str | None:
-        return None if Qwen2AudioFamily.text_config(config)["tie_word_embeddings"] else "language_model.lm_head.weight"
-
-    @staticmethod
-    def vllm_register() -> None:
-        from modeling.targets import vllm_classes
-
-        vllm_classes.register(ARCHITECTURE, "Qwen2AudioEagle3ForConditionalGeneration")

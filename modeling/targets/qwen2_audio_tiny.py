@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from modeling.targets.tiny_build import ensure_built, is_built, keyword_defaults, rebuild
+from modeling.targets.build_marker import ensure_built, is_built, keyword_defaults, rebuild
 
 # Special tokens in the order (and so, relative id order) of the real Qwen2-Audio vocabulary; they take
 # the last ``len(SPECIAL_TOKENS)`` ids.
@@ -42,7 +42,7 @@ REQUIRED_HEAD_DIM = 64
 # The default init (std 0.02) makes a tiny random LM repeat one token forever; std 0.1 gives diverse,
 # audio-dependent greedy output, which speculative-decoding acceptance measurements need.
 LLM_INIT_STD = 0.1
-SOURCES = (Path(__file__),)  # the code whose hash marks a build (tiny_build.builder_id)
+SOURCES = (Path(__file__),)  # the code whose hash marks a build (build_marker.builder_id)
 
 # Qwen2-Audio-7B-Instruct's chat template, verbatim from its tokenizer_config.json.
 CHAT_TEMPLATE = (

@@ -22,12 +22,19 @@ also covers the ``\\n`` after ``<|im_end|>``; no engine generates it (generation
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from modeling.targets.base import TargetFamily, hf_inner_forward, load_hf
+from modeling.targets.base import TargetFamily
+from modeling.targets.base import render_text as render_family_text
+from modeling.targets.vllm_classes import VllmSpec
 from pipeline.data.records import Turn
 from pipeline.data.template import Segment
 
@@ -40,6 +47,9 @@ AUDIO_END = "<|audio_end|>"
 AUDIO_TOKEN = "<|audio_pad|>"
 ASR_TEXT = "<asr_text>"  # the real model answers "language English<asr_text>the transcript"
 TIMESTAMP = "<timestamp>"  # forced-aligner marker; the config names its id
+TORCHVISION_MODULE = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
+PIL_MODULE = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
+log = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16_000
 HOP_SAMPLES = 160  # one mel frame per 10 ms
@@ -110,10 +120,28 @@ def _post_cnn_length(frames: int) -> int:
     return frames
 
 
+def alias_torchvision_free_qwen2_vl() -> bool:
+    """Let ``image_processing_qwen2_vl`` resolve to its PIL twin when torchvision is missing.
+
+    vLLM 0.32's ``qwen3_asr`` model module reaches ``qwen2_vl.py``, which takes ``smart_resize`` from
+    ``transformers...image_processing_qwen2_vl``, a module that imports torchvision at its top. The PIL
+    twin ``image_processing_pil_qwen2_vl`` defines the same ``smart_resize``; when torchvision is
+    missing it stands in under the torchvision module's name (transformers itself already falls back
+    to the PIL class for ``Qwen2VLImageProcessor``). Returns True when the alias is (now) in place;
+    with torchvision installed nothing changes.
+    """
+    if sys.modules.get(TORCHVISION_MODULE) is not None:
+        return sys.modules[TORCHVISION_MODULE].__name__ == PIL_MODULE
+    if importlib.util.find_spec("torchvision") is not None:
+        return False
+    sys.modules[TORCHVISION_MODULE] = importlib.import_module(PIL_MODULE)
+    log.info("torchvision is not installed: %s stands in for %s", PIL_MODULE, TORCHVISION_MODULE)
+    return True
+
+
 def render_text(turns: list[Turn], *, add_generation_prompt: bool = False) -> str:
     """The string the chat template renders (each answer followed by its ``<|im_end|>``)."""
-    segs = Qwen3ASRFamily.render_segments(turns, until_turn=len(turns) if add_generation_prompt else None)
-    return "".join(s.text + (IM_END if s.kind == "answer" else "") for s in segs)
+    return render_family_text(Qwen3ASRFamily, turns, add_generation_prompt=add_generation_prompt)
 
 
 class Qwen3ASRFamily(TargetFamily):
@@ -136,6 +164,13 @@ class Qwen3ASRFamily(TargetFamily):
         "thinker_config": "vllm.transformers_utils.configs.qwen3_asr:Qwen3ASRConfig"}
     # transformers' Qwen3Config defaults rope_theta to 1e4, vLLM's Qwen3ASR text config to 5e6
     required_text_fields: ClassVar[tuple[str, ...]] = ("rope_theta",)
+    # vLLM 0.32's own class already implements SupportsEagle3; the plugin's class adds the import
+    # workaround (:func:`alias_torchvision_free_qwen2_vl`) and the image_token_index the EAGLE proposer
+    # reads (the thinker config has none; the class sets it to the <|audio_pad|> id)
+    vllm: ClassVar[VllmSpec] = VllmSpec("vllm.model_executor.models.qwen3_asr", ARCHITECTURE, "audio_token_id",
+                                        alias_torchvision_free_qwen2_vl)
+    embedding_weight: ClassVar[str] = "model.language_model.embed_tokens.weight"
+    lm_head_weight: ClassVar[str] = "lm_head.weight"
 
     @staticmethod
     def render_segments(turns: list[Turn], *, until_turn: int | None = None,
@@ -199,52 +234,27 @@ class Qwen3ASRFamily(TargetFamily):
             mask[i, :n] = f["attention_mask"][0]
         return {"input_features": features, "input_features_mask": mask}
 
-    @staticmethod
-    def load_model(target_dir: str | Path, dtype: str = "bf16", device: str = "cpu") -> Any:
+    @classmethod
+    def load_model(cls, target_dir: str | Path, dtype: str = "bf16", device: str = "cpu") -> Any:
         """The stock transformers ``Qwen3ASRForConditionalGeneration``, eval, frozen.
 
         Raises ValueError for the original layout (``thinker_config``, ``thinker.*`` weights): transformers
         5.19 has no key conversion for it and would load a randomly initialised model without failing."""
-        import json
-
-        from transformers import Qwen3ASRForConditionalGeneration
-
         config_path = Path(target_dir) / "config.json"
         if "thinker_config" in json.loads(config_path.read_text()):
             raise ValueError(f"{config_path}: thinker_config: the original Qwen3-ASR layout, which transformers "
                              "5.19 cannot load; use the converted checkpoint (Qwen/Qwen3-ASR-*-hf) or convert it "
                              "with transformers' convert_qwen3_asr_to_hf.py")
-        return load_hf(Qwen3ASRForConditionalGeneration, target_dir, dtype, device)
+        return super().load_model(target_dir, dtype, device)
 
-    @staticmethod
-    def decoder(model: Any) -> Any:
-        """The Qwen3 decoder: ``.layers`` are the hook targets, it is called with ``inputs_embeds=``."""
-        return model.model.language_model
+    # the original layout stores the decoder under thinker.model. (vLLM's mapper reads both)
+    @classmethod
+    def embedding_key(cls, config: dict[str, Any]) -> str:
+        return "thinker.model.embed_tokens.weight" if "thinker_config" in config else cls.embedding_weight
 
-    inner_forward = staticmethod(hf_inner_forward)
-
-    @staticmethod
-    def embedding_key(config: dict[str, Any]) -> str:
-        # the original layout stores the decoder under thinker.model. (vLLM's mapper reads both)
-        return ("thinker.model.embed_tokens.weight" if "thinker_config" in config
-                else "model.language_model.embed_tokens.weight")
-
-    @staticmethod
-    def lm_head_key(config: dict[str, Any]) -> str | None:
-        """None when tied (the -hf checkpoints): the embedding is the lm_head and no such tensor is stored.
-        An untied checkpoint would store ``lm_head.weight``, which vLLM's weight mapper has no rule for."""
-        if Qwen3ASRFamily.text_config(config)["tie_word_embeddings"]:
-            return None
-        return "thinker.lm_head.weight" if "thinker_config" in config else "lm_head.weight"
-
-    @staticmethod
-    def vllm_register() -> None:
-        """Point vLLM's registry entry at the plugin's class, resolved lazily (idempotent).
-
-        Resolving it (only when vLLM loads or inspects the model) makes vLLM's ``qwen3_asr`` module
-        importable without torchvision and sets the ``image_token_index`` the EAGLE proposer reads;
-        see :mod:`modeling.targets.qwen3_asr_vllm` and :mod:`modeling.targets.vllm_classes`.
-        """
-        from modeling.targets import vllm_classes
-
-        vllm_classes.register(ARCHITECTURE, "Qwen3ASREagle3ForConditionalGeneration")
+    @classmethod
+    def lm_head_key(cls, config: dict[str, Any]) -> str | None:
+        """None when tied (the -hf checkpoints). An untied checkpoint would store ``lm_head.weight``,
+        which vLLM's weight mapper has no rule for."""
+        key = super().lm_head_key(config)
+        return "thinker." + key if key is not None and "thinker_config" in config else key

@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from modeling.targets import build_marker
 from modeling.targets import qwen2_audio_tiny as tiny_target
 from modeling.targets import qwen3_asr as family
-from modeling.targets import tiny_build
-from modeling.targets.tiny_build import ensure_built
+from modeling.targets.build_marker import ensure_built
 
 SOURCES = (Path(__file__), Path(family.__file__), Path(tiny_target.__file__))  # hashed into the build marker
 
@@ -132,7 +132,7 @@ def random_state_dict(config: dict[str, Any], seed: int, never_generated: list[i
 def build_tiny(out_dir: str | os.PathLike[str], *, layers: int = 8, hidden: int = 256, heads: int = 4,
                kv_heads: int = 2, vocab: int = 640, seed: int = 0) -> Path:
     """A tiny random checkpoint both transformers and vLLM load, built into ``out_dir`` unless a finished
-    build with these arguments by this code is there (:func:`modeling.targets.tiny_build.ensure_built`)."""
+    build with these arguments by this code is there (:func:`modeling.targets.build_marker.ensure_built`)."""
     params = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "seed": seed}
 
     def write(tmp: Path) -> None:
@@ -148,4 +148,4 @@ def build_tiny(out_dir: str | os.PathLike[str], *, layers: int = 8, hidden: int 
 
 def builder_id() -> str:
     """The code that built a checkpoint: this file, the family module and the Qwen2-Audio builder it reuses."""
-    return tiny_build.builder_id(SOURCES)
+    return build_marker.builder_id(SOURCES)

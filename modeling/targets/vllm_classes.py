@@ -9,9 +9,13 @@ that sets ``image_token_index`` to the audio placeholder's id. Nothing else chan
 ``set_aux_hidden_state_layers`` reaches the inner decoder (an ``EagleModelMixin``), which collects
 the aux hidden states the draft's config names.
 
-:func:`register` points an architecture at ``module:attribute`` of this module, so vLLM imports a
-family's model code only when it builds or inspects that model (through :func:`__getattr__`).
-Some families need an import workaround first (``prepare``): see :mod:`modeling.targets.qwen3_asr_vllm`.
+Each family declares its vLLM class as a :class:`VllmSpec` (``TargetFamily.vllm``);
+``TargetFamily.vllm_register`` hands it to :func:`register`, which records it and points the
+architecture at ``module:attribute`` of this module, so vLLM imports a family's model code only when
+it builds or inspects that model (through :func:`__getattr__`). The table of specs is what the
+families registered: vLLM loads the plugin (:mod:`modeling.vllm_plugin`, which registers every
+family of the registry) in every process it starts, before it resolves a model class. This module
+does not read the registry itself: the registry's families import it (through their base class).
 vLLM caches a lazily registered class's interface flags in ``~/.cache/vllm/modelinfos`` keyed by
 this file's hash: after upgrading vLLM, delete ``modeling-targets-vllm_classes-*.json`` there.
 """
@@ -28,37 +32,32 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Spec:
+class VllmSpec:
+    """A family's vLLM model class, which this module extends for EAGLE-3."""
+
     module: str  # vLLM model module
     cls: str  # its class (= the architecture name)
     placeholder: str  # config field holding the audio placeholder id
-    prepare: Callable[[], Any] | None = None  # run before importing ``module``
+    prepare: Callable[[], Any] | None = None  # run before importing ``module`` (an import workaround)
+
+    @property
+    def eagle3_name(self) -> str:
+        """The extended class's attribute here: ``Eagle3`` before ``For`` (``XForY`` -> ``XEagle3ForY``)."""
+        head, sep, tail = self.cls.partition("For")
+        return f"{head}Eagle3{sep}{tail}"
 
 
-def _alias_torchvision_free_qwen2_vl() -> Any:
-    from modeling.targets.qwen3_asr_vllm import alias_torchvision_free_qwen2_vl
-
-    return alias_torchvision_free_qwen2_vl()
-
-
-SPECS: dict[str, Spec] = {
-    "Qwen2AudioEagle3ForConditionalGeneration": Spec("vllm.model_executor.models.qwen2_audio",
-                                                     "Qwen2AudioForConditionalGeneration", "audio_token_index"),
-    "Qwen3ASREagle3ForConditionalGeneration": Spec("vllm.model_executor.models.qwen3_asr",
-                                                   "Qwen3ASRForConditionalGeneration", "audio_token_id",
-                                                   _alias_torchvision_free_qwen2_vl),
-    "GlmAsrEagle3ForConditionalGeneration": Spec("vllm.model_executor.models.glmasr",
-                                                 "GlmAsrForConditionalGeneration", "audio_token_id"),
-}
+SPECS: dict[str, VllmSpec] = {}  # eagle3_name -> spec, filled by register
 _cache: dict[str, type] = {}
 
 
-def register(architecture: str, attribute: str) -> None:
-    """Point vLLM's registry entry for ``architecture`` at this module's ``attribute`` (idempotent;
-    no other architecture's entry is touched)."""
+def register(architecture: str, spec: VllmSpec) -> None:
+    """Record ``spec`` and point vLLM's registry entry for ``architecture`` at its EAGLE-3 class here
+    (idempotent; no other architecture's entry is touched)."""
     from vllm import ModelRegistry
 
-    target = f"{__name__}:{attribute}"
+    SPECS[spec.eagle3_name] = spec
+    target = f"{__name__}:{spec.eagle3_name}"
     current = ModelRegistry.models.get(architecture)
     if f"{getattr(current, 'module_name', '')}:{getattr(current, 'class_name', '')}" != target:
         ModelRegistry.register_model(architecture, target)
@@ -95,4 +94,8 @@ def __getattr__(name: str) -> Any:
     # PEP 562: the registry's lazy ``module:attribute`` lookup lands here
     if name in SPECS:
         return eagle3_class(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}: no target family registered such a "
+                         f"class (registered: {sorted(SPECS)}); vLLM registers them by loading the audio_eagle3 "
+                         "plugin, modeling.vllm_plugin.register, which a process outside vLLM calls itself")

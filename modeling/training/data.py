@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from storage.array_encoding import HIDDEN_ARRAYS, dequantize_fp8_torch, tensor_nonfinite
 from storage.buffers import empty_tensor
-from storage.codecs import HIDDEN_ARRAYS, dequantize_fp8_torch, tensor_nonfinite
 from storage.reader import ChunkReadError
 from storage.store import HiddenStateStore
 
@@ -229,7 +229,7 @@ def collate_row(samples: list[dict[str, Any]], batch_tokens: int, with_audio: bo
 
 def dequantize_row(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     """fp8 rows (uint8 + ``<key>_scale``) of a packed row -> ``dtype``, where the batch now is
-    (the training device: there it costs microseconds; see storage.codecs.dequantize_fp8_torch)."""
+    (the training device: there it costs microseconds; see storage.array_encoding.dequantize_fp8_torch)."""
     for key in ("aux_hidden", "target_hidden", "audio_embeds"):
         scale = batch.pop(f"{key}_scale", None)
         if scale is not None:

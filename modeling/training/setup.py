@@ -81,7 +81,7 @@ def _check_store_target(store: HiddenStateStore, target: Path, identity: str, hi
 
 
 def _read_tables(target: Path) -> tuple[Tensor, Tensor]:
-    from modeling.targets.weights import read_target_embedding, read_target_lm_head
+    from modeling.target_io.weights import read_target_embedding, read_target_lm_head
 
     try:
         return read_target_embedding(target), read_target_lm_head(target)
@@ -90,7 +90,7 @@ def _read_tables(target: Path) -> tuple[Tensor, Tensor]:
 
 
 def _read_final_norm(target: Path, draft_config: DraftConfig) -> Tensor:
-    from modeling.targets.weights import read_target_final_norm
+    from modeling.target_io.weights import read_target_final_norm
 
     if draft_config.hidden_size != draft_config.target_hidden_size:
         raise TrainSetupError(f"--init-head target copies the target's lm_head rows, which needs the draft's hidden "

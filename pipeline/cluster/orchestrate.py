@@ -18,7 +18,11 @@ from typing import Any
 from pipeline.core.config import ConfigError, from_dict, opt, read_yaml_section, require
 from pipeline.core.manifest import shard_progress
 
-STAGES = ("regenerate", "dump", "train", "export", "benchmark")
+# each stage, in order, with its own completion check (imported on use: a stage module pulls in torch)
+STAGE_COMPLETE = {"regenerate": "stages.regenerate:is_complete", "dump": "stages.dump:is_complete",
+                  "train": "stages.train:is_complete", "export": "stages.export:is_complete",
+                  "benchmark": "stages.benchmark:is_complete"}
+STAGES = tuple(STAGE_COMPLETE)
 
 
 @dataclass(kw_only=True)
@@ -26,7 +30,8 @@ class PipelineConfig:
     workdir: str = opt("work/pipeline", "root of every artifact of this run (one folder per stage)")
     target: str = opt("", "target model directory; with build_tiny_target, where the tiny one is built")
     build_tiny_target: bool = opt(False, "build a tiny random target into `target` first (demo, tests)")
-    tiny_target_family: str = opt("qwen2-audio", "family of that tiny target: qwen2-audio, qwen3-asr or glm-asr")
+    tiny_target_family: str = opt("", "family of that tiny target (a name in modeling.targets.FAMILIES); required "
+                                      "with build_tiny_target")
     input: str = opt("", "training conversations (jsonl) for stage 1 (default with synth_train_clips: the "
                          "synthesised clips)")
     eval_input: str = opt("", "evaluation conversations for the benchmark (jsonl or stage 1 directory); default: "
@@ -51,8 +56,9 @@ class PipelineConfig:
         require(bool(self.target), "pipeline: `target` is required")
         from modeling.targets import FAMILIES
 
-        require(self.tiny_target_family in FAMILIES,
-                f"pipeline: tiny_target_family {self.tiny_target_family!r} is not one of {sorted(FAMILIES)}")
+        require(not self.build_tiny_target or self.tiny_target_family in FAMILIES,
+                f"pipeline: build_tiny_target needs tiny_target_family, one of {sorted(FAMILIES)}; "
+                f"got {self.tiny_target_family!r}")
         require(self.synth_train_clips >= 0 and self.synth_eval_clips >= 0, "pipeline: synth_*_clips must be >= 0")
         require(self.synth_generator in ("asr", "smol-audio"),
                 f"pipeline: synth_generator must be `asr` or `smol-audio`, got {self.synth_generator!r}")
@@ -165,11 +171,12 @@ def stage_output(stage: str, paths: Paths) -> Path:
 
 
 def stage_complete(stage: str, paths: Paths) -> bool:
-    """What the stage itself answers (``stages.<name>.is_complete`` on its output: manifests and
+    """What the stage itself answers (its :data:`STAGE_COMPLETE` check on its output: manifests and
     commit records, never guessed from files that exist)."""
     import importlib
 
-    return bool(importlib.import_module(f"stages.{stage}").is_complete(stage_output(stage, paths)))
+    module, _, check = STAGE_COMPLETE[stage].partition(":")
+    return bool(getattr(importlib.import_module(module), check)(stage_output(stage, paths)))
 
 
 def _lock_lines(out_dir: Path) -> list[str]:

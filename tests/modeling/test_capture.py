@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from modeling.targets.capture import (
+from modeling.target_io.capture import (
     TargetCapture,
     aux_layer_ids,
     load_target_model,

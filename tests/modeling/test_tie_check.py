@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from modeling.target_io.tie_check import TIE_Z, DivergenceCase, TieChecker, first_divergence, noise_bound
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
-from modeling.targets.tie_check import TIE_Z, DivergenceCase, TieChecker, first_divergence, noise_bound
 from pipeline.data.audio import AudioLimits
 from pipeline.data.records import read_conversations
 from pipeline.data.samples import load_record_audio

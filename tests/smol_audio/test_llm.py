@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from modeling.smol_audio import build, llm
+from modeling.targets import build_marker
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache"
 PROMPTS = ("What is a volcano?", "Give me three tips for saving money.")
@@ -54,9 +55,9 @@ def test_build_is_reused_and_deterministic(built):
 
     from pipeline.core.durable import sha256_file
 
-    marker = (built / build.COMPLETE_MARKER).read_text()
+    marker = (built / build_marker.COMPLETE_MARKER).read_text()
     assert build.build(built, cache_dir=CACHE / "smol-llm") == built  # complete: nothing rebuilt
-    assert (built / build.COMPLETE_MARKER).read_text() == marker
+    assert (built / build_marker.COMPLETE_MARKER).read_text() == marker
     recorded = json.loads(build.BUILD_RECORD.read_text())
     assert recorded["trained_sha256"] == sha256_file(build.TRAINED_FILE)
     for name, digest in recorded["files"].items():

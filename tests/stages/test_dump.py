@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 
-from modeling.targets.capture import plan_batches
+from modeling.target_io.capture import plan_batches
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.core.config import parse_config
 from pipeline.core.durable import sha256_file

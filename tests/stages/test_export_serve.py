@@ -216,8 +216,10 @@ def test_plugin_class_adds_only_the_eagle3_interface() -> None:
     from vllm.model_executor.models.interfaces import supports_eagle3
     from vllm.model_executor.models.qwen2_audio import Qwen2AudioForConditionalGeneration as Upstream
 
+    from modeling import vllm_plugin
     from modeling.targets import vllm_classes
 
+    vllm_plugin.register()  # what vLLM does first in every process it starts
     cls = vllm_classes.Qwen2AudioEagle3ForConditionalGeneration  # what the registry's lazy entry resolves
     assert issubclass(cls, Upstream) and supports_eagle3(cls) and not supports_eagle3(Upstream)
     assert cls.__name__ == AUDIO_ARCH and pickle.loads(pickle.dumps(cls)) is cls
@@ -305,7 +307,7 @@ def test_benchmark_cli_serves_the_export_as_eagle3(engine_runs: dict) -> None:
 
 @pytest.mark.timeout(1800)
 def test_full_vocab_draft_without_d2t_loads_and_matches_plain(engine_runs: dict, tiny_target: Path) -> None:
-    from modeling.targets.tie_check import DivergenceCase, TieChecker
+    from modeling.target_io.tie_check import DivergenceCase, TieChecker
     from stages.benchmark import BenchmarkConfig, build_prompts
 
     _ok(engine_runs["probe"])

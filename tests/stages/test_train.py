@@ -24,7 +24,7 @@ import torch
 
 from modeling.draft.config import DraftConfig
 from modeling.draft.snapshot import load_draft_snapshot
-from modeling.targets.weights import read_target_final_norm, read_target_lm_head
+from modeling.target_io.weights import read_target_final_norm, read_target_lm_head
 from modeling.training.checkpoint import list_steps
 from modeling.training.data import Packing, Schedule, collate_row, split_samples, store_columns
 from modeling.training.model import TrainDraft, WarmupCosine, with_audio_ids

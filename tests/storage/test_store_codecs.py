@@ -17,7 +17,7 @@ from test_store import LENGTHS, bits, build, make_samples
 
 from modeling.training.data import PackedRows, dequantize_row, read_or_skip
 from pipeline.core.manifest import Manifest
-from storage.chunk_codec import nonfinite_count
+from storage.chunk_compression import nonfinite_count
 from storage.layout import SHARDS_DIR
 from storage.reader import ChunkReadError
 from storage.store import open_store

@@ -237,9 +237,9 @@ def test_audio_token_counts_equal_the_encoder_output(target: Path, processor: An
 
 
 def test_capture_hooks_equal_output_hidden_states(target: Path, processor: Any, records: dict[str, Any]) -> None:
-    """Hooks on ``decoder(model)`` as modeling.targets.capture sets them, against an independent model instance's
+    """Hooks on ``decoder(model)`` as modeling.target_io.capture sets them, against an independent model instance's
     ``output_hidden_states=True`` forward: bit-exact at batch size 1 (same weights, same ops)."""
-    from modeling.targets.capture import aux_layer_ids
+    from modeling.target_io.capture import aux_layer_ids
 
     model = F.load_model(target, "bf16")
     reference = F.load_model(target, "bf16")
@@ -379,7 +379,7 @@ def serve(args: dict) -> None:
     from vllm import ModelRegistry
 
     from modeling import vllm_plugin
-    from modeling.targets import qwen3_asr_vllm, vllm_classes
+    from modeling.targets import qwen3_asr, vllm_classes
     from pipeline.engine.offline import GenRequest, OfflineGenerator, Sampling, build_llm
     from pipeline.engine.spec_counters import SpecCounters
 
@@ -390,7 +390,7 @@ def serve(args: dict) -> None:
     vllm_plugin.register()
     F.vllm_register()  # again: idempotent
     checks: dict[str, Any] = {"registry": entry(), "lazy": not any(
-        m in sys.modules for m in ("vllm.model_executor.models.qwen3_asr", qwen3_asr_vllm._TORCHVISION_MODULE))}
+        m in sys.modules for m in ("vllm.model_executor.models.qwen3_asr", qwen3_asr.TORCHVISION_MODULE))}
     llm = build_llm(args["target"], dtype="float32", max_num_seqs=4, enable_prefix_caching=False,
                     disable_log_stats=False, speculative_config={
                         "method": "eagle3", "model": args["draft"], "num_speculative_tokens": 2})
@@ -411,7 +411,7 @@ def serve(args: dict) -> None:
         subclass=issubclass(cls, Upstream) and supports_eagle3(cls) and supports_eagle3(Upstream),
         same_name=cls.__name__ == F.architectures[0], pickles=pickle.loads(pickle.dumps(cls)) is cls,
         new_members=[k for k in vars(cls) if not k.startswith("_")] + [k for k in ("__init__",) if k in vars(cls)],
-        torchvision_alias=qwen3_asr_vllm.alias_torchvision_free_qwen2_vl(),
+        torchvision_alias=qwen3_asr.alias_torchvision_free_qwen2_vl(),
         # why the shim: the config vLLM's class keeps has no image_token_index of its own
         thinker_has_image_token_index=hasattr(Qwen3ASRThinkerConfig(), "image_token_index"))
     Path(args["out"]).write_text(json.dumps({

@@ -181,7 +181,7 @@ def test_draft_config_aux_ids_and_exported_config_at_the_real_depth(case: Case, 
     from transformers import LlamaConfig
 
     from modeling.draft.snapshot import DraftSnapshot, identity_vocab
-    from modeling.targets.capture import aux_layer_ids
+    from modeling.target_io.capture import aux_layer_ids
     from stages.export import serving_config
 
     text = target_text_config(real_dir)
@@ -205,15 +205,12 @@ def test_draft_config_aux_ids_and_exported_config_at_the_real_depth(case: Case, 
 
 
 def test_audio_placeholder_ids_where_the_vllm_shim_reads_them(case: Case, real_dir: Path) -> None:
-    from modeling.targets.vllm_classes import SPECS
-
     engine_config = case.reference(real_dir)
     # vLLM's Qwen3-ASR model keeps thinker_config as its config; Qwen2-Audio the top-level one
     model_config = getattr(engine_config, "thinker_config", engine_config)
     for name, value in case.audio_ids.items():
         assert getattr(model_config, name) == value
-    spec = next(s for s in SPECS.values() if s.cls in _config(real_dir)["architectures"])
-    assert getattr(model_config, spec.placeholder) == next(iter(case.audio_ids.values()))
+    assert getattr(model_config, family_of(real_dir).vllm.placeholder) == next(iter(case.audio_ids.values()))
 
 
 def test_audio_token_counts_follow_the_real_encoder(case: Case, real_dir: Path) -> None:
@@ -240,7 +237,7 @@ def test_audio_token_counts_follow_the_real_encoder(case: Case, real_dir: Path) 
 
 
 def test_full_size_model_on_meta_with_capture_hooks(case: Case, real_dir: Path) -> None:
-    from modeling.targets.capture import TargetCapture, aux_layer_ids
+    from modeling.target_io.capture import TargetCapture, aux_layer_ids
 
     family = family_of(real_dir)
     config = _config(real_dir)

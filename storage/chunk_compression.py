@@ -78,7 +78,7 @@ class Compressor:
 
 def hidden_compressors(codec: str) -> tuple[Compressor, Compressor]:
     """(bf16 bits, fp8 bytes) compressors of a store with ``codec``."""
-    if codec == "zstd":  # see storage/codecs.py for the measurements behind these two
+    if codec == "zstd":  # see storage/array_encoding.py for the measurements behind these two
         return Compressor("zstd", 1, "shuffle", 1 << 20), Compressor("zstd", 1, "noshuffle", 1 << 18)
     if codec == "lz4":
         return Compressor("lz4", 9, "shuffle", 1 << 20), Compressor("lz4", 9, "noshuffle", 1 << 18)

@@ -1,4 +1,5 @@
-"""The build marker every tiny-target builder shares: a finished build is recognised, a stale one rebuilt.
+"""The build marker every checkpoint builder shares (the tiny targets, the SmolLM2 audio target): a
+finished build is recognised, a stale one rebuilt.
 
 A builder writes its files into a temporary directory; :func:`ensure_built` writes the ``.complete``
 marker last (the build arguments plus a builder id: a hash of the builder's source files and the
@@ -30,17 +31,17 @@ def builder_id(sources: Iterable[Path]) -> str:
     return f"{digest}/transformers-{transformers.__version__}/tokenizers-{tokenizers.__version__}"
 
 
-def marker(params: dict[str, int], sources: Iterable[Path]) -> dict[str, Any]:
+def marker(params: dict[str, Any], sources: Iterable[Path]) -> dict[str, Any]:
     return {**params, "builder": builder_id(sources)}
 
 
-def keyword_defaults(builder: Callable[..., Any]) -> dict[str, int]:
+def keyword_defaults(builder: Callable[..., Any]) -> dict[str, Any]:
     """Keyword-only defaults of a builder: its signature is the one place they are written."""
     params = inspect.signature(builder).parameters.values()
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def is_built(out_dir: str | os.PathLike[str], params: dict[str, int], sources: Iterable[Path]) -> bool:
+def is_built(out_dir: str | os.PathLike[str], params: dict[str, Any], sources: Iterable[Path]) -> bool:
     """True when ``out_dir`` holds a finished build with these arguments, made by this code."""
     try:
         return json.loads((Path(out_dir) / COMPLETE_MARKER).read_text(encoding="utf-8")) == marker(params, sources)
@@ -48,7 +49,7 @@ def is_built(out_dir: str | os.PathLike[str], params: dict[str, int], sources: I
         return False
 
 
-def _write_with_marker(write: Callable[[Path], None], params: dict[str, int],
+def _write_with_marker(write: Callable[[Path], None], params: dict[str, Any],
                        sources: tuple[Path, ...]) -> Callable[[Path], None]:
     def run(tmp: Path) -> None:
         write(tmp)
@@ -57,7 +58,7 @@ def _write_with_marker(write: Callable[[Path], None], params: dict[str, int],
     return run
 
 
-def ensure_built(out_dir: str | os.PathLike[str], params: dict[str, int], sources: Iterable[Path],
+def ensure_built(out_dir: str | os.PathLike[str], params: dict[str, Any], sources: Iterable[Path],
                  write: Callable[[Path], None]) -> Path:
     """``out_dir`` after building it with ``write(tmp)`` only if no finished build with these arguments
     by this code is there; concurrent callers serialise on a lock next to ``out_dir``
@@ -66,7 +67,7 @@ def ensure_built(out_dir: str | os.PathLike[str], params: dict[str, int], source
     return ensure_dir(out_dir, lambda out: is_built(out, params, sources), _write_with_marker(write, params, sources))
 
 
-def rebuild(out_dir: str | os.PathLike[str], params: dict[str, int], sources: Iterable[Path],
+def rebuild(out_dir: str | os.PathLike[str], params: dict[str, Any], sources: Iterable[Path],
             write: Callable[[Path], None]) -> Path:
     """Build into ``out_dir`` unconditionally (replacing it), marker last."""
     return build_dir(out_dir, _write_with_marker(write, params, tuple(sources)))

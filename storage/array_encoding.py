@@ -1,5 +1,5 @@
 """How each array is encoded on disk: exact bf16 bits, per-row fp8, and the Blosc settings of
-the default ``zstd`` codec (``storage/chunk_codec.py`` has the store-wide codec choice).
+the default ``zstd`` codec (``storage/chunk_compression.py`` has the store-wide codec choice).
 
 Zarr has no bfloat16, so bf16 is stored bit-exact as uint16. Measured on synthetic 7B-like
 activations (``python -m benchmarks.bench_codecs``: H=4096, 1.5 MiB chunks, one thread, % of raw):
@@ -14,7 +14,7 @@ activations (``python -m benchmarks.bench_codecs``: H=4096, 1.5 MiB chunks, one 
 - fp8 e4m3 bytes (row-scaled): zstd-1, no shuffle, 256 KiB blocks -> 85% (aux) / 83.5% (audio);
   Blosc's bit-shuffle gave up on one-byte values (stored raw, 100%), lz4 also 100%.
 - The ``zstd`` decode (~2 GB/s) bounds a read at ~75k tokens/s per core at H=4096; the ``none``
-  codec trades 1.38x the bytes for reads at page-cache speed (see chunk_codec).
+  codec trades 1.38x the bytes for reads at page-cache speed (see storage/chunk_compression.py).
 
 fp8 is lossy and optional (``quantization="fp8"``): each row of H values (one token at one layer)
 is scaled by amax/448 into float8_e4m3fn and stored as uint8 plus a float32 scale per row
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from storage import buffers
-from storage.chunk_codec import (
+from storage.chunk_compression import (
     DEFAULT_CODEC,
     NONFINITE_EXPONENT,
     Compressor,
@@ -103,7 +103,7 @@ def chunk_rows_for(row_bytes: int, target_bytes: int = TARGET_CHUNK_BYTES, max_r
 def array_specs(hidden_size: int, num_aux_layers: int, quantization: str = "none",
                 fp8_last_hidden: bool = False, chunk_bytes: int = TARGET_CHUNK_BYTES,
                 codec: str = DEFAULT_CODEC) -> list[ArraySpec]:
-    """The arrays of every shard of a store with these settings (``codec``: see chunk_codec)."""
+    """The arrays of every shard of a store with these settings (``codec``: see storage.chunk_compression)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     fp8 = quantization == "fp8"
@@ -144,7 +144,7 @@ def hidden_to_bits(t: torch.Tensor) -> np.ndarray:
 def nonfinite_mask(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray | None:
     """Where half-precision bits are NaN/Inf (exponent all ones), or None if nowhere.
 
-    The all-finite case is :func:`storage.chunk_codec.nonfinite_count`'s two max reductions,
+    The all-finite case is :func:`storage.chunk_compression.nonfinite_count`'s two max reductions,
     far faster than ``torch.isfinite`` on a bf16 CPU tensor (129 ms for 1,100 x 3 x 4096).
     """
     name = str(dtype).removeprefix("torch.")
@@ -156,7 +156,7 @@ def nonfinite_mask(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray | None:
 
 def tensor_nonfinite(t: torch.Tensor) -> int:
     """NaN/Inf count of a sample tensor as the reader hands it out: bf16/fp16 (by their bits),
-    raw fp8 bytes (uint8) or float32 scales; see :func:`storage.chunk_codec.nonfinite_count`."""
+    raw fp8 bytes (uint8) or float32 scales; see :func:`storage.chunk_compression.nonfinite_count`."""
     if t.dtype in (torch.bfloat16, torch.float16):
         return nonfinite_count(hidden_to_bits(t), "bits", str(t.dtype).removeprefix("torch."))
     if t.dtype == torch.uint8:

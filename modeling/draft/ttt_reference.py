@@ -1,4 +1,5 @@
-"""Plain TTT loss, written the way the public trainers unroll it (tests and benchmark only).
+"""Plain TTT loss, written the way the public trainers unroll it: the reference ``ttt_loss`` is checked
+against (tests/test_draft.py) and timed against (benchmarks/bench_ttt_step.py); training never runs it.
 
 Every step runs the whole [B, S] grid, appends its keys/values to a cache, concatenates
 the cache to (k+1)*S keys and masks it with an explicit [S, (k+1)S] matrix (block-diagonal
