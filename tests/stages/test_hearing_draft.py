@@ -67,6 +67,26 @@ def test_export_names_the_hearing_class_only_for_encoder_drafts(tiny_target: Pat
                                         "max_position_embeddings": 2048}, 640, {"audio_input": "encoders"})
 
 
+def test_plugin_registers_the_hearing_class_lazily() -> None:
+    import pickle
+
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_multimodal_embeddings
+    from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
+
+    from modeling import vllm_plugin
+    from modeling.draft import vllm_hearing
+
+    vllm_plugin.register()
+    entry = ModelRegistry.models[HEARING_ARCHITECTURE]
+    assert (entry.module_name, entry.class_name) == ("modeling.draft.vllm_hearing", HEARING_ARCHITECTURE)
+    cls = getattr(vllm_hearing, HEARING_ARCHITECTURE)  # what the registry's lazy entry resolves
+    # the proposer drives only Eagle3LlamaForCausalLM and its siblings; the stock class does not hear
+    assert issubclass(cls, Eagle3LlamaForCausalLM) and supports_multimodal_embeddings(cls)
+    assert not supports_multimodal_embeddings(Eagle3LlamaForCausalLM)
+    assert pickle.loads(pickle.dumps(cls)) is cls and cls.__name__ == HEARING_ARCHITECTURE
+
+
 @pytest.fixture(scope="module")
 def served(tiny_target: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     from pipeline.config import parse_config
