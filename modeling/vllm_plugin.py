@@ -10,6 +10,8 @@ Each target family's ``vllm_register`` points its architecture name at a lazily 
 (vLLM 0.32: Qwen2-Audio, GLM-ASR; PR #32230 for Qwen2-Audio was closed) and the
 ``image_token_index`` the EAGLE proposer reads (no audio family's config has it). No vLLM model
 code is imported unless such a model is loaded, and no other architecture's entry is touched.
+It also registers the hearing draft (:mod:`modeling.draft.vllm_hearing`): the EAGLE-3 draft that
+takes the target's audio embeddings, which ``stages.export`` names for drafts trained on them.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def register() -> None:
-    """Register every family's EAGLE-3 capable class (idempotent)."""
+    """Register every family's EAGLE-3 capable class and the hearing draft (idempotent)."""
+    from modeling.draft import vllm_hearing
     from modeling.targets import FAMILIES, family_named
 
     for name in FAMILIES:
         family_named(name).vllm_register()
+    vllm_hearing.register()

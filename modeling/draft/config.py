@@ -17,6 +17,12 @@ TEXT_SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attent
                    "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "max_position_embeddings")
 
 Engine = Literal["vllm", "sglang"]
+AUDIO_INPUTS = ("placeholder", "encoder")
+# vLLM's stock EAGLE-3 Llama draft; it embeds the audio placeholder id at audio positions
+STOCK_ARCHITECTURE = "LlamaForCausalLMEagle3"
+# the same draft taking the target's audio embeddings there: registered by the package's vLLM plugin
+# (vLLM keeps a name starting with "Eagle3" as is when it wraps the config for method eagle3)
+HEARING_ARCHITECTURE = "Eagle3HearingLlamaForCausalLM"
 
 
 def default_aux_layer_ids(num_target_layers: int) -> tuple[int, int, int]:
@@ -71,6 +77,10 @@ class DraftConfig:
     """Decoder layers in the target LM, to derive default aux layer ids."""
     aux_layer_ids: tuple[int, ...] = field(default=())
     """Aux layers in the output convention; empty means ``default_aux_layer_ids``."""
+    audio_input: str = "placeholder"
+    """What the draft embeds at audio positions: ``placeholder`` (the audio token's embedding row, what
+    vLLM's stock EAGLE-3 class feeds) or ``encoder`` (the target's audio embeddings; served by the
+    plugin's hearing class, :mod:`modeling.draft.vllm_hearing`)."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -84,6 +94,8 @@ class DraftConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.draft_vocab_size > self.vocab_size:
             raise ValueError(f"draft_vocab_size ({self.draft_vocab_size}) exceeds vocab_size ({self.vocab_size})")
+        if self.audio_input not in AUDIO_INPUTS:
+            raise ValueError(f"DraftConfig.audio_input must be one of {sorted(AUDIO_INPUTS)}, got {self.audio_input!r}")
         if not self.aux_layer_ids:
             self.aux_layer_ids = default_aux_layer_ids(self.num_target_layers)
         self.aux_layer_ids = tuple(int(i) for i in self.aux_layer_ids)
@@ -132,10 +144,15 @@ class DraftConfig:
         ``aux_layer_ids`` are in the output convention (default: ``self.aux_layer_ids``);
         they are written in the convention of ``convention_engine`` (see ``aux_ids_for_engine``).
         """
+        if self.audio_input == "encoder" and convention_engine != "vllm":
+            raise ValueError(f"a draft trained on the audio encoder's embeddings (audio_input 'encoder') is served "
+                             f"by this package's vLLM plugin only; {convention_engine} would feed it the "
+                             "placeholder's embedding at audio positions (train with --draft-audio-input "
+                             "placeholder for that engine)")
         ids = aux_ids_for_engine(self.aux_layer_ids if aux_layer_ids is None else aux_layer_ids,
                                  convention_engine)
         return {
-            "architectures": ["LlamaForCausalLMEagle3"],
+            "architectures": [HEARING_ARCHITECTURE if self.audio_input == "encoder" else STOCK_ARCHITECTURE],
             "model_type": "llama",
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,

@@ -122,7 +122,8 @@ def check_inputs(cfg: TrainConfig) -> TrainInputs:
     try:
         draft_config = DraftConfig.from_target_config(text, cfg.draft_vocab_size, cfg.draft_overrides())
         aux = _check_store_target(store, target, identity["sha256"], draft_config.target_hidden_size)
-        draft_config = dataclasses.replace(draft_config, aux_layer_ids=tuple(aux))
+        draft_config = dataclasses.replace(draft_config, aux_layer_ids=tuple(aux),
+                                           audio_input=cfg.draft_audio_input)
     except (ValueError, TypeError) as err:
         raise TrainSetupError(str(err)) from None
     ids, lengths, num_loss = store_columns(store)
