@@ -89,7 +89,7 @@ def test_plugin_registers_the_hearing_class_lazily() -> None:
 
 @pytest.fixture(scope="module")
 def served(tiny_target: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from pipeline.config import parse_config
+    from pipeline.core.config import parse_config
     from stages.dump import DumpConfig, run_dump
 
     root = tmp_path_factory.mktemp("hearing")
@@ -135,7 +135,7 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.timeout(1200)
 def test_serving_feeds_the_draft_its_training_inputs(served: dict, tiny_target: Path) -> None:
     from modeling.draft.snapshot import find_step, load_draft_snapshot
-    from modeling.targets.weights import read_target_embedding
+    from modeling.target_io.weights import read_target_embedding
     from modeling.training.model import TrainDraft
 
     assert "does not support external multimodal embeddings" not in served["log"]
@@ -182,7 +182,7 @@ def test_serving_feeds_the_draft_its_training_inputs(served: dict, tiny_target: 
 def serve(args: dict) -> None:
     """Serve the fixture prompts one by one with hooks on the drafter; save what its first pass of
     each prompt received and what it proposed."""
-    from pipeline.engine import GenRequest, OfflineGenerator, Sampling, build_llm
+    from pipeline.engine.offline import GenRequest, OfflineGenerator, Sampling, build_llm
     from stages.benchmark import BenchmarkConfig, build_prompts
 
     calls: list[dict] = []
