@@ -79,7 +79,7 @@ class RegenerateConfig(ShardStageOptions, SourceOptions):
     tensor_parallel_size: int = opt(1, "GPUs per model replica (offline engine)")
     max_model_len: int | None = opt(None, "context length: the offline engine's, and the prompt + answer limit "
                                     "in both modes (default: what the model or server reports)")
-    dtype: str = dtype_opt("auto", "weight dtype for the offline engine")
+    dtype: str = dtype_opt("auto", "weight dtype for the offline engine", hashed_long=True)  # resumes old runs
     request_timeout_s: float = opt(600.0, "server mode: seconds before a request is abandoned and retried")
     max_concurrency: int = opt(16, "server mode: requests in flight at once, over all servers")
     retries: int = opt(3, "server mode: retries per request (exponential backoff, next server each time)")

@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from pipeline.core.dtypes import AUTO, DTYPES, DtypeError, parse_dtype
+from pipeline.core.dtypes import AUTO, DTYPES, DtypeError, long_name, parse_dtype
 
 C = TypeVar("C")
 
@@ -128,10 +128,13 @@ def nest(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def dtype_opt(default: str, help: str, allowed: tuple[str, ...] = (*DTYPES, AUTO)) -> Any:
+def dtype_opt(default: str, help: str, allowed: tuple[str, ...] = (*DTYPES, AUTO), hashed_long: bool = False) -> Any:
     """A dtype field in the one spelling of :mod:`pipeline.core.dtypes` (old long spellings are converted
-    with a warning when read from YAML or flags)."""
-    return opt(default, f"{help}; one of {', '.join(allowed)}", parse=lambda v, where: parse_dtype(v, where, allowed))
+    with a warning when read from YAML or flags). ``hashed_long``: :func:`config_hash` hashes the long
+    name, as releases before this spelling did, so their outputs still resume."""
+    extra = {"hash": long_name} if hashed_long else {}
+    return opt(default, f"{help}; one of {', '.join(allowed)}",
+               parse=lambda v, where: parse_dtype(v, where, allowed), **extra)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:

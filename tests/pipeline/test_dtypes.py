@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.core.config import ConfigError, from_dict
+from pipeline.core.config import ConfigError, config_hash, from_dict
 from pipeline.core.dtypes import DTYPES, from_engine, long_name, parse_dtype
 from stages.dump import DumpConfig
 from stages.regenerate import RegenerateConfig
@@ -21,6 +24,18 @@ def test_old_spelling_is_read_with_a_warning_naming_the_new_one(old, new):
     with pytest.warns(FutureWarning, match=f"write '{new}'"):
         cfg = from_dict(RegenerateConfig, {"target": "t", "input": "i", "output": "o", "dtype": old}, "run.yaml")
     assert cfg.dtype == new and long_name(new) == old and from_engine(f"torch.{old}") == new
+
+
+def test_a_stage_1_run_of_the_long_spelling_release_keeps_its_config_hash():
+    """Stage 1's manifest hashes its config (dtype included): a run begun as ``dtype: float32`` must
+    resume under ``fp32``, so the hash is computed from the long name, as that release did."""
+    from stages.regenerate import RUNTIME_OPTIONS
+
+    values = {"target": "t", "input": "i", "output": "o", "dtype": "fp32"}
+    cfg = from_dict(RegenerateConfig, values, "run.yaml")
+    old = {k: ("float32" if k == "dtype" else v) for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_OPTIONS}
+    assert config_hash(cfg, exclude=RUNTIME_OPTIONS) == hashlib.sha256(
+        json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def test_new_spelling_is_silent_and_outside_choices_fail_naming_file_and_key():
