@@ -13,7 +13,8 @@ Four parts, in bytes per training process:
   (the 2H input, q/k/v, attention output, o, three norms, the MLP's gate, up, product and down)
   and the logits' softmax and its gradient over the draft vocab plus the teacher's probabilities;
   and the attention probabilities CPU attention materialises for the backward, heads x S x S
-  fp32 per step (a flash kernel on GPUs keeps none: ``quadratic=False``);
+  fp32 per step: an upper bound, since only the evaluated (loss) query rows are kept; a flash
+  kernel on GPUs keeps none (``quadratic=False``);
 - ``runtime``: what the process holds before the model (Python, torch, DeepSpeed, the store's
   index): measured, not modelled (:func:`benchmarks.bench_memory` reads it off a process).
 
