@@ -86,9 +86,35 @@ def run(config_path: str, only: list[str] | None) -> int:
     return 0
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def stage_resources(paths: Paths) -> dict[str, dict]:
+    """Each stage's ``resources`` record (docs/memory.md), shards and ranks combined into one row."""
+    from pipeline.core.resources import combine
+
+    def shards(manifest: Path) -> dict:
+        entries = _read_json(manifest).get("shards", {}).values()
+        return combine([e.get("resources", {}) for e in entries if e.get("status") == "done"])
+
+    return {"regenerate": shards(paths.regen / "manifest.json"), "dump": shards(paths.store / "manifest.json"),
+            "train": _read_json(paths.run / "FINISHED").get("resources", {}),
+            "export": _read_json(paths.draft / "export_info.json").get("resources", {}),
+            "benchmark": _read_json(paths.benchmark).get("resources", {})}
+
+
 def print_summary(paths: Paths, split: str = "fit") -> None:
+    from pipeline.core.resources import format_table as resources_table
     from stages.benchmark_report import format_table
 
+    rows = {stage: r for stage, r in stage_resources(paths).items() if r}
+    if rows:
+        print("\n== resources per stage (peaks: GiB; docs/memory.md) ==")
+        print(resources_table(rows))
     for name in ("benchmark-untrained.json", "benchmark.json"):
         path = paths.root / name
         if path.exists():

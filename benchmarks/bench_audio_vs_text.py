@@ -43,7 +43,7 @@ from stages import dump, export, regenerate, train
 CONDITIONS = ("audio", "text", "chat", "mix")
 EVAL_SETS = ("spoken", "text")
 # the demo's stage 1-3 settings (configs/demo.yaml): fp32 for batch-invariant greedy answers on CPU
-REGEN = ["--max-new-tokens", "{max_new}", "--batch-size", "32", "--max-model-len", "1024", "--dtype", "float32"]
+REGEN = ["--max-new-tokens", "{max_new}", "--batch-size", "32", "--max-model-len", "1024", "--dtype", "fp32"]
 DUMP = ["--batch-tokens", "4096", "--max-length", "1024", "--dtype", "fp32", "--device", "cpu"]
 TRAIN = ["--nproc", "2", "--zero-stage", "2", "--precision", "fp32", "--epochs", "1000", "--lr", "0.002",
          "--warmup-ratio", "0.05", "--batch-tokens", "1024", "--draft-vocab-size", "4096", "--init-head", "target",
@@ -201,7 +201,7 @@ class Bench:
             done = json.loads(path.read_text()) if path.is_file() else {}
             cfg = BenchmarkConfig(target=a.target, input=str(data[f"eval-{eval_set}"]), output=str(path),
                                   num_spec_tokens=a.k, max_new_tokens=a.max_new_tokens, num_prompts=a.eval_prompts,
-                                  max_model_len=1024, dtype="float32", repeats=a.repeats, tie_check=False)
+                                  max_model_len=1024, dtype="fp32", repeats=a.repeats, tie_check=False)
             prompts, _ = build_prompts(cfg)
             plain = None
             for name, draft in drafts.items():

@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.cli import stage_main
-from pipeline.core.config import opt, require
+from pipeline.core.config import dtype_opt, opt, require
+from pipeline.core.dtypes import from_engine
 from pipeline.core.durable import atomic_write_json, atomic_write_text
+from pipeline.core.resources import ResourceMeter
 from pipeline.data.audio import AudioLimits
 from pipeline.data.records import RecordError, Rejection
 from pipeline.data.sources import SourceOptions, open_source
@@ -63,8 +65,8 @@ class BenchmarkConfig(SourceOptions):
     num_prompts: int = opt(100, "prompts taken from the start of --input")
     max_num_seqs: int = opt(1, "sequences decoded at once (offline) / requests in flight (server); 1 = latency")
     max_model_len: int | None = opt(None, "context length of the offline engines (default: the model's)")
-    dtype: str = opt("auto", "compute dtype of the offline engines (float32 on CPU: batch-invariant greedy "
-                             "output; bf16 outputs are equal only up to near-ties)")
+    dtype: str = dtype_opt("auto", "compute dtype of the offline engines (fp32 on CPU: batch-invariant greedy "
+                                   "output; bf16 outputs are equal only up to near-ties)")
     seed: int = opt(0, "engine seed; request i samples with seed + i")
     warmup_requests: int = opt(1, "untimed requests before each engine's timed passes (kernel set-up, caches)")
     repeats: int = opt(3, "timed passes over all prompts per engine; tok/s and speedup are medians with ranges")
@@ -210,7 +212,7 @@ def run_offline(cfg: BenchmarkConfig, prompts: list[EvalPrompt], draft: str | No
     try:
         read = (lambda: SpecCounters.from_snapshot(llm.get_metrics())) if draft else (lambda: None)
         result = _timed(engine, prompts, cfg.warmup_requests, cfg.repeats, read)
-        result.dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        result.dtype = from_engine(str(llm.llm_engine.model_config.dtype))
         return result
     finally:
         engine.close()  # stops the engine process, which holds the weights and KV cache
@@ -228,10 +230,16 @@ def run_server(cfg: BenchmarkConfig, prompts: list[EvalPrompt], url: str, spec: 
 
 def run(cfg: BenchmarkConfig) -> dict[str, Any]:
     """Run the benchmark, write RESULT.json and the outputs file; returns the report."""
-    from pipeline.data.samples import load_target_processor
-
     if cfg.draft and not cfg.server:
         check_vllm_draft(cfg.draft)  # before minutes of plain decoding, not after
+    with ResourceMeter() as meter:
+        report = _run_engines(cfg, meter)
+    return report
+
+
+def _run_engines(cfg: BenchmarkConfig, meter: ResourceMeter) -> dict[str, Any]:
+    from pipeline.data.samples import load_target_processor
+
     prompts, rejected = build_prompts(cfg)
     runs: dict[str, RunResult] = {}
     if cfg.server:
@@ -246,6 +254,10 @@ def run(cfg: BenchmarkConfig) -> dict[str, Any]:
     tokenizer = load_target_processor(cfg.target)[0]
     report, rows = build_report(cfg, prompts, runs, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                                 rejected)
+    # decode tokens/s over every timed pass of both engines; peaks over the whole stage (engines in-process)
+    timed = [r.summary() for r in runs.values()]
+    report["resources"] = meter.result(sum(s["output_tokens"] * s["repeats"] for s in timed),
+                                       wall_s=sum(sum(s["wall_s_all"]) for s in timed))
     out = Path(cfg.output)
     outputs_path = out.with_name(out.stem + ".outputs.jsonl")
     report["outputs_file"] = str(outputs_path)

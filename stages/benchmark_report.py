@@ -65,7 +65,7 @@ def lossless_check(cfg: BenchmarkConfig, prompts: list[EvalPrompt], plain: RunRe
             device = "cuda" if torch.cuda.is_available() else "cpu"
         checker = TieChecker(cfg.target, device)
         try:
-            scored = checker.score(cases, out["engine_dtype"] or "bfloat16")
+            scored = checker.score(cases, out["engine_dtype"] or "bf16")
         finally:
             checker.close()
         out["divergences"] = [d.to_dict() for d in scored]

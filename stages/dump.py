@@ -22,7 +22,6 @@ import json
 import logging
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +29,18 @@ from typing import Any, Literal
 
 from modeling.target_io.capture import TargetCapture, aux_layer_ids, check_audio_spans, plan_batches
 from pipeline.core.cli import stage_main
-from pipeline.core.config import ConfigError, opt, require
+from pipeline.core.config import ConfigError, dtype_opt, opt, require
 from pipeline.core.durable import DurableJsonl, atomic_write_text, sha256_file
 from pipeline.core.locks import LockHeld
 from pipeline.core.manifest import Manifest, ManifestMismatch, sharded_output_complete
 from pipeline.core.progress import Progress
+from pipeline.core.resources import ResourceMeter
 from pipeline.core.shards import Shard, plan_shards, resolve_shard_index, run_shards
 from pipeline.data.audio import AudioLimits
 from pipeline.data.inputs import InputSet, read_input
 from pipeline.data.records import Record, RecordError, Rejection
 from pipeline.data.samples import PreparedSample, load_target_processor, prepare_sample
+from pipeline.data.shard_stage import ShardResult, ShardStageOptions, result_of, shard_accounting
 from pipeline.data.template import ChatTokenizer
 from storage import checksum
 from storage.chunk_compression import DEFAULT_CODEC
@@ -53,24 +54,20 @@ log = logging.getLogger("stages.dump")
 
 
 @dataclass(kw_only=True)
-class DumpConfig:
-    """Options of stage 2 (``dump:`` section of a pipeline YAML)."""
+class DumpConfig(ShardStageOptions):
+    """Options of stage 2 (``dump:`` section of a pipeline YAML); ``--input`` is stage 1's output
+    directory (its completed shards) or a conversation jsonl."""
 
-    target: str = opt("", "target model directory (Hugging Face layout, a supported family)")
-    input: str = opt("", "stage 1 output directory (its completed shards) or a conversation jsonl")
     store: str = opt("", "hidden-state store directory (created, or resumed when it exists)")
-    num_shards: int = opt(1, "shards the input is split into (one Slurm array task each)")
-    shard_index: int | None = opt(None, "shard to run (default $SLURM_ARRAY_TASK_ID, else every shard)")
     batch_tokens: int = opt(16384, "padded tokens per forward (batch size x longest sample)")
     sort_window: int = opt(64, "records sorted by length together; up to two windows of captures wait in "
                                "RAM for the writer (~30 MB per 1k-token sample of a 7B)")
     max_length: int = opt(4096, "longest sample in tokens; longer ones are rejected unless --truncate")
     truncate: bool = opt(False, "cut over-long samples to --max-length instead of rejecting them")
-    split_long_audio: bool = opt(False, "split clips over 30 s into 30 s pieces instead of rejecting them")
     aux_layers: str = opt("auto", "aux layers 'auto' (= 1, L/2-1, L-4) or 'i,j,k', as outputs of decoder layer i")
     last_hidden: Literal["loss", "all"] = opt("loss", "store the final hidden state where the next token "
                                                       "carries loss, or at every position")
-    dtype: Literal["bf16", "fp32"] = opt("bf16", "target compute dtype (stored values are bf16 either way)")
+    dtype: str = dtype_opt("bf16", "target compute dtype (stored values are bf16 either way)", ("bf16", "fp32"))
     device: str = opt("cpu", "torch device: cpu, cuda or cuda:N")
     quantize: Literal["none", "fp8"] = opt("none", "fp8: per-row scaled e4m3 aux states and audio embeddings")
     store_codec: Literal["auto", "zstd", "lz4", "none"] = opt(
@@ -80,9 +77,8 @@ class DumpConfig:
                                    "threads compressing and writing chunks (the store's bytes do not depend on it)")
 
     def __post_init__(self) -> None:
-        for name in ("target", "input", "store"):
-            require(bool(getattr(self, name)), f"--{name} is required")
-        for name in ("num_shards", "batch_tokens", "sort_window", "max_length", "compression_threads"):
+        self.check_shard_options("store")
+        for name in ("batch_tokens", "sort_window", "max_length", "compression_threads"):
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         require(self.device == "cpu" or self.device.startswith("cuda"), f"--device {self.device!r}: use cpu or cuda[:N]")
 
@@ -191,18 +187,13 @@ class RejectionLog:
         self.close()
 
 
-@dataclass
-class ShardResult:
-    name: str
-    num_input: int
-    num_accepted: int
-    num_rejected: int
-    num_tokens: int  # real (unpadded) tokens forwarded by this run; a resume skips durable batches
-    seconds: float
-
-
 def dump_shard(cfg: DumpConfig, shard: Shard, target: Target, inputs: InputSet) -> ShardResult:
     """Dump one shard into the store and record it in the manifest (after its data is durable)."""
+    with ResourceMeter() as meter:  # the model's load counts: it is most of a small shard's memory
+        return _dump_shard(cfg, shard, target, inputs, meter)
+
+
+def _dump_shard(cfg: DumpConfig, shard: Shard, target: Target, inputs: InputSet, meter: ResourceMeter) -> ShardResult:
     start = time.monotonic()
     chat, capture = target.load()
     records = [r for r in inputs.records if shard.start <= r.index < shard.stop]
@@ -223,10 +214,11 @@ def dump_shard(cfg: DumpConfig, shard: Shard, target: Target, inputs: InputSet) 
                     tokens += sum(c.num_tokens for c in captured.values())
                 progress.update(len(window), tok_s=f"{tokens / max(time.monotonic() - start, 1e-9):.0f}")
             entry = writer.finish()
-        entry.update(_accounting(shard, entry, errors))
+        counts = shard_accounting(shard, entry["num_samples"], errors.rows.values())
+        entry.update(counts, errors_file=errors.path.name, errors_sha256=errors.finish(),
+                     resources=meter.result(tokens))
     commit_shard(Manifest(cfg.store), shard, entry)
-    return ShardResult(shard.name, len(shard), entry["num_samples"], entry["rejected"], tokens,
-                       time.monotonic() - start)
+    return result_of(shard, counts, tokens, time.monotonic() - start)
 
 
 def _committed_indices(writer: ShardWriter, records: list[Record]) -> set[int]:
@@ -284,19 +276,6 @@ def _write_in_order(writer: ShardWriter, window: list[Record], captured: dict[in
     return rejected
 
 
-def _accounting(shard: Shard, entry: dict[str, Any], errors: RejectionLog) -> dict[str, Any]:
-    """The manifest fields that prove accepted + rejected == input for the shard."""
-    rejected = len(errors.rows)
-    if entry["num_samples"] + rejected != len(shard):
-        raise RuntimeError(f"{shard.name}: {entry['num_samples']} accepted + {rejected} rejected != "
-                           f"{len(shard)} input records; not committing it")
-    by_field = Counter(row["field"] for row in errors.rows.values())
-    # the same vocabulary as stage 1's manifest entries (input_records = accepted + rejected)
-    return {"input_records": len(shard), "accepted": entry["num_samples"], "rejected": rejected,
-            "rejected_by_field": dict(sorted(by_field.items())),
-            "errors_file": errors.path.name, "errors_sha256": errors.finish()}
-
-
 # ---- entry point ----------------------------------------------------------------------------------
 
 
@@ -314,8 +293,8 @@ def run_dump(cfg: DumpConfig) -> list[ShardResult]:
 
 def _dump_and_report(cfg: DumpConfig) -> int:
     for r in run_dump(cfg):
-        log.info("%s: %d input = %d accepted + %d rejected; %d tokens in %.1f s (%.0f tokens/s)", r.name,
-                 r.num_input, r.num_accepted, r.num_rejected, r.num_tokens, r.seconds, r.num_tokens / max(r.seconds, 1e-9))
+        log.info("%s: %d input = %d accepted + %d rejected; %d tokens in %.1f s (%.0f tokens/s)", r.shard.name,
+                 len(r.shard), r.accepted, r.rejected, r.tokens, r.seconds, r.tokens / max(r.seconds, 1e-9))
     return 0
 
 

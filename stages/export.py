@@ -38,8 +38,9 @@ from safetensors.torch import save_file
 from modeling.draft.config import aux_ids_for_engine
 from modeling.draft.snapshot import DraftSnapshot, find_step, load_draft_snapshot
 from pipeline.core.cli import stage_main
-from pipeline.core.config import opt, require
+from pipeline.core.config import dtype_opt, opt, require
 from pipeline.core.durable import atomic_replace_dir, atomic_write_json, sha256_file
+from pipeline.core.resources import ResourceMeter
 
 log = logging.getLogger("stages.export")
 
@@ -56,7 +57,7 @@ class ExportConfig:
     step: int | None = opt(None, "training step to export (default: the newest committed step)")
     output: str = opt("", "output draft directory (replaced atomically if it exists)")
     engine: Literal["vllm", "sglang"] = opt("vllm", "engine whose aux-layer id convention config.json uses")
-    dtype: Literal["bf16", "fp16", "fp32"] = opt("bf16", "dtype of the exported weights")
+    dtype: str = dtype_opt("bf16", "dtype of the exported weights", ("bf16", "fp16", "fp32"))
     include_t2d: bool = opt(False, "also write the t2d mask (vLLM ignores it; some tools read it)")
 
     def __post_init__(self) -> None:
@@ -106,6 +107,7 @@ def export_info(cfg: ExportConfig, snap: DraftSnapshot, step_dir: Path, weights_
 
 def export(cfg: ExportConfig) -> Path:
     """Write the serving checkpoint; returns the output directory. Raises :class:`SnapshotError`."""
+    meter = ResourceMeter().__enter__()  # stopped before the info file is written; a failure ends the process
     step_dir = find_step(cfg.run, cfg.step)
     snap = load_draft_snapshot(step_dir)
     out = Path(cfg.output).resolve()
@@ -117,7 +119,9 @@ def export(cfg: ExportConfig) -> Path:
         save_file(serving_tensors(snap, DTYPES[cfg.dtype], cfg.include_t2d), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", serving_config(snap, cfg.engine, cfg.dtype))
-        atomic_write_json(tmp / INFO_FILE, export_info(cfg, snap, step_dir, sha256_file(tmp / "model.safetensors")))
+        meter.stop()
+        info = export_info(cfg, snap, step_dir, sha256_file(tmp / "model.safetensors"))
+        atomic_write_json(tmp / INFO_FILE, {**info, "resources": meter.result()})
         # mkdtemp (and safetensors) make files private; a served checkpoint is usually shared
         tmp.chmod(0o755)
         for path in tmp.iterdir():

@@ -31,23 +31,25 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from modeling.targets import family_of, target_identity
 from pipeline.core.cli import stage_main
-from pipeline.core.config import ConfigError, config_hash, opt, require
+from pipeline.core.config import ConfigError, config_hash, dtype_opt, opt, require
 from pipeline.core.durable import DurableJsonl, atomic_write_bytes, fsync_dir, sha256_bytes
 from pipeline.core.locks import LockHeld
 from pipeline.core.manifest import Manifest, ManifestMismatch, sharded_output_complete
 from pipeline.core.progress import Progress
+from pipeline.core.resources import ResourceMeter
 from pipeline.core.shards import Shard, plan_shards, resolve_shard_index, run_shards
 from pipeline.core.stage1_layout import shard_files
 from pipeline.data.audio import AudioLimits
 from pipeline.data.clip_files import vad_records, with_clip_files
-from pipeline.data.records import Part, Record, RecordError, Rejection, Turn, reason_key
+from pipeline.data.records import Part, Record, RecordError, Rejection, Turn
 from pipeline.data.samples import load_record_audio, split_audio_parts
+from pipeline.data.shard_stage import ShardResult, ShardStageOptions, result_of, shard_accounting
 from pipeline.data.sources import InputSource, SourceOptions, open_source
 from pipeline.data.template import ChatTokenizer
 from pipeline.engine.offline import Generator, GenRequest, GenResult, Sampling
@@ -62,15 +64,10 @@ MUST_MATCH = ("stage", "input_sha256", "target_config_hash", "sampling", "config
 
 
 @dataclass(kw_only=True)
-class RegenerateConfig(SourceOptions):
+class RegenerateConfig(ShardStageOptions, SourceOptions):
     """Stage 1 settings; every field is also a ``--flag`` and a YAML key."""
 
-    target: str = opt("", "target model directory (its tokenizer builds the prompts in both engine modes)")
-    input: str = opt("", "input: a conversation jsonl, a glob, parquet files or their folder, a save_to_disk "
-                         "dataset, WebDataset .tar shards, or stage 1's output (docs/inputs.md)")
     output: str = opt("", "output directory: shard files, error files, manifest.json")
-    num_shards: int = opt(1, "number of shards the input is split into (contiguous record ranges)")
-    shard_index: int | None = opt(None, "shard to run; default $SLURM_ARRAY_TASK_ID, else all shards in sequence")
     max_new_tokens: int = opt(512, "generated tokens per assistant turn at most")
     temperature: float = opt(0.0, "sampling temperature; 0 = greedy")
     top_p: float = opt(1.0, "nucleus sampling threshold")
@@ -82,20 +79,17 @@ class RegenerateConfig(SourceOptions):
     tensor_parallel_size: int = opt(1, "GPUs per model replica (offline engine)")
     max_model_len: int | None = opt(None, "context length: the offline engine's, and the prompt + answer limit "
                                     "in both modes (default: what the model or server reports)")
-    dtype: str = opt("auto", "weight dtype for the offline engine: auto, bfloat16, float16, float32")
+    dtype: str = dtype_opt("auto", "weight dtype for the offline engine", hashed_long=True)  # resumes old runs
     request_timeout_s: float = opt(600.0, "server mode: seconds before a request is abandoned and retried")
     max_concurrency: int = opt(16, "server mode: requests in flight at once, over all servers")
     retries: int = opt(3, "server mode: retries per request (exponential backoff, next server each time)")
-    split_long_audio: bool = opt(False, "split clips over 30 s into 30 s pieces instead of rejecting them")
     vad_split: bool = opt(False, "cut a record's one clip over the audio window at pauses (voice activity "
                                  "detection) into pieces, each its own record with parent_id and offsets")
     vad_detector: str = opt("silero", "--vad-split's detector: silero, webrtc or energy (pipeline/data/vad.py)")
     log_every_s: float = opt(30.0, "seconds between progress lines when stderr is not a terminal")
 
     def __post_init__(self) -> None:
-        for name in ("target", "input", "output"):
-            require(bool(getattr(self, name)), f"--{name} is required")
-        require(self.num_shards >= 1, f"--num-shards must be >= 1, got {self.num_shards}")
+        self.check_shard_options("output")
         require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
@@ -109,19 +103,6 @@ class RegenerateConfig(SourceOptions):
 
     def limits(self, family: Any) -> AudioLimits:
         return AudioLimits(max_seconds=family.max_audio_seconds, split_long=self.split_long_audio)
-
-
-@dataclass
-class ShardResult:
-    """What one shard produced; ``input_records == accepted + rejected`` always."""
-
-    shard: Shard
-    accepted: int = 0
-    rejected: int = 0
-    output_records: int = 0
-    generated_tokens: int = 0
-    seconds: float = 0.0
-    reasons: Counter = field(default_factory=Counter)
 
 
 def derive_seed(seed: int, index: int, k: int, turn: int) -> int:
@@ -343,10 +324,11 @@ def regenerate_shard(cfg: RegenerateConfig, shard: Shard, items: Iterable[Record
     ``items`` are the reader's records and rejections of the shard, one per input index in order.
     """
     start = time.monotonic()
+    meter = ResourceMeter()
     progress_path = shard_files(cfg.output, shard)[2]
     work = _ShardWork(cfg, engine, shard)
     rejected: list[Rejection] = []
-    with DurableJsonl(progress_path) as progress_log:
+    with meter, DurableJsonl(progress_path) as progress_log:
         rows = {row["index"]: row for row in progress_log.read()}
         if rows:
             log.info("%s: resuming, %d of %d records already durable", shard.name, len(rows), len(shard))
@@ -363,7 +345,7 @@ def regenerate_shard(cfg: RegenerateConfig, shard: Shard, items: Iterable[Record
                 tokens += sum(row.get("tokens", 0) for row in new)
                 bar.update(len(todo), tok_s=f"{tokens / (time.monotonic() - start):.1f}")
     bar.update(len(rejected))
-    result = _commit(cfg, shard, rows, rejected)
+    result = _commit(cfg, shard, rows, rejected, meter.result(tokens))
     progress_path.unlink()
     fsync_dir(progress_path.parent)
     result.seconds = time.monotonic() - start
@@ -371,36 +353,36 @@ def regenerate_shard(cfg: RegenerateConfig, shard: Shard, items: Iterable[Record
 
 
 def _commit(cfg: RegenerateConfig, shard: Shard, rows: dict[int, dict[str, Any]],
-            rejected: list[Rejection]) -> ShardResult:
+            rejected: list[Rejection], resources: dict[str, Any]) -> ShardResult:
     """Write the shard's files and manifest entry; checks that every input record is accounted for."""
     records_path, errors_path, _ = shard_files(cfg.output, shard)
     read_errors = {r.index: r.to_dict() for r in rejected}
-    result = ShardResult(shard)
     lines: list[str] = []
-    errors: list[str] = []
+    errors: list[dict[str, Any]] = []
+    accepted = tokens = 0
     for index in range(shard.start, shard.stop):
         row = rows.get(index)
         error = read_errors.get(index) or (row or {}).get("error")
         if (row is None) == (index not in read_errors):
             raise RuntimeError(f"{shard.name}: record {index} has {'no' if row is None else 'two'} outcomes")
         if error is not None:
-            errors.append(json.dumps(error, ensure_ascii=False, sort_keys=True))
-            result.rejected += 1
-            result.reasons[reason_key(error)] += 1
+            errors.append(error)
         else:
             lines.extend(row["lines"])
-            result.accepted += 1
-            result.generated_tokens += row["tokens"]
+            accepted += 1
+            tokens += row["tokens"]
+    counts = shard_accounting(shard, accepted, errors)
+    result = result_of(shard, counts, tokens, 0.0)
     result.output_records = len(lines)
     files = {}
-    for path, body in ((records_path, lines), (errors_path, errors)):
+    error_lines = [json.dumps(e, ensure_ascii=False, sort_keys=True) for e in errors]
+    for path, body in ((records_path, lines), (errors_path, error_lines)):
         data = "".join(line + "\n" for line in body).encode("utf-8")
         atomic_write_bytes(path, data)
         files[path.name] = {"sha256": sha256_bytes(data), "bytes": len(data), "lines": len(body)}
     Manifest(cfg.output).mark_shard(shard.index, {
-        "status": "done", "records": [shard.start, shard.stop], "input_records": len(shard),
-        "accepted": result.accepted, "rejected": result.rejected, "output_records": result.output_records,
-        "generated_tokens": result.generated_tokens, "rejected_by_reason": dict(result.reasons), "files": files,
+        "status": "done", "records": [shard.start, shard.stop], **counts, "output_records": result.output_records,
+        "generated_tokens": result.tokens, "files": files, "resources": resources,
     })
     log.info("%s: committed %d records (%d output records, %d rejected) to %s", shard.name, result.accepted,
              result.output_records, result.rejected, records_path)
@@ -429,7 +411,7 @@ def _log_summary(results: list[ShardResult], busy: list[int], seconds: float) ->
         return
     accepted = sum(r.accepted for r in results)
     rejected = sum(r.rejected for r in results)
-    tokens = sum(r.generated_tokens for r in results)
+    tokens = sum(r.tokens for r in results)
     log.info("done: %d shard(s), %d input records: %d regenerated (%d output records), %d rejected; "
              "%d tokens in %.1f s (%.1f tokens/s overall, engine start included)", len(results),
              accepted + rejected, accepted, sum(r.output_records for r in results), rejected, tokens, seconds,

@@ -58,7 +58,7 @@ def launched() -> bool:
 
 
 def relaunch(cfg: TrainConfig, argv: list[str]) -> None:
-    """Replace this process with the deepspeed launcher running ``cfg.nproc`` local copies of it.
+    """Replace this process with the deepspeed launcher running ``cfg.launch.nproc`` local copies of it.
 
     exec keeps the pid, so the launcher and its ranks stay in this process group (a kill of the
     group stops all of them). On a machine without CUDA the ranks use DeepSpeed's CPU accelerator
@@ -72,10 +72,10 @@ def relaunch(cfg: TrainConfig, argv: list[str]) -> None:
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    port = cfg.master_port or free_port()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.nproc),
+    port = cfg.launch.master_port or free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.launch.nproc),
            "--master_port", str(port), "--no_local_rank", "--module", "stages.train", *argv]
-    log.info("launching %d processes: %s", cfg.nproc, " ".join(cmd))
+    log.info("launching %d processes: %s", cfg.launch.nproc, " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(sys.executable, cmd, env)
@@ -83,10 +83,10 @@ def relaunch(cfg: TrainConfig, argv: list[str]) -> None:
 
 def _check_and_train(cfg: TrainConfig, argv: list[str]) -> int:
     inputs = check_inputs(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if launched() else max(cfg.nproc, 1)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if launched() else max(cfg.launch.nproc, 1)
     check_schedule(cfg, inputs, world)
     check_run_dir(cfg, world)
-    if cfg.nproc and not launched():
+    if cfg.launch.nproc and not launched():
         # a second job on this run dir stops here, before its ranks start (~20 s of DeepSpeed launch)
         FileLock(run_lock_path(cfg)).check_free()
         del inputs  # the ranks re-read what they need
@@ -104,15 +104,15 @@ def _check_and_train(cfg: TrainConfig, argv: list[str]) -> int:
         time.sleep(PEER_GRACE_S)
         return EXIT_SERVICE
     if os.environ.get("RANK", "0") == "0":
-        log.info("training finished at step %d; draft snapshots in %s", step, Path(cfg.output) / "checkpoints")
+        log.info("training finished at step %d; draft snapshots in %s", step, Path(cfg.checkpointing.output) / "checkpoints")
     return 0
 
 
 def _check_only(cfg: TrainConfig) -> int:
     """The launcher's checks without training: a job of ``--nproc`` processes may start (or resume)."""
-    check_schedule(cfg, check_inputs(cfg), max(cfg.nproc, 1))
-    check_run_dir(cfg, max(cfg.nproc, 1))
-    log.info("inputs and run directory %s are fine for %d processes", cfg.output, max(cfg.nproc, 1))
+    check_schedule(cfg, check_inputs(cfg), max(cfg.launch.nproc, 1))
+    check_run_dir(cfg, max(cfg.launch.nproc, 1))
+    log.info("inputs and run directory %s are fine for %d processes", cfg.checkpointing.output, max(cfg.launch.nproc, 1))
     return 0
 
 

@@ -10,7 +10,7 @@ import pytest
 from modeling.training.config import TrainConfig
 from pipeline.cluster.orchestrate import STAGES, Paths, load_pipeline_config, stage_path_args
 from pipeline.cluster.slurm import emit_slurm
-from pipeline.core.config import from_dict, read_yaml_section
+from pipeline.core.config import flat_options, from_dict, leaf_fields, leaf_values, read_yaml_section
 from stages.benchmark import BenchmarkConfig
 from stages.dump import DumpConfig
 from stages.export import ExportConfig
@@ -40,7 +40,7 @@ def test_pipeline_recipes_validate(name, tmp_path):
 # a few values each per-stage example must hold (the Qwen2-Audio-7B recipe the README points at)
 EXAMPLE_ANCHORS = {
     "regenerate": {"target": "checkpoints/Qwen2-Audio-7B-Instruct", "num_shards": 64, "max_new_tokens": 512,
-                   "temperature": 0.0, "dtype": "bfloat16"},
+                   "temperature": 0.0, "dtype": "bf16"},
     "dump": {"target": "checkpoints/Qwen2-Audio-7B-Instruct", "num_shards": 64, "max_length": 4096,
              "aux_layers": "auto", "last_hidden": "loss", "device": "cuda"},
     "benchmark": {"target": "checkpoints/Qwen2-Audio-7B-Instruct", "num_spec_tokens": 4, "temperature": 0.0,
@@ -60,14 +60,15 @@ def test_single_stage_examples_validate(stage):
     every key it leaves out keeps the dataclass default, and the recipe's anchor values hold."""
     path = CONFIGS / f"{stage}.yaml"
     assert path.is_file(), f"{path} is missing (the docs and the README point at it)"
-    values = read_yaml_section(path, stage)
+    cls = CLASSES[stage]
+    values = flat_options(cls, read_yaml_section(path, stage, cls))  # train.yaml is in sections
     assert values, f"{path} sets nothing"
-    cfg = from_dict(CLASSES[stage], values, str(path))
+    got = leaf_values(from_dict(cls, values, str(path)))
     for key, value in values.items():
-        assert _plain(getattr(cfg, key.replace("-", "_"))) == _plain(value), f"{path}: {key}"
-    for field in dataclasses.fields(cfg):
-        if field.name not in values and field.init:
+        assert _plain(got[key.replace("-", "_")]) == _plain(value), f"{path}: {key}"
+    for name, (_, field) in leaf_fields(cls).items():
+        if name not in values and field.init:
             default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-            assert getattr(cfg, field.name) == default, f"{path}: {field.name} changed without being set"
+            assert got[name] == default, f"{path}: {name} changed without being set"
     for key, value in EXAMPLE_ANCHORS[stage].items():
-        assert getattr(cfg, key) == value, f"{path}: {key} is {getattr(cfg, key)!r}, the recipe says {value!r}"
+        assert got[key] == value, f"{path}: {key} is {got[key]!r}, the recipe says {value!r}"

@@ -35,14 +35,14 @@ def test_full_pipeline_trained_draft_beats_untrained_on_held_out_clips(tmp_path,
         "synth_eval_clips": 24,
         "baseline_untrained": True,
         "regenerate": {"num_shards": 2, "max_new_tokens": 32, "batch_size": 32, "max_model_len": 1024,
-                       "dtype": "float32"},
+                       "dtype": "fp32"},
         "dump": {"num_shards": 2, "batch_tokens": 4096, "max_length": 1024, "dtype": "fp32",
                  "aux_layers": "1,4,6"},
         "train": {"nproc": 2, "zero_stage": 2, "precision": "fp32", "epochs": 1000, "max_steps": 120,
                   "lr": 3e-3, "warmup_ratio": 0.05, "batch_tokens": 2048, "draft_vocab_size": 512,
                   "init_head": "target", "eval_fraction": 0.1, "save_every": 120, "log_every": 20, "num_workers": 0},
         "benchmark": {"num_spec_tokens": 4, "max_new_tokens": 32, "num_prompts": 24, "max_model_len": 1024,
-                      "dtype": "float32", "repeats": 1},
+                      "dtype": "fp32", "repeats": 1},
     }
     cfg_path = tmp_path / "pipeline.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
@@ -59,7 +59,7 @@ def test_full_pipeline_trained_draft_beats_untrained_on_held_out_clips(tmp_path,
     assert acc_trained > acc_untrained + MIN_GAIN, (acc_untrained, acc_trained, MIN_GAIN)
     for result in (trained, untrained):
         assert result["lossless_verdict"] == "equal" and result["outputs_equal"], result["divergences"]
-        assert result["plain"]["dtype"] == result["speculative"]["dtype"] == "float32"
+        assert result["plain"]["dtype"] == result["speculative"]["dtype"] == "fp32"
         assert result["plain"]["wer"] <= 0.10, result["plain"]  # the target listens to unseen sentences
     assert "mean acceptance length" in run.stdout and "training's estimate vs vLLM" in run.stdout
 

@@ -62,7 +62,7 @@ def pipeline_config(tiny_target: Path, data: Path) -> dict:
         "workdir": "work", "target": str(tiny_target), "input": str(data),
         "baseline_untrained": False, "python": sys.executable, "slurm": cpu_slurm,
         "regenerate": {"num_shards": SHARDS["regenerate"], "max_new_tokens": 8, "batch_size": 32,
-                       "max_model_len": 1024, "dtype": "float32"},
+                       "max_model_len": 1024, "dtype": "fp32"},
         # one durable flush per sample (4 per shard, 0.3-2 s each here): a kill lands mid-shard
         "dump": {"num_shards": SHARDS["dump"], "sort_window": 1, "batch_tokens": 4096, "max_length": 1024,
                  "dtype": "fp32", "device": "cpu"},
@@ -70,7 +70,7 @@ def pipeline_config(tiny_target: Path, data: Path) -> dict:
                   "save_every": SAVE_EVERY, "lr": 3e-3, "batch_tokens": 1024, "draft_vocab_size": 256,
                   "eval_fraction": 0.0, "log_every": 1, "num_workers": 0},
         "benchmark": {"num_spec_tokens": 4, "max_new_tokens": 8, "num_prompts": 4, "max_model_len": 1024,
-                      "dtype": "float32", "repeats": 1, "warmup_requests": 0},
+                      "dtype": "fp32", "repeats": 1, "warmup_requests": 0},
     }
 
 

@@ -27,7 +27,7 @@ def text_turns(text: str) -> list[Turn]:
     return [Turn("user", [Part("text", text=text)])]
 
 
-def answer_texts(target: str | Path, items: list[Prompt], *, max_tokens: int, dtype: str = "float32",
+def answer_texts(target: str | Path, items: list[Prompt], *, max_tokens: int, dtype: str = "fp32",
                  batch_size: int = 64, llm: Any = None) -> list[list[int]]:
     """Greedy answer ids for each prompt read as text (prompt ids from the pipeline's chat tokenizer)."""
     from vllm import SamplingParams

@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.core.dtypes import from_engine
+
 TIE_Z = 6.0
-UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}
+UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp32": 2.0**-24}
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
@@ -73,8 +75,8 @@ class Divergence:
 
 def noise_bound(sigma_bf16: float, engine_dtype: str) -> tuple[float, float]:
     """(sigma, bound) for an engine running in ``engine_dtype``, from the measured bf16 noise."""
-    eps = UNIT_ROUNDOFF.get(engine_dtype.removeprefix("torch."), UNIT_ROUNDOFF["bfloat16"])
-    sigma = sigma_bf16 * eps / UNIT_ROUNDOFF["bfloat16"]
+    eps = UNIT_ROUNDOFF.get(from_engine(engine_dtype) or "bf16", UNIT_ROUNDOFF["bf16"])
+    sigma = sigma_bf16 * eps / UNIT_ROUNDOFF["bf16"]
     return sigma, TIE_Z * math.sqrt(2.0) * sigma
 
 

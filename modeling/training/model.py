@@ -128,23 +128,23 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
 
 def use_bf16(cfg: TrainConfig, on_cpu: bool) -> bool:
     """bf16 params + fp32 master weights (``--precision``; auto: on GPUs only)."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and not on_cpu)
+    return cfg.launch.precision == "bf16" or (cfg.launch.precision == "auto" and not on_cpu)
 
 
 def deepspeed_config(cfg: TrainConfig, on_cpu: bool) -> dict[str, Any]:
-    """ZeRO ``cfg.zero_stage``, bf16 (see :func:`use_bf16`) or fp32, AdamW, clip 0.5."""
-    zero: dict[str, Any] = {"stage": cfg.zero_stage, "contiguous_gradients": True,
+    """ZeRO ``cfg.launch.zero_stage``, bf16 (see :func:`use_bf16`) or fp32, AdamW, clip 0.5."""
+    zero: dict[str, Any] = {"stage": cfg.launch.zero_stage, "contiguous_gradients": True,
                             "overlap_comm": not on_cpu}
-    if cfg.offload_optimizer:
+    if cfg.launch.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
-    adam = {"lr": cfg.lr, "betas": list(ADAM_BETAS), "eps": 1e-8, "weight_decay": cfg.weight_decay}
-    if not cfg.offload_optimizer:
+    adam = {"lr": cfg.optimizer.lr, "betas": list(ADAM_BETAS), "eps": 1e-8, "weight_decay": cfg.optimizer.weight_decay}
+    if not cfg.launch.offload_optimizer:
         # torch's AdamW (foreach kernels on GPUs): DeepSpeed's FusedAdam would JIT-build with nvcc and
         # does not exist on CPU. Offload uses DeepSpeedCPUAdam (a C++ build, ~2.5 min on first use here).
         adam["torch_adam"] = True
     return {
         "train_micro_batch_size_per_gpu": 1,  # one packed row of --batch-tokens
-        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_accumulation_steps": cfg.optimizer.grad_accum,
         "gradient_clipping": GRAD_CLIP,
         "bf16": {"enabled": use_bf16(cfg, on_cpu)},
         "optimizer": {"type": "AdamW", "params": adam},

@@ -24,7 +24,7 @@ from modeling.draft.config import DraftConfig
 from modeling.draft.vocab import VocabMapping, build_draft_vocab
 from modeling.training.config import TrainConfig
 from modeling.training.data import Split, split_samples, store_columns, supervised_counts
-from pipeline.core.config import to_dict
+from pipeline.core.config import flat_options, leaf_values, to_dict
 from pipeline.core.durable import atomic_write_json
 from storage.reader import ChunkReadError
 from storage.store import HiddenStateStore, open_store
@@ -106,38 +106,38 @@ def check_inputs(cfg: TrainConfig) -> TrainInputs:
     """Every check that needs no GPU and no DeepSpeed (see the module docstring)."""
     from modeling.targets import UnsupportedTarget, target_identity, target_text_config
 
-    target = Path(cfg.target).resolve()
+    target = Path(cfg.data.target).resolve()
     try:
         identity = target_identity(target)
         text = target_text_config(target)
     except (UnsupportedTarget, ValueError) as err:
         raise TrainSetupError(f"--target {target}: {err}") from None
     vocab = int(text["vocab_size"])
-    if cfg.draft_vocab_size >= vocab:
-        raise TrainSetupError(f"--draft-vocab-size {cfg.draft_vocab_size} must be smaller than the target vocab "
+    if cfg.draft.draft_vocab_size >= vocab:
+        raise TrainSetupError(f"--draft-vocab-size {cfg.draft.draft_vocab_size} must be smaller than the target vocab "
                               f"({vocab}): pick e.g. {min(32000, vocab // 2)}")
-    store = _open_store(cfg.store)
+    store = _open_store(cfg.data.store)
     if len(store) == 0:
-        raise TrainSetupError(f"--store {cfg.store} has no committed samples (is stage 2 finished?)")
+        raise TrainSetupError(f"--store {cfg.data.store} has no committed samples (is stage 2 finished?)")
     try:
-        draft_config = DraftConfig.from_target_config(text, cfg.draft_vocab_size, cfg.draft_overrides())
+        draft_config = DraftConfig.from_target_config(text, cfg.draft.draft_vocab_size, cfg.draft.draft_config)
         aux = _check_store_target(store, target, identity["sha256"], draft_config.target_hidden_size)
         draft_config = dataclasses.replace(draft_config, aux_layer_ids=tuple(aux),
-                                           audio_input=cfg.draft_audio_input)
+                                           audio_input=cfg.draft.draft_audio_input)
     except (ValueError, TypeError) as err:
         raise TrainSetupError(str(err)) from None
     ids, lengths, num_loss = store_columns(store)
     if int(num_loss.sum()) == 0:
-        raise TrainSetupError(f"--store {cfg.store}: none of its {len(store)} samples has a loss token "
+        raise TrainSetupError(f"--store {cfg.data.store}: none of its {len(store)} samples has a loss token "
                               "(loss_mask is 0 everywhere), so there is nothing to train on")
-    split = split_samples(ids, num_loss, cfg.eval_fraction)
+    split = split_samples(ids, num_loss, cfg.data.eval_fraction)
     if not len(split.train):
-        raise TrainSetupError(f"--store {cfg.store}: all {len(split.eval)} samples with loss tokens are held out; "
-                              f"lower --eval-fraction ({cfg.eval_fraction})")
+        raise TrainSetupError(f"--store {cfg.data.store}: all {len(split.eval)} samples with loss tokens are held out; "
+                              f"lower --eval-fraction ({cfg.data.eval_fraction})")
     embed, lm_head = _read_tables(target)
-    final_norm = _read_final_norm(target, draft_config) if cfg.init_head == "target" else None
+    final_norm = _read_final_norm(target, draft_config) if cfg.draft.init_head == "target" else None
     info = {**identity, "identity_sha256": identity["sha256"], "vocab_size": vocab,
-            "num_layers": text["num_hidden_layers"], "store": str(Path(cfg.store).resolve()),
+            "num_layers": text["num_hidden_layers"], "store": str(Path(cfg.data.store).resolve()),
             "store_target": store.header.get("target")}
     return TrainInputs(store, split, lengths, draft_config, embed, lm_head, info, final_norm)
 
@@ -147,55 +147,55 @@ def check_schedule(cfg: TrainConfig, inputs: TrainInputs, world_size: int) -> No
     error is one line with exit status 2 instead of a traceback from every rank."""
     from modeling.training.data import Packing, epoch_rows
 
-    packing = Packing(cfg.batch_tokens, cfg.pack_window, cfg.seed, world_size, cfg.grad_accum)
+    packing = Packing(cfg.data.batch_tokens, cfg.data.pack_window, cfg.schedule.seed, world_size, cfg.optimizer.grad_accum)
     if not epoch_rows(inputs.split.train, inputs.lengths, packing, 0):
         raise TrainSetupError(f"{len(inputs.split.train)} training samples pack into fewer rows than world size x "
-                              f"grad accum ({world_size} x {cfg.grad_accum}) at --batch-tokens {cfg.batch_tokens}: "
+                              f"grad accum ({world_size} x {cfg.optimizer.grad_accum}) at --batch-tokens {cfg.data.batch_tokens}: "
                               "lower one of them or add data")
 
 
 def run_lock_path(cfg: TrainConfig) -> Path:
     """The lock rank 0 holds for the whole run: one job per run directory."""
-    return Path(cfg.output) / "locks" / "train.lock"
+    return Path(cfg.checkpointing.output) / "locks" / "train.lock"
 
 
 def check_run_dir(cfg: TrainConfig, world_size: int) -> dict[str, Any] | None:
     """The existing ``run.json`` (None for a new run) after checking this command may resume it."""
-    path = Path(cfg.output) / RUN_FILE
+    path = Path(cfg.checkpointing.output) / RUN_FILE
     if not path.is_file():
         return None
     run = json.loads(path.read_text())
     if run["identity"] != cfg.identity():
-        old = run["config"]
-        diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in to_dict(cfg).items()
+        old = flat_options(TrainConfig, run["config"])  # flat (earlier releases) or in sections
+        diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in leaf_values(cfg).items()
                  if old.get(k) != v and k not in ("output",) and k in old]
-        raise TrainSetupError(f"--output {cfg.output} holds a run with other settings ({'; '.join(diffs)}); "
+        raise TrainSetupError(f"--output {cfg.checkpointing.output} holds a run with other settings ({'; '.join(diffs)}); "
                               "rerun with the original settings to resume, or use a new --output")
     if run["world_size"] != world_size:
-        raise TrainSetupError(f"--output {cfg.output} was trained with {run['world_size']} processes, now "
+        raise TrainSetupError(f"--output {cfg.checkpointing.output} was trained with {run['world_size']} processes, now "
                               f"{world_size}: the data order and ZeRO partitions depend on it")
     return run
 
 
 def write_run_files(cfg: TrainConfig, inputs: TrainInputs, world_size: int, total_steps: int) -> VocabMapping:
     """Rank 0 of a new run: build the draft vocab over the training split, then ``run.json`` last."""
-    run_dir = Path(cfg.output)
+    run_dir = Path(cfg.checkpointing.output)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         counts = supervised_counts(inputs.store, inputs.split.train, inputs.draft_config.vocab_size)
     except ChunkReadError as err:
-        raise TrainSetupError(f"--store {cfg.store}: cannot read the token ids to build the draft vocab: {err}. "
-                              f"Find the damaged shards with `python -m storage.inspect verify --deep {cfg.store}` "
+        raise TrainSetupError(f"--store {cfg.data.store}: cannot read the token ids to build the draft vocab: {err}. "
+                              f"Find the damaged shards with `python -m storage.inspect verify --deep {cfg.data.store}` "
                               "and re-queue them for stage 2 with --repair") from None
-    vocab = build_draft_vocab(counts, cfg.draft_vocab_size)
+    vocab = build_draft_vocab(counts, cfg.draft.draft_vocab_size)
     vocab.save(run_dir / VOCAB_FILE)
     covered = int(counts[vocab.t2d].sum()) / max(int(counts.sum()), 1)
     lengths = inputs.lengths[np.concatenate([inputs.split.train, inputs.split.eval])]
-    over = lengths[lengths > cfg.batch_tokens]
+    over = lengths[lengths > cfg.data.batch_tokens]
     if len(over):
         log.warning("%d samples are longer than --batch-tokens %d (longest %d tokens) and are cut to it; their "
                     "%d tokens past the cut are not trained on: raise --batch-tokens to keep them", len(over),
-                    cfg.batch_tokens, int(over.max()), int((over - cfg.batch_tokens).sum()))
+                    cfg.data.batch_tokens, int(over.max()), int((over - cfg.data.batch_tokens).sum()))
     if inputs.split.no_loss:
         log.warning("%d samples have no loss tokens and are not trained on", inputs.split.no_loss)
     atomic_write_json(run_dir / RUN_FILE, {
@@ -204,7 +204,7 @@ def write_run_files(cfg: TrainConfig, inputs: TrainInputs, world_size: int, tota
         "draft_config": dataclasses.asdict(inputs.draft_config),
         "split": {"train": len(inputs.split.train), "eval": len(inputs.split.eval),
                   "no_loss_tokens": inputs.split.no_loss, "over_batch_tokens": len(over),
-                  "tokens_cut": int((over - cfg.batch_tokens).sum())},
+                  "tokens_cut": int((over - cfg.data.batch_tokens).sum())},
         "vocab": {"file": VOCAB_FILE, "supervised_tokens": int(counts.sum()), "coverage": round(covered, 6)},
     })
     return vocab

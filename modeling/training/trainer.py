@@ -37,9 +37,11 @@ from modeling.training.model import (
     warmup_steps,
 )
 from modeling.training.setup import TrainInputs, check_run_dir, load_vocab, run_lock_path, write_run_files
+from modeling.training.utilisation import training_resources
 from pipeline.core.durable import atomic_write_json, atomic_write_text
 from pipeline.core.faults import crash_point
 from pipeline.core.locks import FileLock
+from pipeline.core.resources import ResourceMeter
 
 log = logging.getLogger("stages.train")
 FINISHED = "FINISHED"
@@ -91,17 +93,17 @@ def build_engine(cfg: TrainConfig, inputs: TrainInputs, vocab: VocabMapping, tot
     """The DeepSpeed engine around a freshly initialised draft (same init on every rank)."""
     import deepspeed
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.schedule.seed)
     draft = TrainDraft(inputs.draft_config, inputs.embed_table)
     draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
-    if cfg.init_head == "target":
+    if cfg.draft.init_head == "target":
         assert inputs.final_norm is not None  # check_inputs reads it for --init-head target
         init_head_from_target(draft, inputs.lm_head, inputs.final_norm)
     # the teacher matmul runs in the compute dtype: bf16 on GPUs as the serving target does
     dtype = torch.bfloat16 if use_bf16(cfg, ctx.device.type == "cpu") else torch.float32
-    module = TrainModule(draft, inputs.lm_head.to(dtype), cfg.ttt_length, cfg.loss_decay)
+    module = TrainModule(draft, inputs.lm_head.to(dtype), cfg.draft.ttt_length, cfg.draft.loss_decay)
     module.to_device(ctx.device)
-    schedule = WarmupCosine(total_steps, warmup_steps(total_steps, cfg.warmup_ratio))
+    schedule = WarmupCosine(total_steps, warmup_steps(total_steps, cfg.optimizer.warmup_ratio))
     engine, *_ = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
         config=deepspeed_config(cfg, ctx.device.type == "cpu"),
@@ -124,25 +126,26 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, inputs: TrainInputs, ctx: Dist):
         self.cfg, self.inputs, self.ctx = cfg, inputs, ctx
-        self.run_dir = Path(cfg.output)
-        self.packing = Packing(cfg.batch_tokens, cfg.pack_window, cfg.seed, ctx.world, cfg.grad_accum)
-        self.schedule = Schedule(inputs.split.train, inputs.lengths, self.packing, ctx.rank, cfg.epochs, cfg.max_steps)
-        self.audio = cfg.draft_audio_input == "encoder"
+        self.run_dir = Path(cfg.checkpointing.output)
+        self.packing = Packing(cfg.data.batch_tokens, cfg.data.pack_window, cfg.schedule.seed, ctx.world, cfg.optimizer.grad_accum)
+        self.schedule = Schedule(inputs.split.train, inputs.lengths, self.packing, ctx.rank, cfg.schedule.epochs, cfg.schedule.max_steps)
+        self.audio = cfg.draft.draft_audio_input == "encoder"
         # fp8 stores: a GPU gets uint8 rows + scales and dequantizes them itself; a CPU run keeps
         # the loader's numpy dequantization (2.4x faster than torch's there, and in the workers)
         self.dequantize_in_loader = ctx.device.type == "cpu"
-        rows, counted = eval_rows(inputs.split.eval, inputs.lengths, self.packing, ctx.rank, cfg.eval_max_batches)
-        self.eval_data = PackedRows(inputs.store, rows, cfg.batch_tokens, self.audio, counted,
+        rows, counted = eval_rows(inputs.split.eval, inputs.lengths, self.packing, ctx.rank, cfg.monitoring.eval_max_batches)
+        self.eval_data = PackedRows(inputs.store, rows, cfg.data.batch_tokens, self.audio, counted,
                                     self.dequantize_in_loader)
-        rows, counted = (eval_rows(inputs.split.train, inputs.lengths, self.packing, ctx.rank, cfg.eval_max_batches)
-                         if cfg.fit_eval else ([], []))
-        self.fit_data = PackedRows(inputs.store, rows, cfg.batch_tokens, self.audio, counted,
+        rows, counted = (eval_rows(inputs.split.train, inputs.lengths, self.packing, ctx.rank, cfg.monitoring.eval_max_batches)
+                         if cfg.monitoring.fit_eval else ([], []))
+        self.fit_data = PackedRows(inputs.store, rows, cfg.data.batch_tokens, self.audio, counted,
                                    self.dequantize_in_loader)
         self.vocab = self._prepare_run_dir()
         self.engine = build_engine(cfg, inputs, self.vocab, self.schedule.total_steps, ctx)
         self.sinks: MetricSinks | None = None
         self.skipped_path = self.run_dir / f"skipped-samples-rank{ctx.rank:05d}.jsonl"
         self.skipped = {r["id"]: r for r in _read_jsonl(self.skipped_path)}  # kept across a resume
+        self.trained_tokens, self.train_seconds = 0, 0.0
 
     def _prepare_run_dir(self) -> VocabMapping:
         """Rank 0 creates or checks the run directory; everyone then reads the same vocab."""
@@ -156,8 +159,9 @@ class Trainer:
         dist.barrier()
         return load_vocab(self.run_dir)
 
-    def run(self) -> int:
-        """Train to the end of the schedule (resuming if possible); returns the final step."""
+    def run(self, meter: ResourceMeter) -> int:
+        """Train to the end of the schedule (resuming if possible); returns the final step. ``meter``
+        measures this rank since before its set-up; its numbers go to ``FINISHED``."""
         state = load_checkpoint(self.engine, self.run_dir, self.ctx.rank)
         step = int(state["step"]) if state else 0
         if state:
@@ -176,9 +180,23 @@ class Trainer:
         if self.skipped:
             log.warning("rank %d: %d samples could not be read and were skipped; listed in %s",
                         self.ctx.rank, len(self.skipped), self.skipped_path)
+        meter.stop()
+        cfg = self.cfg
+        resources = training_resources(meter, self.trained_tokens, self.train_seconds, self.inputs.draft_config,
+                                       ttt_length=cfg.draft.ttt_length, row_tokens=cfg.data.batch_tokens,
+                                       device_type=self.ctx.device.type, precision=self.engine_precision(),
+                                       peak_tflops=cfg.launch.peak_tflops)
         if self.ctx.rank == 0:
-            atomic_write_json(self.run_dir / FINISHED, {"step": step, "time": time.time()})
+            log.info("trained %s tokens at %s tokens/s; MFU %s (peak: %s); peak RSS per rank %.2f GiB",
+                     resources["tokens"], resources["tokens_per_s"],
+                     "-" if resources["mfu"] is None else f"{resources['mfu']:.2%}", resources["peak_source"],
+                     resources["peak_rss_bytes"] / 2**30)
+            atomic_write_json(self.run_dir / FINISHED, {"step": step, "time": time.time(), "resources": resources})
         return step
+
+    def engine_precision(self) -> str:
+        """The precision the draft's matmuls run in (what the MFU's peak is for)."""
+        return "bf16" if use_bf16(self.cfg, self.ctx.device.type == "cpu") else "fp32"
 
     def _note_skipped(self, skipped: list[dict[str, Any]]) -> None:
         """Warn once per sample a row left out (each epoch meets it again) and remember it."""
@@ -195,12 +213,14 @@ class Trainer:
         atomic_write_text(self.skipped_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     def _train_from(self, step: int) -> int:
-        cfg, ga, total = self.cfg, self.cfg.grad_accum, self.schedule.total_steps
-        loader = train_loader(self.inputs.store, self.schedule, step * ga, self.audio, cfg.num_workers,
+        cfg, ga, total = self.cfg, self.cfg.optimizer.grad_accum, self.schedule.total_steps
+        loader = train_loader(self.inputs.store, self.schedule, step * ga, self.audio, cfg.data.num_workers,
                               pin_memory=self.ctx.device.type == "cuda", dequantize=self.dequantize_in_loader)
-        window = MetricWindow(cfg.ttt_length, cfg.num_spec_tokens)
+        window = MetricWindow(cfg.draft.ttt_length, cfg.monitoring.num_spec_tokens)
         self.engine.train()
+        started, paused_s = time.monotonic(), 0.0
         for micro, batch in enumerate(loader, start=step * ga):
+            self.trained_tokens += int(batch["num_tokens"])
             self._note_skipped(batch["skipped"])
             res = self.engine(_to_device(batch, self.ctx.device, self.inputs.store.dtype))
             self.engine.backward(res["loss"])
@@ -211,18 +231,20 @@ class Trainer:
                 continue
             step = (micro + 1) // ga
             crash_point("train-step", str(step))
-            if step % cfg.log_every == 0 or step == total:
-                self._log("train", step, window.summary(cfg.loss_decay, self.ctx.device),
+            if step % cfg.monitoring.log_every == 0 or step == total:
+                self._log("train", step, window.summary(cfg.draft.loss_decay, self.ctx.device),
                           lr=lr, epoch=self.schedule.position(micro + 1)["epoch"])
                 window.reset()
             paused = time.monotonic()
-            if step % cfg.save_every == 0 or step == total or (cfg.eval_every and step % cfg.eval_every == 0):
+            if step % cfg.checkpointing.save_every == 0 or step == total or (cfg.monitoring.eval_every and step % cfg.monitoring.eval_every == 0):
                 self._evaluate(step)
             if step == total:  # the final weights on training rows: what vLLM should measure on them
                 self._evaluate(step, "fit")
-            if step % cfg.save_every == 0 or step == total:
+            if step % cfg.checkpointing.save_every == 0 or step == total:
                 self._save(step)
             window.start += time.monotonic() - paused  # tokens/s counts training time only
+            paused_s += time.monotonic() - paused
+        self.train_seconds += time.monotonic() - started - paused_s
         return step
 
     def _log(self, split: str, step: int, values: dict[str, Any], **extra: Any) -> None:
@@ -237,7 +259,7 @@ class Trainer:
         data = self.eval_data if split == "eval" else self.fit_data
         if not len(data):
             return
-        window = MetricWindow(self.cfg.ttt_length, self.cfg.num_spec_tokens)
+        window = MetricWindow(self.cfg.draft.ttt_length, self.cfg.monitoring.num_spec_tokens)
         self.engine.eval()
         with torch.no_grad():
             for i in range(len(data)):
@@ -247,17 +269,17 @@ class Trainer:
                 if batch["counted"]:
                     window.add(res, batch["num_tokens"], len(batch["skipped"]))
         self.engine.train()
-        self._log(split, step, window.summary(self.cfg.loss_decay, self.ctx.device))
+        self._log(split, step, window.summary(self.cfg.draft.loss_decay, self.ctx.device))
 
     def _save(self, step: int) -> None:
-        state = {"step": step, "loader": self.schedule.position(step * self.cfg.grad_accum),
-                 "total_steps": self.schedule.total_steps, "seed": self.cfg.seed}
+        state = {"step": step, "loader": self.schedule.position(step * self.cfg.optimizer.grad_accum),
+                 "total_steps": self.schedule.total_steps, "seed": self.cfg.schedule.seed}
 
         def snapshot(step_dir: Path, weights: dict[str, torch.Tensor]) -> None:
             save_draft_snapshot(step_dir, weights, self.inputs.draft_config, self.vocab,
                                 list(self.inputs.draft_config.aux_layer_ids), self.inputs.target_info)
 
-        save_checkpoint(self.engine, self.run_dir, step, state, self.ctx.rank, snapshot, self.cfg.keep_checkpoints)
+        save_checkpoint(self.engine, self.run_dir, step, state, self.ctx.rank, snapshot, self.cfg.checkpointing.keep_checkpoints)
 
 
 def train(cfg: TrainConfig, inputs: TrainInputs) -> int:
@@ -268,7 +290,8 @@ def train(cfg: TrainConfig, inputs: TrainInputs) -> int:
     if lock is not None:
         lock.acquire()
     try:
-        return Trainer(cfg, inputs, ctx).run()
+        with ResourceMeter() as meter:
+            return Trainer(cfg, inputs, ctx).run(meter)
     finally:
         if lock is not None:
             lock.release()

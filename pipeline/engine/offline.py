@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline.core.dtypes import long_name
 from pipeline.data.audio import SAMPLE_RATE
 from pipeline.data.records import Turn
 
@@ -43,7 +44,7 @@ def build_llm(model: str | Path, *, tensor_parallel_size: int = 1, max_model_len
     from vllm import LLM
 
     kwargs: dict[str, Any] = {"model": str(model), "tensor_parallel_size": tensor_parallel_size,
-                              "dtype": dtype, "seed": seed}
+                              "dtype": long_name(dtype), "seed": seed}
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
     if on_cpu():

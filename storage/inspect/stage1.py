@@ -15,6 +15,7 @@ from typing import Any
 from pipeline.core.durable import sha256_file
 from pipeline.core.shards import SHARD_NAME
 from pipeline.core.stage1_layout import PROGRESS_DIR, entry_files
+from pipeline.data.shard_stage import entry_rejections
 from storage.inspect.common import (
     Inspected,
     Problem,
@@ -50,7 +51,7 @@ def summarize_stage1(item: Inspected) -> dict[str, Any]:
     reasons: Counter = Counter()
     finish: Counter = Counter()
     for e in entries:
-        reasons.update(e.get("rejected_by_reason", {}))
+        reasons.update(entry_rejections(e))
         records, _ = _files(item, e)
         for line in _lines(records) if records and records.is_file() else []:
             for turn in json.loads(line).get("conversations", []):

@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.shard_stage import entry_rejections
 from storage.checksum import store_checksum
+from storage.footprint import raw_store_bytes
 from storage.inspect.common import (
     TMP_NAME,
     Inspected,
@@ -51,13 +53,13 @@ def rejections_by_reason(item: Inspected) -> Counter:
         if entry.get("errors_file") and path.is_file():
             counts.update(reason_key(json.loads(line)) for line in path.read_text("utf-8").splitlines())
         else:
-            counts.update(entry.get("rejected_by_field", {}))
+            counts.update(entry_rejections(entry))  # this release's field name or the one before
     return counts
 
 
 def raw_bf16_bytes(hidden: int, layers: int, tokens: int, last: int, audio: int) -> int:
     """The same content uncompressed, every hidden value as 2 bytes (ids int32, mask uint8)."""
-    return tokens * (4 + 1 + 2 * layers * hidden) + last * (4 + 2 * hidden) + audio * 2 * hidden
+    return raw_store_bytes(hidden, tokens, last, audio, layers)
 
 
 def summarize_store(item: Inspected, dataset_tokens: int | None = None) -> dict[str, Any]:

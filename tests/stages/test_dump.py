@@ -61,8 +61,10 @@ def prepared(target: Path, input_path: Path) -> dict:
     return {r.id: prepare_sample(r, chat) for r in read_conversations(input_path).records}
 
 
-def shard_entries(store: Path) -> dict:
-    return json.loads((store / "manifest.json").read_text())["shards"]
+def shard_entries(store: Path, resources: bool = False) -> dict:
+    """The manifest's shard entries; without their ``resources`` (time and memory differ between runs)."""
+    entries = json.loads((store / "manifest.json").read_text())["shards"]
+    return entries if resources else {k: {f: v for f, v in e.items() if f != "resources"} for k, e in entries.items()}
 
 
 def errors(store: Path, shard: int = 0) -> list[dict]:
@@ -97,10 +99,16 @@ def assert_same_store(got: Path, ref: Path) -> None:
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def test_speech_fixture_all_accepted(speech_store, fixtures_dir):
-    (entry,) = shard_entries(speech_store).values()
+def test_speech_fixture_all_accepted(speech_store, fixtures_dir, tiny_target):
+    (entry,) = shard_entries(speech_store, resources=True).values()
     assert (entry["input_records"], entry["accepted"], entry["rejected"]) == (30, 30, 0)
     store = open_store(speech_store)
+    # resources: a fresh run forwarded every stored token, and held the target's weights (fp32) at once
+    res = entry["resources"]
+    assert res["tokens"] == sum(int(s["num_tokens"]) for s in store.iter_samples())
+    assert res["wall_s"] > 0 and res["tokens_per_s"] == pytest.approx(res["tokens"] / res["wall_s"], rel=1e-3)
+    weights = sum(4 * t.numel() for t in load_file(tiny_target / "model.safetensors").values())
+    assert min(res["peak_rss_bytes"], res["peak_tree_rss_bytes"]) >= weights
     ids = [json.loads(x)["id"] for x in (fixtures_dir / "speech.jsonl").read_text().splitlines()]
     assert [s["id"] for s in store.iter_samples()] == ids  # input order, whatever the batching
     assert store.validate(deep=True) == []
@@ -122,7 +130,7 @@ def test_bad_records_accepted_and_rejected_with_reasons(tmp_path, tiny_target, f
         assert row["field"] == expect[row["index"]]["field"] and expect[row["index"]]["reason"] in row["reason"]
     (entry,) = shard_entries(tmp_path / "store").values()
     assert (entry["input_records"], entry["accepted"], entry["rejected"]) == (23, 2, 21)
-    assert sum(entry["rejected_by_field"].values()) == 21
+    assert sum(entry["rejected_by_reason"].values()) == 21
 
 
 def test_stored_values_bit_exact_at_batch_size_one(tmp_path, tiny_target, fixtures_dir, hf_hidden_states):
@@ -228,7 +236,7 @@ def test_two_workers_racing_over_all_shards(tmp_path, speech_store, tiny_target,
 
 def test_two_shards_hold_what_one_shard_holds(tmp_path, speech_store, tiny_target, fixtures_dir):
     results = dump(tiny_target, fixtures_dir / "speech.jsonl", tmp_path / "store", "--num-shards", "2")
-    assert [r.num_input for r in results] == [15, 15]
+    assert [len(r.shard) for r in results] == [15, 15]
     one, two = open_store(speech_store), open_store(tmp_path / "store")
     assert len(two.shards()) == 2 and len(one) == len(two) == 30
     for a, b in zip(one.iter_samples(), two.iter_samples(), strict=True):
@@ -253,7 +261,7 @@ def test_nan_capture_rejected_others_kept(tmp_path, tiny_target, fixtures_dir):
     unique = sorted(ids["text-01"] - ids["clip-05"] - ids["clip-06"])  # tokens only text-01 has
     target = nan_target(tiny_target, tmp_path / "nan-target", unique[0])
     (result,) = dump(target, jsonl, tmp_path / "store")  # one window, one batch: NaN beside clean rows
-    assert (result.num_accepted, result.num_rejected) == (2, 1)
+    assert (result.accepted, result.rejected) == (2, 1)
     (row,) = errors(tmp_path / "store")
     assert (row["id"], row["field"]) == ("text-01", "hidden_states") and "NaN" in row["reason"]
     for got in open_store(tmp_path / "store").iter_samples():
@@ -263,7 +271,7 @@ def test_nan_capture_rejected_others_kept(tmp_path, tiny_target, fixtures_dir):
 def test_over_long_rejected_or_truncated(tmp_path, tiny_target, fixtures_dir):
     jsonl = write_subset(fixtures_dir, tmp_path / "in.jsonl", ["clip-00", "text-00", "multi-00"])
     (result,) = dump(tiny_target, jsonl, tmp_path / "a", "--max-length", "150")
-    assert (result.num_accepted, result.num_rejected) == (2, 1)
+    assert (result.accepted, result.rejected) == (2, 1)
     (row,) = errors(tmp_path / "a")
     assert row["id"] == "multi-00" and "longer than --max-length 150" in row["reason"]
     dump(tiny_target, jsonl, tmp_path / "b", "--max-length", "150", "--truncate")
@@ -325,4 +333,4 @@ def test_too_short_clip_rejected(tmp_path, tiny_target, fixtures_dir):
     jsonl = write_subset(fixtures_dir, tmp_path / "in.jsonl", ["text-00"], [blip])
     (result,) = dump(tiny_target, jsonl, tmp_path / "store")
     (row,) = errors(tmp_path / "store")
-    assert (result.num_accepted, row["id"], row["field"]) == (1, "blip", "audio") and "1 audio token" in row["reason"]
+    assert (result.accepted, row["id"], row["field"]) == (1, "blip", "audio") and "1 audio token" in row["reason"]

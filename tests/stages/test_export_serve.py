@@ -284,7 +284,7 @@ def test_benchmark_cli_serves_the_export_as_eagle3(engine_runs: dict) -> None:
         assert run["output_tokens_per_s"] > 0 and run["requests_per_s"] > 0 and run["wer"] is not None
         assert run["repeats"] == 2 and len(run["wall_s_all"]) == 2 and run["repeat_outputs_equal"] is True
         lo, hi = run["output_tokens_per_s_range"]
-        assert lo <= run["output_tokens_per_s"] <= hi and run["dtype"] == "bfloat16"
+        assert lo <= run["output_tokens_per_s"] <= hi and run["dtype"] == "bf16"
     lo, hi = result["speedup_range"]
     assert 0 < lo <= result["speedup"] <= hi
     # lossless up to bf16 near-ties: every divergence scored, none a real mismatch
@@ -321,7 +321,7 @@ def test_full_vocab_draft_without_d2t_loads_and_matches_plain(engine_runs: dict,
                           max_new_tokens=32)
     cases = [DivergenceCase(p.id, p.request.prompt_ids, p.request.audios, r["plain"]["token_ids"], ids)
              for p, r, ids in zip(build_prompts(cfg)[0], rows, full["token_ids"], strict=True)]
-    scored = TieChecker(tiny_target).score(cases, "bfloat16")
+    scored = TieChecker(tiny_target).score(cases, "bf16")
     assert all(d.numerical_tie for d in scored), [d.to_dict() for d in scored]
     assert len(scored) == sum(c.output_a != c.output_b for c in cases)
 

@@ -43,7 +43,7 @@ DATA = REPO / "tests" / "data"
 # batch 1 and 24 on an AMX CPU, also with oneDNN limited to AVX512_CORE; in bf16 15/24 did, all at
 # near-ties). Tests that compare runs with other batches (shard counts, racing workers, reruns,
 # server vs offline) rely on it; byte-identical resume with the same batch plan does not.
-SETTINGS = {"max_new_tokens": 8, "batch_size": 16, "seed": 0, "dtype": "float32"}
+SETTINGS = {"max_new_tokens": 8, "batch_size": 16, "seed": 0, "dtype": "fp32"}
 SHARD = "shard-00000-of-00001.jsonl"
 
 
@@ -133,7 +133,7 @@ def served_reference(tiny_target, inputs, served, tmp_path_factory) -> Path:
     start = time.monotonic()
     with tracing(out.parent / "trace.txt"):  # the crash points a full run passes, for the crash chain
         [result] = run(make_cfg(tiny_target, inputs / "all.jsonl", out, server=[served, dead], max_concurrency=8))
-    print(f"\nserver run: {result.accepted} records, {result.generated_tokens} tokens "
+    print(f"\nserver run: {result.accepted} records, {result.tokens} tokens "
           f"in {time.monotonic() - start:.1f} s")
     return out
 
@@ -145,8 +145,8 @@ def reference(tiny_target, inputs, engine, tmp_path_factory) -> Path:
     start = time.monotonic()
     [result] = run(make_cfg(tiny_target, inputs / "all.jsonl", out), engine)
     seconds = time.monotonic() - start
-    print(f"\nreference run: {result.accepted} records, {result.generated_tokens} tokens in {seconds:.1f} s "
-          f"({result.accepted / seconds:.2f} records/s, {result.generated_tokens / seconds:.1f} tokens/s)")
+    print(f"\nreference run: {result.accepted} records, {result.tokens} tokens in {seconds:.1f} s "
+          f"({result.accepted / seconds:.2f} records/s, {result.tokens / seconds:.1f} tokens/s)")
     return out
 
 
@@ -195,6 +195,12 @@ def test_every_good_record_regenerated_every_bad_one_rejected(tiny_target, input
     assert entry["status"] == "done"
     assert entry["accepted"] + entry["rejected"] == entry["input_records"] == source.total == manifest["input_records"]
     assert entry["accepted"] == len(out.records) and entry["rejected"] == len(errors)
+    # resources: a fresh run generated every token it committed, and the engine holding the
+    # target's weights (vLLM's engine core, a live child) is inside the sampled process tree
+    res = entry["resources"]
+    assert res["tokens"] == entry["generated_tokens"] == sum(len(t.token_ids) for r in out.records for t in r.turns
+                                                             if t.role == "assistant")
+    assert res["wall_s"] > 0 and res["peak_tree_rss_bytes"] >= (tiny_target / "model.safetensors").stat().st_size
     for name, info in entry["files"].items():
         assert sha256_file(reference / name) == info["sha256"]
     files = sorted(str(p.relative_to(reference)) for p in reference.rglob("*") if p.is_file())
@@ -539,11 +545,16 @@ def test_parquet_asr_pairs_to_a_trained_draft(tiny_target, source_datasets, engi
     out = tmp_path / "bench" / "RESULT.json"
     cmd = [sys.executable, "-m", "stages.benchmark", "--target", str(tiny_target), "--input",
            str(source_datasets / "hub"), "--split", "test", "--output", str(out), "--max-new-tokens", "8",
-           "--num-prompts", "3", "--repeats", "1", "--dtype", "float32", "--no-tie-check"]
+           "--num-prompts", "3", "--repeats", "1", "--dtype", "fp32", "--no-tie-check"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert (report["num_prompts"], report["rejected_records"], report["plain"]["errors"]) == (3, 0, 0)
     assert report["plain"]["wer"] is not None and report["plain"]["wer"] > 0  # a random target, real references
+    # resources: the timed passes' decoded tokens, and the engine (a live child holding the weights)
+    res, plain = report["resources"], report["plain"]
+    assert res["tokens"] == plain["output_tokens"] * plain["repeats"] and res["wall_s"] == pytest.approx(
+        sum(plain["wall_s_all"]), abs=2e-3)
+    assert res["peak_tree_rss_bytes"] >= (tiny_target / "model.safetensors").stat().st_size
     outputs = [json.loads(x) for x in out.with_name("RESULT.outputs.jsonl").read_text().splitlines()]
     assert [o["reference"] for o in outputs] == TEXTS[9:12]

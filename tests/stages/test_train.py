@@ -113,6 +113,9 @@ def test_zero2_learns_and_writes_the_run_layout(zero2_run, tmp_path):
     from stages.export import main as export_main
 
     assert export_main(["--run", str(zero2_run), "--output", str(tmp_path / "draft")]) == 0
+    # the export held the weights it wrote: its peak RSS is at least their size
+    res = json.loads((tmp_path / "draft" / "export_info.json").read_text())["resources"]
+    assert res["wall_s"] > 0 and res["peak_rss_bytes"] >= (tmp_path / "draft" / "model.safetensors").stat().st_size
     assert json.loads((tmp_path / "draft" / "config.json").read_text())["draft_vocab_size"] == 256
 
 

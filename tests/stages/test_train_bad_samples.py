@@ -167,6 +167,12 @@ def test_training_skips_names_and_counts_them(damaged, tiny_target, tmp_path) ->
     # every training sample was either trained on or skipped, once (one epoch)
     trained_tokens = sum(r["tokens"] for r in train)
     assert 0 < skipped_train <= len(listed) and trained_tokens > 0
+    # FINISHED's resources count the same trained tokens as the metrics lines; MFU is a fraction of a
+    # peak read off this machine
+    res = json.loads((out / "FINISHED").read_text())["resources"]
+    assert res["tokens"] == trained_tokens and res["ranks"] == 1 and res["wall_s"] > 0
+    assert res["achieved_flops"] == pytest.approx(res["train_flops_per_token"] * res["tokens_per_s"])
+    assert res["peak_flops"] is None or 0 < res["mfu"] < 1
     assert run["split"]["train"] + run["split"]["eval"] == len(open_store(store_dir))
 
 

@@ -126,6 +126,18 @@ def file_sizes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
 
 
+def test_summary_reads_the_previous_release_rejection_counts(store_dir, tmp_path, capsys) -> None:
+    """A store of the previous release (entries with ``rejected_by_field``, as :func:`write_rejection`
+    writes) whose errors files are gone still reports its rejections from the manifest."""
+    old = tmp_path / "old-store"
+    shutil.copytree(store_dir, old)
+    for path in old.glob("errors-*.jsonl"):
+        path.unlink()
+    status, s = run_json(capsys, "summary", old)
+    assert status == 0 and s["rejected"] == 2
+    assert s["rejected_by_reason"] == {r.field: 1 for r in REJECTIONS}
+
+
 def test_summary_agrees_with_an_independent_count(store_dir, samples, capsys) -> None:
     status, s = run_json(capsys, "summary", store_dir, "--dataset-tokens", 10**9)
     mine = committed(samples)
