@@ -14,7 +14,7 @@ import pytest
 from pipeline.tools import sysdeps
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "pipeline" / "sysdeps.py"
+SCRIPT = REPO / "pipeline" / "tools" / "sysdeps.py"
 
 
 def _bin(tmp_path: Path, *names: str) -> Path:
