@@ -12,6 +12,7 @@ Four drafts, each trained with the same number of answer tokens, the same steps 
 | ``text`` | the same prompts' words, typed |
 | ``chat`` | general text chat (:mod:`modeling.smol_audio.chat_prompts`: what a text-only trainer gives) |
 | ``mix`` | half the ``audio`` answer tokens, half the ``chat`` ones |
+| ``audio-hearing`` | the ``audio`` store, the draft fed the target's audio embeddings (not the placeholder's) |
 
 Each is exported and served by vLLM on held-out prompts (the ``eval`` split: prompts no draft and not
 the target's encoder heard), spoken and typed: acceptance length, per-position rates, speed-up over one
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +43,9 @@ import psutil
 from stages import dump, export, regenerate, train
 
 CONDITIONS = ("audio", "text", "chat", "mix")
+# the audio condition's store again, the draft fed the target's audio embeddings at audio positions
+# instead of the placeholder token's (served by the plugin's hearing draft class; docs/stage-train.md)
+HEARING = "audio-hearing"
 EVAL_SETS = ("spoken", "text")
 # the demo's stage 1-3 settings (configs/demo.yaml): fp32 for batch-invariant greedy answers on CPU
 REGEN = ["--max-new-tokens", "{max_new}", "--batch-size", "32", "--max-model-len", "1024", "--dtype", "fp32"]
@@ -51,8 +56,11 @@ TRAIN = ["--nproc", "2", "--zero-stage", "2", "--precision", "fp32", "--epochs",
 
 
 def run_measured(cmd: list[str], log_path: Path) -> dict[str, float]:
-    """Run ``cmd`` (output to ``log_path``); wall seconds and the peak summed RSS of its process tree."""
+    """Run ``cmd`` (output to ``log_path``): wall seconds, CPU seconds (user + system of the whole reaped
+    process tree: unlike wall time, not inflated when another job shares the cores) and the peak summed
+    RSS of its process tree."""
     peak = 0
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log_path.open("w") as log:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -75,7 +83,9 @@ def run_measured(cmd: list[str], log_path: Path) -> dict[str, float]:
         sampler.join()
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({code}); see {log_path}")
-    return {"wall_s": time.perf_counter() - start, "peak_rss_bytes": peak}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": time.perf_counter() - start, "cpu_s": cpu_s, "peak_rss_bytes": peak}
 
 
 def py(module: str, *args: str) -> list[str]:
@@ -182,8 +192,10 @@ class Bench:
     def train_and_export(self, name: str, store: Path, seed: int) -> Path:
         a = self.args
         run, draft = self.root / f"run-{name}-seed{seed}", self.root / f"draft-{name}-seed{seed}"
+        audio_input = "encoder" if name == HEARING else "placeholder"
         cmd = py("stages.train", "--store", str(store), "--target", a.target, "--output", str(run), *TRAIN,
-                 "--max-steps", str(a.train_steps), "--save-every", str(a.train_steps), "--seed", str(seed))
+                 "--max-steps", str(a.train_steps), "--save-every", str(a.train_steps), "--seed", str(seed),
+                 "--draft-audio-input", audio_input)
         self.measured(f"train-{name}-seed{seed}", cmd, train.is_complete(run))
         self.measured(f"export-{name}-seed{seed}", py("stages.export", "--run", str(run), "--output", str(draft)),
                       export.is_complete(draft))
@@ -227,20 +239,34 @@ class Bench:
         data = self.datasets()
         regen = self.regenerate(data)
         chosen = selections(regen)
+        regenerated = {n: sum(map(answer_tokens, stage1_rows(path))) for n, path in regen.items()}
         drafts, cost = {}, {}
         for name in CONDITIONS:
             rows = chosen[name]
             store = self.dump(name, write_selection(rows, self.root / f"select-{name}"))
             tokens = sum(map(answer_tokens, rows))
             cost[name] = {"records": len(rows), "answer_tokens": tokens,
-                          "store_bytes_per_answer_token": store_bytes(store) / tokens}
+                          "store_bytes_per_answer_token": store_bytes(store) / tokens,
+                          "stage1_cpu_ms_per_answer_token": _stage1_rate(self.costs, regenerated, name),
+                          "stage2_cpu_ms_per_answer_token": 1e3 * self.costs[f"stage2-{name}"]["cpu_s"] / tokens}
             for seed in a.seeds:
                 drafts[f"{name}-seed{seed}"] = self.train_and_export(name, store, seed)
+                if name == "audio" and a.hearing:
+                    drafts[f"{HEARING}-seed{seed}"] = self.train_and_export(HEARING, store, seed)
+        if a.hearing:
+            cost[HEARING] = cost["audio"]
         served = self.serve(drafts, data)
         result = {"args": vars(a), "conditions": cost, "costs": self.costs, "served": served,
                   "cpu": _cpu(), "time": time.time()}
         (self.root / "result.json").write_text(json.dumps(result, indent=1))
         return result
+
+
+def _stage1_rate(costs: dict[str, Any], regenerated: dict[str, int], name: str) -> float | None:
+    """Stage 1's CPU milliseconds per regenerated answer token; ``mix`` pays the mean of its two halves."""
+    parts = ("audio", "chat") if name == "mix" else (name,)
+    rates = [1e3 * costs[f"stage1-{n}"]["cpu_s"] / regenerated[n] for n in parts if "cpu_s" in costs.get(f"stage1-{n}", {})]
+    return statistics.mean(rates) if len(rates) == len(parts) else None
 
 
 def _cpu() -> str:
@@ -256,9 +282,10 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"k={a['k']}, {a['train_steps']} steps, seeds {a['seeds']}, {a['eval_prompts']} held-out prompts per set; "
              f"{result['cpu']}",
              "| draft trained on | spoken: acceptance | per position | speedup | typed: acceptance | per position "
-             "| speedup | answer tokens | stage 1 s | stage 2 s | store B/token | train tok/s | train peak RSS GiB |",
+             "| speedup | answer tokens | stage 1 CPU ms/token | stage 2 CPU ms/token | store B/token | train tok/s "
+             "| train peak RSS GiB |",
              "|---" * 13 + "|"]
-    for name in CONDITIONS:
+    for name in CONDITIONS + ((HEARING,) if a.get("hearing") else ()):
         cells = []
         for eval_set in EVAL_SETS:
             runs = [result["served"][eval_set][f"{name}-seed{s}"] for s in a["seeds"]]
@@ -268,10 +295,10 @@ def table(result: dict[str, Any]) -> str:
             speed = [r["speedup"] for r in runs]
             cells += [_median_range(acc), "/".join(f"{p:.2f}" for p in pos), _median_range(speed, "x")]
         cond = result["conditions"][name]
-        stage1 = sum(costs.get(f"stage1-{n}", {}).get("wall_s", 0) for n in (("audio", "chat") if name == "mix" else (name,)))
         trains = [costs[f"train-{name}-seed{s}"] for s in a["seeds"]]
-        cells += [str(cond["answer_tokens"]), f"{stage1:.0f}" if stage1 else "reused",
-                  f"{costs[f'stage2-{name}']['wall_s']:.0f}", f"{cond['store_bytes_per_answer_token']:.0f}",
+        stage1 = cond["stage1_cpu_ms_per_answer_token"]
+        cells += [str(cond["answer_tokens"]), f"{stage1:.0f}" if stage1 is not None else "reused",
+                  f"{cond['stage2_cpu_ms_per_answer_token']:.0f}", f"{cond['store_bytes_per_answer_token']:.0f}",
                   f"{statistics.median(t['tokens_per_s'] for t in trains):.0f}",
                   f"{max(t['peak_rss_bytes'] for t in trains) / 2**30:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -295,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-prompts", type=int, default=12, help="held-out prompts per set (spoken, typed)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per engine")
     parser.add_argument("-k", type=int, default=4, help="draft tokens per step")
+    parser.add_argument("--no-hearing", dest="hearing", action="store_false",
+                        help="skip the fifth draft: the audio store, trained and served with the audio embeddings")
     parser.add_argument("--spoken-regen", default="", help="reuse a stage-1 output of the spoken train split "
                         "(e.g. make demo's work/demo/regenerated) instead of regenerating it")
     args = parser.parse_args(argv)

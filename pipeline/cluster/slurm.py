@@ -18,7 +18,7 @@ from pipeline.cluster.orchestrate import Paths, load_pipeline_config, stage_path
 from pipeline.core.cli import EXIT_SERVICE
 from pipeline.core.config import from_dict, opt, read_yaml_section, require
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(kw_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -89,6 +90,11 @@ def test_emit_slurm_scripts(tmp_path):
         text = script.read_text()
         assert script.name == "submit.sh" or f"#SBATCH --output={tmp_path / 'slurm' / 'logs'}/" in text
         subprocess.run(["bash", "-n", str(script)], check=True)  # valid shell syntax
+        # every path into this checkout the job runs (the entry point, PYTHONPATH) exists: a package move
+        # that left a stale root here failed only on a real Slurm
+        repo_paths = set(re.findall(rf"{re.escape(str(ROOT))}[^\s:$}}\"']*", text))
+        assert repo_paths or script.name == "submit.sh", script.name
+        assert all(Path(p).exists() for p in repo_paths), sorted(repo_paths)
     out = subprocess.run([sys.executable, "run_pipeline.py", "status", "--config", str(cfg)], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "regenerate 0/? shards done (not started)" in out
