@@ -4,7 +4,7 @@
         [--max-new-tokens 64 --train-steps 100 --seeds 0 1 --eval-prompts 12 --repeats 2]
         [--spoken-regen work/demo/regenerated]
 
-Four drafts, each trained with the same number of answer tokens, the same steps and seed:
+Five drafts (``--no-hearing``: four), each trained with the same number of answer tokens, the same steps and seed:
 
 | condition | training conversations (stage 1 regenerates every answer with the target) |
 |---|---|
