@@ -12,8 +12,15 @@ Data: each ``target``-split prompt (:mod:`modeling.smol_audio.prompts`) spoken b
 | transcribe | ``--transcribe-share`` | the clip + "Transcribe the audio." | the prompt's words |
 
 Loss: cross-entropy of the answer tokens through the frozen 30-layer LLM (teacher-forced), plus a CTC
-loss on letters from the projected audio embeddings; the first ``--ctc-steps`` steps train the encoder
-with CTC alone (no LLM forward: ~20x cheaper a step). The audio path runs on unpadded mel frames
+loss on the prompt's LLM tokens from the projected audio embeddings (:mod:`modeling.smol_audio.hearing`);
+the first ``--ctc-steps`` steps train the encoder with CTC alone (no LLM forward: ~7x cheaper a step
+at twice the batch). Each phase has its own warm-up and cosine. Every ``--eval-every`` steps the CTC
+head's greedy transcripts of ``--eval-clips`` held-out clips give the encoder's WER (the history's
+``hearing_wer``).
+
+Training starts from the parts in ``--target`` (a build from the committed file continues that
+training; a ``--trained none`` build starts from the seeded random encoder); ``training.json`` keeps
+the earlier runs' records under ``previous``. The audio path runs on unpadded mel frames
 (:mod:`modeling.asr_target.encoder`: the same embeddings as the stock 30 s window).
 
 Resumable: a checkpoint every ``--save-every`` steps in ``--work``; a rerun continues from it with the
@@ -41,8 +48,9 @@ import torch
 from modeling.asr_target.clip_batches import ClipSet, load_clips, make_batch
 from modeling.asr_target.encoder import encode_audio
 from modeling.asr_target.speech import VOICES, espeak_version
-from modeling.asr_target.train_target import CTCHead
 from modeling.smol_audio import build, llm
+from modeling.smol_audio.dataset import items
+from modeling.smol_audio.hearing import PromptVocab, TokenCTCHead, hearing_wer
 from modeling.smol_audio.prompts import TRANSCRIBE, WPM_RANGE, prompts
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.core.durable import atomic_write_text
@@ -69,6 +77,8 @@ class TrainConfig:
     warmup_steps: int = 30
     ctc_weight: float = 0.2
     seed: int = 0
+    eval_every: int = 100
+    eval_clips: int = 64
     save_every: int = 50
     log_every: int = 10
     threads: int = 2
@@ -119,12 +129,15 @@ class AudioRows(torch.nn.Module):
 def batch_of(idx: list[int], tasks: list[str], clips: list[Clip], features: ClipSet, teacher: dict[str, list[int]],
              chat: ChatTokenizer, pad_id: int) -> dict[str, Any]:
     conversations = [turns(clips[i], t, teacher[clips[i].prompt_id]) for i, t in zip(idx, tasks, strict=True)]
-    return {**make_batch(conversations, features, idx, chat, pad_id), "texts": [clips[i].text.lower() for i in idx]}
+    return {**make_batch(conversations, features, idx, chat, pad_id), "texts": [clips[i].text for i in idx]}
 
 
-def losses(model: Any, rows: AudioRows, ctc: CTCHead, batch: dict[str, Any], with_llm: bool) -> dict[str, torch.Tensor]:
-    audio = encode_audio(model, batch["features"], batch["num_samples"])
-    counts = [Qwen2AudioFamily.num_audio_tokens(n) for n in batch["num_samples"]]
+def encode(model: Any, features: torch.Tensor, num_samples: list[int]) -> tuple[torch.Tensor, list[int]]:
+    return encode_audio(model, features, num_samples), [Qwen2AudioFamily.num_audio_tokens(n) for n in num_samples]
+
+
+def losses(model: Any, rows: AudioRows, ctc: TokenCTCHead, batch: dict[str, Any], with_llm: bool) -> dict[str, torch.Tensor]:
+    audio, counts = encode(model, batch["features"], batch["num_samples"])
     out = {"ctc": ctc(audio, counts, batch["texts"])}
     if with_llm:
         ids = batch["input_ids"]
@@ -137,11 +150,29 @@ def losses(model: Any, rows: AudioRows, ctc: CTCHead, batch: dict[str, Any], wit
     return out
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Warm-up then cosine to 5%, restarted when the LLM phase begins (its loss is new to the encoder)."""
+    start, length = (0, cfg.ctc_steps) if step < cfg.ctc_steps else (cfg.ctc_steps, cfg.steps)
+    step -= start
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, length - cfg.warmup_steps)
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def eval_batches(work: Path, count: int, extractor: Any, size: int = 16) -> list[tuple[torch.Tensor, list[int], list[str]]]:
+    """Held-out (``eval`` split) clips as the benchmark draws them, in batches for :func:`hearing_wer`."""
+    held = [Clip(p.id, p.text, voice, wpm) for _, p, voice, wpm in items("eval", count, seed=0)]
+    clips = load_features(work, held, extractor)
+    out = []
+    for lo in range(0, len(held), size):
+        idx = list(range(lo, min(lo + size, len(held))))
+        frames = max(clips.features[i].shape[1] for i in idx)
+        feats = torch.zeros(len(idx), clips.features[idx[0]].shape[0], frames)
+        for b, i in enumerate(idx):
+            feats[b, :, : clips.features[i].shape[1]] = torch.from_numpy(clips.features[i].astype(np.float32))
+        out.append((feats, [clips.num_samples[i] for i in idx], [held[i].text for i in idx]))
+    return out
 
 
 def trained_parts(model: Any, rows: AudioRows) -> dict[str, torch.Tensor]:
@@ -185,7 +216,10 @@ def train(cfg: TrainConfig) -> Path:
     model.model.audio_tower.embed_positions.requires_grad_(False)  # sinusoidal, fixed as in Whisper
     rows = AudioRows(model.model.get_input_embeddings().weight.detach(),
                      processor.tokenizer.convert_tokens_to_ids(list(build.ROW_TOKENS)))
-    ctc = CTCHead(model.config.text_config.hidden_size)
+    ctc = TokenCTCHead(model.config.text_config.hidden_size, PromptVocab(processor.tokenizer))
+    held_out = eval_batches(work, cfg.eval_clips, processor.feature_extractor)
+    previous = json.loads(Path(cfg.out).with_name("training.json").read_text()) \
+        if Path(cfg.out).with_name("training.json").is_file() else None
     params = [p for m in (*trainable, rows, ctc) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     order = random.Random(cfg.seed)
@@ -198,14 +232,14 @@ def train(cfg: TrainConfig) -> Path:
                             (rows, "rows"), (ctc, "ctc"), (opt, "opt")):
             module.load_state_dict(state[key])
         order.setstate(state["order"])
-        history, first = state["history"], state["step"]
+        history, first, previous = state["history"], state["step"], state["previous"]
         log.info("resumed at step %d", first)
     window: dict[str, list[float]] = {}
     tick = time.monotonic()
     for step in range(first, total):
         with_llm = step >= cfg.ctc_steps
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, cfg)
+            group["lr"] = lr_at(step, cfg)
         idx = order.sample(range(len(clips)), cfg.batch_size if with_llm else cfg.ctc_batch_size)
         tasks = ["transcribe" if order.random() < cfg.transcribe_share else "answer" for _ in idx]
         batch = batch_of(idx, tasks, clips, features, teacher, chat, processor.tokenizer.pad_token_id)
@@ -221,6 +255,12 @@ def train(cfg: TrainConfig) -> Path:
             entry = {"step": step + 1, **{k: round(float(np.mean(v)), 4) for k, v in window.items()},
                      "s_per_step": round((time.monotonic() - tick) / cfg.log_every, 2),
                      "elapsed_s": round(time.monotonic() - start)}
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
+                for module in (*trainable, ctc):
+                    module.eval()
+                entry["hearing_wer"] = round(hearing_wer(lambda f, n: encode(model, f, n), ctc, held_out), 4)
+                for module in (*trainable, ctc):
+                    module.train()
             history.append(entry)
             log.info("%s", entry)
             window, tick = {}, time.monotonic()
@@ -228,7 +268,7 @@ def train(cfg: TrainConfig) -> Path:
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"tower": model.model.audio_tower.state_dict(), "proj": model.model.multi_modal_projector.state_dict(),
                         "rows": rows.state_dict(), "ctc": ctc.state_dict(), "opt": opt.state_dict(),
-                        "order": order.getstate(), "history": history, "step": step + 1}, tmp)
+                        "order": order.getstate(), "history": history, "step": step + 1, "previous": previous}, tmp)
             os.replace(tmp, ckpt)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +279,7 @@ def train(cfg: TrainConfig) -> Path:
             "clips": len(clips), "speech_hours": round(sum(lengths) / 16000 / 3600, 2),
             "trained_parameters": sum(p.numel() for m in (*trainable, rows) for p in m.parameters() if p.requires_grad),
             "machine": {"cpu": platform.processor() or platform.machine(), "threads": cfg.threads},
-            "history": history}
+            "history": history, "previous": previous}
     atomic_write_text(out.with_name("training.json"), json.dumps(info, indent=1) + "\n")
     return out
 

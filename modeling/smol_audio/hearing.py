@@ -1,0 +1,89 @@
+"""Does the encoder hear? A CTC head over the LLM's own tokens of the prompts, and its word error rate.
+
+The auxiliary loss that teaches the SmolLM2 target's encoder to hear before the frozen LLM has learned
+to read it. Labels are the LLM tokens of the spoken prompt (392 distinct ids over all 2,026 prompts,
+6.9 a prompt on average), not letters: a question spoken at 240 words a minute gives ~25 audio
+frames (25 Hz) a second but ~20 letters a second, so letter CTC was infeasible (and silently zeroed by
+``zero_infinity``) on the fastest clips, and 0.3 tokens a frame leaves CTC room for blanks. The head is
+not part of the target (training only).
+
+The same head's greedy decode gives the encoder's word error rate on held-out clips, an encoder-only
+check (a few seconds) that training logs long before the LLM answers from the audio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from modeling.smol_audio.prompts import all_prompts
+
+
+class PromptVocab:
+    """The LLM token ids the prompts use, as CTC labels 1..N (0 is the blank)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        ids = sorted({i for p in all_prompts() for i in self.ids_of(p.text)})
+        self.llm_ids = ids
+        self.label_of = {t: k + 1 for k, t in enumerate(ids)}
+
+    def ids_of(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def labels(self, text: str) -> list[int]:
+        """CTC labels of ``text``; a token outside the prompts' vocabulary is an error (every clip is a prompt)."""
+        ids = self.ids_of(text)
+        missing = [i for i in ids if i not in self.label_of]
+        if missing:
+            raise ValueError(f"{text!r}: tokens {missing[:3]} are not in the prompts' vocabulary")
+        return [self.label_of[i] for i in ids]
+
+    def text_of(self, labels: Sequence[int]) -> str:
+        return self.tokenizer.decode([self.llm_ids[k - 1] for k in labels])
+
+
+class TokenCTCHead(torch.nn.Module):
+    """Prompt tokens from the projected audio embeddings (CTC)."""
+
+    def __init__(self, hidden: int, vocab: PromptVocab):
+        super().__init__()
+        self.vocab = vocab
+        self.proj = torch.nn.Linear(hidden, len(vocab.llm_ids) + 1)
+
+    def log_probs(self, audio: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """Per clip [frames, labels + 1] log-probabilities; ``audio`` holds the clips' rows back to back."""
+        return list(torch.log_softmax(self.proj(audio).float(), -1).split(counts))
+
+    def forward(self, audio: torch.Tensor, counts: list[int], texts: Sequence[str]) -> torch.Tensor:
+        frames = torch.nn.utils.rnn.pad_sequence(self.log_probs(audio, counts))  # [T, N, C]
+        labels = [torch.tensor(self.vocab.labels(t)) for t in texts]
+        # zero_infinity: an infeasible clip (more labels than frames) must not poison the batch; with
+        # ~0.3 labels a frame none is infeasible in this data set
+        return torch.nn.functional.ctc_loss(frames, torch.cat(labels), torch.tensor(counts),
+                                            torch.tensor([len(x) for x in labels]), zero_infinity=True)
+
+    def greedy_texts(self, audio: torch.Tensor, counts: list[int]) -> list[str]:
+        out = []
+        for logp in self.log_probs(audio, counts):
+            best = logp.argmax(-1).tolist()
+            labels = [k for j, k in enumerate(best) if k != 0 and (j == 0 or best[j - 1] != k)]
+            out.append(self.vocab.text_of(labels))
+        return out
+
+
+@torch.no_grad()
+def hearing_wer(encode: Any, head: TokenCTCHead, batches: Sequence[tuple[Any, list[int], list[str]]]) -> float:
+    """Corpus WER of the head's greedy transcripts; ``batches``: (features, num_samples, texts) each,
+    ``encode(features, num_samples) -> (audio rows, counts)``."""
+    from pipeline.data.wer import corpus_wer
+
+    refs, hyps = [], []
+    for feats, num_samples, texts in batches:
+        audio, counts = encode(feats, num_samples)
+        hyps += head.greedy_texts(audio, counts)
+        refs += list(texts)
+    wer = corpus_wer(refs, hyps)
+    return float("nan") if wer is None else wer

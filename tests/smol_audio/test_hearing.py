@@ -1,0 +1,59 @@
+"""The encoder's hearing check: CTC over the LLM's tokens of the prompts decodes back to the prompt, the
+loss ranks a right alignment far below a wrong one, and a word no prompt uses is refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling.smol_audio import build
+from modeling.smol_audio.hearing import PromptVocab, TokenCTCHead, hearing_wer
+from modeling.smol_audio.prompts import all_prompts
+
+CACHE = Path(__file__).resolve().parents[1] / ".cache"
+
+
+@pytest.fixture(scope="module")
+def vocab() -> PromptVocab:
+    from transformers import AutoTokenizer
+
+    built = build.build(CACHE / "smol-audio-target", cache_dir=CACHE / "smol-llm")
+    return PromptVocab(AutoTokenizer.from_pretrained(str(built)))
+
+
+def _head_reading(vocab: PromptVocab, texts: list[str], frames_per_label: int = 3) -> tuple[TokenCTCHead, torch.Tensor, list[int]]:
+    """A head whose projection reads one-hot 'audio' rows: each label held for a few frames, then a blank."""
+    size = len(vocab.llm_ids) + 1
+    head = TokenCTCHead(size, vocab)
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.eye(size) * 30)
+        head.proj.bias.zero_()
+    rows, counts = [], []
+    for text in texts:
+        seq = [k for label in vocab.labels(text) for k in [label] * frames_per_label + [0]]
+        rows.append(torch.nn.functional.one_hot(torch.tensor(seq), size).float())
+        counts.append(len(seq))
+    return head, torch.cat(rows), counts
+
+
+def test_every_prompt_has_labels_and_greedy_decoding_gives_it_back(vocab):
+    texts = [p.text for p in all_prompts()[::97]]
+    head, audio, counts = _head_reading(vocab, texts)
+    assert head.greedy_texts(audio, counts) == texts
+    assert all(0 < len(vocab.labels(p.text)) <= 12 for p in all_prompts())
+    assert hearing_wer(lambda a, c: (a, c), head, [(audio, counts, texts)]) == 0.0
+
+
+def test_loss_ranks_the_right_transcript_below_a_wrong_one(vocab):
+    texts = ["What is a volcano?", "Give me three tips for saving money."]
+    head, audio, counts = _head_reading(vocab, texts)
+    right = float(head(audio, counts, texts).detach())
+    wrong = float(head(audio, counts, list(reversed(texts))).detach())
+    assert right < 0.01 < 10 * right + 1 < wrong
+
+
+def test_a_word_no_prompt_uses_is_refused_by_name(vocab):
+    with pytest.raises(ValueError, match="quantum"):
+        vocab.labels("What is quantum chromodynamics?")
