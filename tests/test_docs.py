@@ -124,7 +124,9 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     for module in ("pipeline.core.faults", "pipeline.tools.view", "pipeline.tools.tiny_target", "modeling.asr_target.train_target",
                    "modeling.asr_target.speech", "benchmarks.bench_asr_target", "benchmarks.bench_batch_invariance",
                    "benchmarks.bench_codecs", "benchmarks.bench_store", "benchmarks.bench_train",
-                   "benchmarks.bench_ttt_step", "benchmarks.bench_audio_vs_text", "modeling.smol_audio.dataset"):
+                   "benchmarks.bench_ttt_step", "benchmarks.bench_audio_vs_text", "modeling.smol_audio.dataset",
+                   "modeling.smol_audio.build", "modeling.smol_audio.teacher", "modeling.smol_audio.train",
+                   "benchmarks.bench_smol_target", "benchmarks.probe_smol_reading"):
         main = importlib.import_module(module).main
         takes_argv = bool(main.__code__.co_argcount)
         out[module] = _capture(main, takes_argv)

@@ -7,6 +7,11 @@ frames (25 Hz) a second but ~20 letters a second, so letter CTC was infeasible (
 ``zero_infinity``) on the fastest clips, and 0.3 tokens a frame leaves CTC room for blanks. The head is
 not part of the target (training only).
 
+Its best path (:func:`ctc_spikes`) says at which audio frame each token is spoken: training then asks
+the encoder for the token's own LLM embedding at that frame and a filler's elsewhere (the LLM reads
+"What  is  a  glacier" spread over the clip's frames and answers about glaciers: checked with exact
+embeddings before training), which the frozen LLM can read from the first step.
+
 The same head's greedy decode gives the encoder's word error rate on held-out clips, an encoder-only
 check (a few seconds) that training logs long before the LLM answers from the audio.
 """
@@ -72,6 +77,35 @@ class TokenCTCHead(torch.nn.Module):
             labels = [k for j, k in enumerate(best) if k != 0 and (j == 0 or best[j - 1] != k)]
             out.append(self.vocab.text_of(labels))
         return out
+
+
+def ctc_spikes(logp: torch.Tensor, labels: list[int]) -> list[int]:
+    """The frame where each label starts on the best CTC path of ``labels`` through ``logp`` [T, C]
+    (Viterbi over the blank-interleaved labels); frames are ascending, one per label."""
+    ext = [0] + [x for label in labels for x in (label, 0)]  # blank, l1, blank, l2, ..., blank
+    states, frames = len(ext), logp.shape[0]
+    if frames < len(labels):
+        raise ValueError(f"{frames} frames cannot hold {len(labels)} labels")
+    emit = logp[:, ext].double()  # [T, S]
+    # a move of two states is allowed into a label that differs from the label two states back
+    skip = torch.tensor([s >= 2 and ext[s] != 0 and ext[s] != ext[s - 2] for s in range(states)])
+    score = torch.full((states,), -torch.inf, dtype=torch.float64)
+    score[:2] = emit[0, :2]
+    back = torch.zeros(frames, states, dtype=torch.long)
+    for t in range(1, frames):
+        stay, one = score, torch.cat([score.new_full((1,), -torch.inf), score[:-1]])
+        two = torch.where(skip, torch.cat([score.new_full((2,), -torch.inf), score[:-2]]), -torch.inf)
+        best = torch.stack([stay, one, two])
+        arg = best.argmax(0)
+        score = best.gather(0, arg[None])[0] + emit[t]
+        back[t] = arg
+    state = states - 1 if score[-1] >= score[-2] else states - 2
+    path = [state]
+    for t in range(frames - 1, 0, -1):
+        state -= int(back[t, state])
+        path.append(state)
+    path.reverse()
+    return [t for t in range(frames) if ext[path[t]] != 0 and (t == 0 or path[t - 1] != path[t])]
 
 
 @torch.no_grad()

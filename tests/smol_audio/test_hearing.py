@@ -57,3 +57,21 @@ def test_loss_ranks_the_right_transcript_below_a_wrong_one(vocab):
 def test_a_word_no_prompt_uses_is_refused_by_name(vocab):
     with pytest.raises(ValueError, match="quantum"):
         vocab.labels("What is quantum chromodynamics?")
+
+
+def test_spikes_are_where_each_token_starts_on_the_best_path(vocab):
+    from modeling.smol_audio.hearing import ctc_spikes
+
+    text = "What is a glacier?"
+    head, audio, counts = _head_reading(vocab, [text])
+    logp = head.log_probs(audio, counts)[0]
+    assert ctc_spikes(logp, vocab.labels(text)) == [4 * k for k in range(len(vocab.labels(text)))]
+    # a repeated label needs a blank between its two spikes; the path still finds both
+    repeated = vocab.labels("What is a a glacier?")
+    seq = [0] + [k for label in repeated for k in (label, label, 0)]
+    size = len(vocab.llm_ids) + 1
+    one_hot = torch.nn.functional.one_hot(torch.tensor(seq), size).float()
+    spikes = ctc_spikes(torch.log_softmax(head.proj(one_hot), -1), repeated)
+    assert spikes == [1 + 3 * k for k in range(len(repeated))]
+    with pytest.raises(ValueError, match="cannot hold"):
+        ctc_spikes(logp[:2], vocab.labels(text))
