@@ -72,9 +72,14 @@ def make_batch(conversations: Sequence[list[Turn]], clips: ClipSet, idx: Sequenc
         n = len(e.input_ids)
         ids[b, :n], attn[b, :n] = torch.from_numpy(e.input_ids), 1
         loss[b, :n] = torch.from_numpy(e.loss_mask.astype(bool))
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "features": padded_features(clips, idx),
+            "num_samples": [clips.num_samples[i] for i in idx]}
+
+
+def padded_features(clips: ClipSet, idx: Sequence[int]) -> torch.Tensor:
+    """Left-aligned float32 mel features [len(idx), 128, longest] of clips ``idx`` (zeros past each clip)."""
     frames = max(clips.features[i].shape[1] for i in idx)
     feats = torch.zeros(len(idx), clips.features[idx[0]].shape[0], frames)
     for b, i in enumerate(idx):
         feats[b, :, : clips.features[i].shape[1]] = torch.from_numpy(clips.features[i].astype(np.float32))
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "features": feats,
-            "num_samples": [clips.num_samples[i] for i in idx]}
+    return feats

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modeling.asr_target.clip_batches import ClipSet, load_clips, make_batch
+from modeling.asr_target.clip_batches import ClipSet, load_clips, make_batch, padded_features
 from modeling.asr_target.encoder import encode_audio
 from modeling.asr_target.speech import VOICES, espeak_version
 from modeling.smol_audio import build, llm
@@ -164,12 +164,11 @@ def align_loss(audio: torch.Tensor, counts: list[int], texts: list[str], ctc: To
 
 
 def losses(model: Any, rows: AudioRows, ctc: TokenCTCHead, batch: dict[str, Any], phase: str,
-           filler_id: int) -> dict[str, torch.Tensor]:
+           filler_id: int, row_sq_norm: float) -> dict[str, torch.Tensor]:
     audio, counts = encode(model, batch["features"], batch["num_samples"])
     out = {"ctc": ctc(audio, counts, batch["texts"])}
     if phase != "ctc":
         table = model.model.get_input_embeddings().weight
-        row_sq_norm = float((table[: ctc.vocab.tokenizer.vocab_size] ** 2).sum(-1).mean())  # 10.6 for SmolLM2
         out["align"] = align_loss(audio, counts, batch["texts"], ctc, table, filler_id, row_sq_norm)
     if phase == "llm":
         ids = batch["input_ids"]
@@ -209,11 +208,7 @@ def eval_batches(work: Path, count: int, extractor: Any, size: int = 16) -> list
     out = []
     for lo in range(0, len(held), size):
         idx = list(range(lo, min(lo + size, len(held))))
-        frames = max(clips.features[i].shape[1] for i in idx)
-        feats = torch.zeros(len(idx), clips.features[idx[0]].shape[0], frames)
-        for b, i in enumerate(idx):
-            feats[b, :, : clips.features[i].shape[1]] = torch.from_numpy(clips.features[i].astype(np.float32))
-        out.append((feats, [clips.num_samples[i] for i in idx], [held[i].text for i in idx]))
+        out.append((padded_features(clips, idx), [clips.num_samples[i] for i in idx], [held[i].text for i in idx]))
     return out
 
 
@@ -233,6 +228,9 @@ def train(cfg: TrainConfig) -> Path:
     work = Path(cfg.work)
     processor = AutoProcessor.from_pretrained(cfg.target)
     chat = ChatTokenizer(processor.tokenizer, Qwen2AudioFamily)
+    filler_id = processor.tokenizer(cfg.filler, add_special_tokens=False).input_ids
+    if len(filler_id) != 1:  # checked before the minutes of loading and synthesis
+        raise ValueError(f"--filler {cfg.filler!r} is {len(filler_id)} tokens; it must be one")
     teacher = {}
     for line in Path(cfg.teacher).read_text().splitlines():
         row = json.loads(line)
@@ -266,9 +264,8 @@ def train(cfg: TrainConfig) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     order = random.Random(cfg.seed)
     total = cfg.ctc_steps + cfg.align_steps + cfg.steps
-    filler_id = processor.tokenizer(cfg.filler, add_special_tokens=False).input_ids
-    if len(filler_id) != 1:
-        raise ValueError(f"--filler {cfg.filler!r} is {len(filler_id)} tokens; it must be one")
+    table = model.model.get_input_embeddings().weight
+    row_sq_norm = float((table[: processor.tokenizer.vocab_size] ** 2).sum(-1).mean())  # 10.6 for SmolLM2
     history: list[dict[str, Any]] = []
     ckpt, first = work / "resume.pt", 0
     if ckpt.exists():
@@ -289,7 +286,7 @@ def train(cfg: TrainConfig) -> Path:
         idx = order.sample(range(len(clips)), cfg.batch_size if with_llm else cfg.ctc_batch_size)
         tasks = ["transcribe" if order.random() < cfg.transcribe_share else "answer" for _ in idx]
         batch = batch_of(idx, tasks, clips, features, teacher, chat, processor.tokenizer.pad_token_id)
-        parts = losses(model, rows, ctc, batch, phase, filler_id[0])
+        parts = losses(model, rows, ctc, batch, phase, filler_id[0], row_sq_norm)
         loss = (parts.get("ce", 0.0) + (cfg.ctc_weight if with_llm else 1.0) * parts["ctc"]
                 + cfg.align_weight * parts.get("align", 0.0))
         opt.zero_grad(set_to_none=True)
