@@ -1,32 +1,43 @@
 """Can the frozen SmolLM2 read a prompt placed in its audio slot as the words' own embeddings?
 
-    python -m benchmarks.probe_smol_reading --target work/smol-audio-target [--prompts 8 --layout once --rank 0]
+    python -m benchmarks.probe_smol_reading --target work/smol-audio-target [--prompts 12 --layout once --rank 0]
+    python -m benchmarks.probe_smol_reading --layout once --learn-filler 150   # a trained gap row
 
 An upper bound for what an encoder trained toward the LLM's embeddings (``modeling.smol_audio.train``'s
 align phase) can give: each held-out prompt's audio rows (as many as its clip would have) are filled
-with the embeddings of the prompt's tokens, spread evenly over the rows:
+with the embeddings of the prompt's tokens:
 
-- ``once``: each token at the first row of its share, the filler (" ") elsewhere: what a CTC path
+- ``once``: each token at the first row of its even share, the filler elsewhere: what a CTC path
   (one spike a token, blanks between) aligned to embeddings looks like;
-- ``repeat``: each token over its whole share.
+- ``repeat``: each token over its whole share;
+- ``packed``: the tokens in the first rows, one each, the filler after them (the words contiguous, as in
+  the text prompt: an encoder would have to count and gather the spoken words to write this).
 
 ``--rank R`` first projects the prompt tokens' embeddings onto their top R principal directions: the
-error a projector of rank R (the encoder's width) cannot avoid. The LLM answers greedily
-(transformers, fp32, 16 tokens), read as text it answers the same prompt; printed per prompt, with
-how many answers name the prompt's topic, start with the same token, and equal the text answer in all
-16 tokens. Written to ``--out`` (default ``benchmarks/results/smol_reading_probe.json``, one entry per
-layout and rank, merged).
+error a projector of rank R (the encoder's width) cannot avoid. The filler is ``--filler-row``: the
+``" "`` token's row, zeros or the vocabulary's mean row. ``--learn-filler N`` trains the filler and
+the ``<|audio_bos|>``/``<|audio_eos|>`` rows from there for N Adam steps (batch 8, lr 3e-3) through the frozen LLM on the teacher's answers (first 24 tokens) to
+``--train-prompts`` spoken ``target``-split prompts in the same layout: can one learned gap row make the
+LLM skip the gaps? The LLM answers greedily (transformers, fp32, 16 tokens), read as text it answers the
+same prompt; printed per prompt, with how many answers name the prompt's topic, start with the same
+token, and equal the text answer in all 16 tokens. Written to ``--out`` (default
+``benchmarks/results/smol_reading_probe.json``, one entry per layout, rank and filler, merged).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline.data.records import Part, Turn
+
+FILLER = -1  # a row slot that takes the filler vector
 
 
 def _greedy(model: Any, emb: torch.Tensor, end_id: int, max_tokens: int = 16) -> list[int]:
@@ -41,7 +52,9 @@ def _greedy(model: Any, emb: torch.Tensor, end_id: int, max_tokens: int = 16) ->
     return out
 
 
-def _rows(layout: str, tokens: list[int], frames: int, filler: int) -> list[int]:
+def _rows(layout: str, tokens: list[int], frames: int, filler: int = FILLER) -> list[int]:
+    if layout == "packed":
+        return tokens[:frames] + [filler] * (frames - len(tokens))
     share = frames / len(tokens)
     rows = []
     for j in range(frames):
@@ -50,22 +63,71 @@ def _rows(layout: str, tokens: list[int], frames: int, filler: int) -> list[int]
     return rows
 
 
+class SlotFiller(torch.nn.Module):
+    """The prompt in the audio slot: token rows from ``table``, the filler and the boundary rows as vectors
+    (trainable when ``--learn-filler``)."""
+
+    def __init__(self, model: Any, chat: Any, table: torch.Tensor, filler: torch.Tensor, boundary_ids: list[int]):
+        super().__init__()
+        self.model, self.chat, self.table, self.boundary_ids = model, chat, table, boundary_ids
+        self.filler = torch.nn.Parameter(filler.clone())
+        self.boundary = torch.nn.Parameter(model.model.get_input_embeddings().weight[boundary_ids].detach().clone())
+
+    def embed(self, layout: str, tokens: list[int], frames: int, answer: list[int]) -> torch.Tensor:
+        ids = torch.tensor(self.chat.encode([Turn("user", [Part("audio", audio=Path("clip.flac"))])], until_turn=1,
+                                            audio_token_counts=[frames]).input_ids.tolist() + answer)
+        emb = self.model.model.get_input_embeddings()(ids)
+        for k, token in enumerate(self.boundary_ids):
+            emb = torch.where((ids == token)[:, None], self.boundary[k], emb)
+        audio = torch.stack([self.table[t] if t != FILLER else self.filler for t in _rows(layout, tokens, frames)])
+        return emb.masked_scatter((ids == self.model.config.audio_token_id)[:, None], audio)
+
+
+def learn_filler(slot: SlotFiller, layout: str, examples: list[tuple[list[int], int, list[int]]], steps: int) -> list[float]:
+    """Adam on the filler and boundary rows: teacher-forced cross-entropy of the answers through the LLM."""
+    opt = torch.optim.Adam([slot.filler, slot.boundary], lr=3e-3)
+    rng, losses = random.Random(0), []
+    for step in range(steps):
+        batch = rng.sample(examples, 8)
+        embs = [slot.embed(layout, tokens, frames, answer) for tokens, frames, answer in batch]
+        width = max(e.shape[0] for e in embs)
+        x = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, width - e.shape[0])) for e in embs])
+        mask = torch.tensor([[1] * e.shape[0] + [0] * (width - e.shape[0]) for e in embs])
+        labels = torch.full(mask.shape, -100)
+        for i, (e, (_, _, answer)) in enumerate(zip(embs, batch, strict=True)):
+            labels[i, e.shape[0] - len(answer): e.shape[0]] = torch.tensor(answer)
+        hidden = slot.model.model.language_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        loss = torch.nn.functional.cross_entropy(slot.model.lm_head(hidden[:, :-1]).flatten(0, 1), labels[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 25 == 0 or step + 1 == steps:
+            print(f"learn-filler step {step}: loss {sum(losses[-25:]) / len(losses[-25:]):.3f}", flush=True)
+    return losses
+
+
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
     from modeling.asr_target.speech import synthesize
+    from modeling.smol_audio.build import ROW_TOKENS
     from modeling.smol_audio.dataset import items
     from modeling.smol_audio.hearing import PromptVocab
     from modeling.smol_audio.teacher import text_turns
     from modeling.targets.qwen2_audio import Qwen2AudioFamily
-    from pipeline.data.records import Part, Turn
     from pipeline.data.template import ChatTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="work/smol-audio-target")
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--layout", choices=("once", "repeat"), default="once")
+    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--layout", choices=("once", "repeat", "packed"), default="once")
     parser.add_argument("--rank", type=int, default=0, help="0: the exact embeddings")
+    parser.add_argument("--filler-row", choices=("space", "zero", "mean"), default="space",
+                        help="the filler's vector: the \" \" token's row, zeros, or the mean of the vocabulary's rows")
+    parser.add_argument("--learn-filler", type=int, default=0, help="Adam steps on the filler and boundary rows (0: off)")
+    parser.add_argument("--train-prompts", type=int, default=400)
+    parser.add_argument("--teacher", default="work/smol/teacher-target.jsonl")
     parser.add_argument("--out", default="benchmarks/results/smol_reading_probe.json")
     args = parser.parse_args(argv)
 
@@ -74,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = proc.tokenizer
     chat = ChatTokenizer(tok, Qwen2AudioFamily)
     model = Qwen2AudioForConditionalGeneration.from_pretrained(args.target, dtype=torch.float32).eval()
+    model.requires_grad_(False)
     table = model.model.get_input_embeddings().weight.detach().clone()
     filler = tok(" ", add_special_tokens=False).input_ids[0]
     used = PromptVocab(tok).llm_ids + [filler]
@@ -84,19 +147,29 @@ def main(argv: list[str] | None = None) -> None:
         basis = torch.linalg.svd(x - mean, full_matrices=False).Vh[: args.rank]
         table[used] = mean + (x - mean) @ basis.T @ basis
         relative_error = float(((table[used] - x) ** 2).sum(-1).mean() / (x**2).sum(-1).mean())
+    filler_row = {"space": table[filler], "zero": torch.zeros_like(table[filler]),
+                  "mean": table[: tok.vocab_size].mean(0)}[args.filler_row]
+    slot = SlotFiller(model, chat, table, filler_row, tok.convert_tokens_to_ids(list(ROW_TOKENS)))
+
+    def spoken(split: str, count: int) -> list[tuple[Any, list[int], int]]:
+        return [(p, tok(p.text, add_special_tokens=False).input_ids,
+                 Qwen2AudioFamily.num_audio_tokens(len(synthesize(p.text, voice, wpm))))
+                for _, p, voice, wpm in items(split, count, seed=0)]
+
+    final_loss = None
+    if args.learn_filler:
+        answers = {r["id"]: r["answer_ids"][:24] for r in map(json.loads, Path(args.teacher).read_text().splitlines())}
+        train = [(tokens, frames, answers[p.id]) for p, tokens, frames in spoken("target", args.train_prompts)]
+        tail = learn_filler(slot, args.layout, train, args.learn_filler)[-25:]
+        final_loss = round(sum(tail) / len(tail), 3)
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
     counts = {"on_topic": 0, "first_token_equal": 0, "first16_equal": 0}
     examples = []
-    for _, prompt, voice, wpm in items("eval", args.prompts, seed=0):
-        frames = Qwen2AudioFamily.num_audio_tokens(len(synthesize(prompt.text, voice, wpm)))
-        rows = _rows(args.layout, tok(prompt.text, add_special_tokens=False).input_ids, frames, filler)
-        ids = torch.tensor(chat.encode([Turn("user", [Part("audio", audio=Path("clip.flac"))])], until_turn=1,
-                                       audio_token_counts=[frames]).input_ids)[None]
+    for prompt, tokens, frames in spoken("eval", args.prompts):
         written = torch.tensor(chat.encode(text_turns(prompt.text), until_turn=1).input_ids)[None]
         with torch.no_grad():
-            emb = model.model.get_input_embeddings()(ids)
-            emb = emb.masked_scatter((ids == model.config.audio_token_id)[..., None], table[torch.tensor(rows)])
-            heard, read = _greedy(model, emb, end_id), _greedy(model, model.model.get_input_embeddings()(written), end_id)
+            heard = _greedy(model, slot.embed(args.layout, tokens, frames, [])[None], end_id)
+            read = _greedy(model, model.model.get_input_embeddings()(written), end_id)
         topic = re.sub(r"[^a-z ]", "", prompt.text.lower()).split()[-1]
         counts["on_topic"] += topic[:5] in tok.decode(heard).lower()
         counts["first_token_equal"] += heard[:1] == read[:1]
@@ -104,12 +177,15 @@ def main(argv: list[str] | None = None) -> None:
         examples.append({"prompt": prompt.text, "audio_rows": frames, "answer": tok.decode(heard),
                          "text_answer": tok.decode(read)})
         print(f"{prompt.text!r}: {tok.decode(heard)[:70]!r} | as text: {tok.decode(read)[:50]!r}")
-    entry = {"layout": args.layout, "rank": args.rank, "relative_error": round(relative_error, 4),
+    entry = {"layout": args.layout, "rank": args.rank, "filler_row": args.filler_row, "relative_error": round(relative_error, 4),
+             "learn_filler_steps": args.learn_filler, "final_train_loss": final_loss,
              "prompts": args.prompts, **counts, "examples": examples}
     print(json.dumps({k: v for k, v in entry.items() if k != "examples"}))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results[f"{args.layout}-rank{args.rank}"] = entry
+    suffix = (f"-{args.filler_row}" if args.filler_row != "space" else "") + \
+        (f"-learned{args.learn_filler}" if args.learn_filler else "")
+    results[f"{args.layout}-rank{args.rank}{suffix}"] = entry
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
 
