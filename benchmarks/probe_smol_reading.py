@@ -16,9 +16,9 @@ with the embeddings of the prompt's tokens:
 ``--rank R`` first projects the prompt tokens' embeddings onto their top R principal directions: the
 error a projector of rank R (the encoder's width) cannot avoid. The filler is ``--filler-row``: the
 ``" "`` token's row, zeros or the vocabulary's mean row. ``--learn-filler N`` trains the filler and
-the ``<|audio_bos|>``/``<|audio_eos|>`` rows from there for N Adam steps (batch 8, lr 3e-3) through the frozen LLM on the teacher's answers (first 24 tokens) to
-``--train-prompts`` spoken ``target``-split prompts in the same layout: can one learned gap row make the
-LLM skip the gaps? The LLM answers greedily (transformers, fp32, 16 tokens), read as text it answers the
+the ``<|audio_bos|>``/``<|audio_eos|>`` rows from there for N Adam steps (batch 8, lr 3e-3) through
+the frozen LLM on the teacher's answers (first 24 tokens) to ``--train-prompts`` spoken
+``target``-split prompts in the same layout: can one learned gap row make the LLM skip the gaps? The LLM answers greedily (transformers, fp32, 16 tokens), read as text it answers the
 same prompt; printed per prompt, with how many answers name the prompt's topic, start with the same
 token, and equal the text answer in all 16 tokens. Written to ``--out`` (default
 ``benchmarks/results/smol_reading_probe.json``, one entry per layout, rank and filler, merged).
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         examples.append({"prompt": prompt.text, "audio_rows": frames, "answer": tok.decode(heard),
                          "text_answer": tok.decode(read)})
         print(f"{prompt.text!r}: {tok.decode(heard)[:70]!r} | as text: {tok.decode(read)[:50]!r}")
-    entry = {"layout": args.layout, "rank": args.rank, "filler_row": args.filler_row, "relative_error": round(relative_error, 4),
+    entry = {"layout": args.layout, "rank": args.rank, "filler_row": args.filler_row,
+             "relative_error": round(relative_error, 4),
              "learn_filler_steps": args.learn_filler, "final_train_loss": final_loss,
              "prompts": args.prompts, **counts, "examples": examples}
     print(json.dumps({k: v for k, v in entry.items() if k != "examples"}))
