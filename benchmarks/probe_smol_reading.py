@@ -18,8 +18,9 @@ error a projector of rank R (the encoder's width) cannot avoid. The filler is ``
 ``" "`` token's row, zeros or the vocabulary's mean row. ``--learn-filler N`` trains the filler and
 the ``<|audio_bos|>``/``<|audio_eos|>`` rows from there for N Adam steps (batch 8, lr 3e-3) through
 the frozen LLM on the teacher's answers (first 24 tokens) to ``--train-prompts`` spoken
-``target``-split prompts in the same layout: can one learned gap row make the LLM skip the gaps? The LLM answers greedily (transformers, fp32, 16 tokens), read as text it answers the
-same prompt; printed per prompt, with how many answers name the prompt's topic, start with the same
+``target``-split prompts in the same layout: can one learned gap row make the LLM skip the gaps?
+The LLM answers greedily (transformers, fp32, 16 tokens), read as text it answers the same prompt;
+printed per prompt, with how many answers name the prompt's topic, start with the same
 token, and equal the text answer in all 16 tokens. Written to ``--out`` (default
 ``benchmarks/results/smol_reading_probe.json``, one entry per layout, rank and filler, merged).
 """
@@ -52,14 +53,15 @@ def _greedy(model: Any, emb: torch.Tensor, end_id: int, max_tokens: int = 16) ->
     return out
 
 
-def _rows(layout: str, tokens: list[int], frames: int, filler: int = FILLER) -> list[int]:
+def _rows(layout: str, tokens: list[int], frames: int) -> list[int]:
+    """The token id each audio row holds, ``FILLER`` where it holds the filler."""
     if layout == "packed":
-        return tokens[:frames] + [filler] * (frames - len(tokens))
+        return tokens[:frames] + [FILLER] * (frames - len(tokens))
     share = frames / len(tokens)
     rows = []
     for j in range(frames):
         k = min(int(j / share), len(tokens) - 1)
-        rows.append(tokens[k] if layout == "repeat" or j == int(k * share) else filler)
+        rows.append(tokens[k] if layout == "repeat" or j == int(k * share) else FILLER)
     return rows
 
 
@@ -130,6 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", default="work/smol/teacher-target.jsonl")
     parser.add_argument("--out", default="benchmarks/results/smol_reading_probe.json")
     args = parser.parse_args(argv)
+    if args.learn_filler and args.train_prompts < 8:
+        parser.error(f"--train-prompts {args.train_prompts}: --learn-filler draws batches of 8 prompts")
+    if args.learn_filler and not Path(args.teacher).is_file():
+        parser.error(f"--teacher {args.teacher}: no such file (python -m modeling.smol_audio.teacher writes it)")
 
     torch.set_num_threads(2)
     proc = AutoProcessor.from_pretrained(args.target)
@@ -159,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     final_loss = None
     if args.learn_filler:
         answers = {r["id"]: r["answer_ids"][:24] for r in map(json.loads, Path(args.teacher).read_text().splitlines())}
-        train = [(tokens, frames, answers[p.id]) for p, tokens, frames in spoken("target", args.train_prompts)]
+        chosen = spoken("target", args.train_prompts)
+        missing = [p.id for p, _, _ in chosen if p.id not in answers]
+        if missing:
+            raise SystemExit(f"{args.teacher}: no answer for {len(missing)} target prompts (e.g. {missing[:3]})")
+        train = [(tokens, frames, answers[p.id]) for p, tokens, frames in chosen]
         tail = learn_filler(slot, args.layout, train, args.learn_filler)[-25:]
         final_loss = round(sum(tail) / len(tail), 3)
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
