@@ -29,11 +29,13 @@ venv-gpu:
 	$(VPY) -m pip install -e ".[gpu,dev]"
 	$(VPY) -m pipeline.tools.install_check
 
+# everything but the one-node Slurm test (~25 min on 2 cores; docs/testing.md)
 test: sysdeps venv
 	$(VPY) -m ruff check .
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q tests --ignore=tests/test_slurm.py
 
-# the cluster path alone, on a one-node Slurm the test starts (and installs with apt-get when missing, as root)
+# the cluster path, on a one-node Slurm the test starts (and installs with apt-get when missing, as root);
+# .ci/run runs it after `make test` (~5 min)
 test-slurm: venv
 	$(VPY) -m pytest -q tests/test_slurm.py
 

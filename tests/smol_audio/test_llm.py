@@ -16,8 +16,8 @@ PROMPTS = ("What is a volcano?", "Give me three tips for saving money.")
 
 
 @pytest.fixture(scope="module")
-def built() -> Path:
-    return build.build(CACHE / "smol-audio-target", cache_dir=CACHE / "smol-llm")
+def built(smol_target: Path) -> Path:
+    return smol_target
 
 
 def test_text_logits_equal_the_gguf_models(built):
