@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from modeling.asr_target.speech import synthesize
     from modeling.smol_audio.dataset import items
-    from modeling.smol_audio.prompts import TRANSCRIBE, WPM_RANGE
+    from modeling.smol_audio.prompts import TRANSCRIBE, WPM_RANGE, names_topic
     from modeling.smol_audio.teacher import text_turns
     from modeling.targets import chat_tokenizer_for
     from pipeline.data.wer import corpus_wer
@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     result |= {
         "answer_exact_equal": round(exact / len(clips), 3), "answer_first16_equal": round(first16 / len(clips), 3),
         "answer_wer_vs_text_answer": round(corpus_wer(refs, hyps), 3),
+        # the text answer's own rate is the ceiling of this rough check (some answers never name the topic)
+        "answer_names_topic": round(np.mean([names_topic(p.text, h) for (_, p, _, _), h in zip(clips, hyps, strict=True)]), 3),
+        "text_answer_names_topic": round(np.mean([names_topic(p.text, r) for (_, p, _, _), r in zip(clips, refs, strict=True)]), 3),
         "transcription_wer": round(corpus_wer([p.text for _, p, _, _ in clips], heard), 3),
         "mean_top1_probability": round(float(np.mean(probs)), 3),
         "answer_tokens": {"mean": round(float(np.mean(lengths)), 1), "p10": int(np.percentile(lengths, 10)),

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     from modeling.smol_audio.build import ROW_TOKENS
     from modeling.smol_audio.dataset import items
     from modeling.smol_audio.hearing import PromptVocab
+    from modeling.smol_audio.prompts import names_topic
     from modeling.smol_audio.teacher import text_turns
     from modeling.targets.qwen2_audio import Qwen2AudioFamily
     from pipeline.data.template import ChatTokenizer
@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             heard = _greedy(model, slot.embed(args.layout, tokens, frames, [])[None], end_id)
             read = _greedy(model, model.model.get_input_embeddings()(written), end_id)
-        topic = re.sub(r"[^a-z ]", "", prompt.text.lower()).split()[-1]
-        counts["on_topic"] += topic[:5] in tok.decode(heard).lower()
+        counts["on_topic"] += names_topic(prompt.text, tok.decode(heard))
         counts["first_token_equal"] += heard[:1] == read[:1]
         counts["first16_equal"] += heard == read
         examples.append({"prompt": prompt.text, "audio_rows": frames, "answer": tok.decode(heard),

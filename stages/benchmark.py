@@ -76,6 +76,9 @@ class BenchmarkConfig(SourceOptions):
     server: str = opt("", "URL of a running server WITH the draft: benchmark it instead of offline engines")
     baseline_server: str = opt("", "URL of a running server WITHOUT the draft (server mode baseline)")
     request_timeout_s: float = opt(600.0, "server mode: seconds before a request fails")
+    compare_draft: str = opt("", "offline: a second exported draft (e.g. the untrained one) measured against the "
+                                 "same plain run, so one plain engine serves both (~100 s less on 2 CPU cores)")
+    compare_output: str = opt("", "RESULT.json of --compare-draft (written before --output)")
 
     def __post_init__(self) -> None:
         for name in ("target", "input", "output"):
@@ -86,6 +89,8 @@ class BenchmarkConfig(SourceOptions):
         require(self.repeats >= 1, f"--repeats must be >= 1, got {self.repeats}")
         require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
         require(not self.baseline_server or bool(self.server), "--baseline-server needs --server")
+        require(not self.compare_draft or (bool(self.compare_output) and bool(self.draft) and not self.server),
+                "--compare-draft needs --compare-output and --draft, and runs offline (no --server)")
         require(self.tie_check_device in ("auto", "cpu", "cuda") or self.tie_check_device.startswith("cuda:"),
                 f"--tie-check-device must be auto, cpu or cuda[:N], got {self.tie_check_device!r}")
 
@@ -230,8 +235,9 @@ def run_server(cfg: BenchmarkConfig, prompts: list[EvalPrompt], url: str, spec: 
 
 def run(cfg: BenchmarkConfig) -> dict[str, Any]:
     """Run the benchmark, write RESULT.json and the outputs file; returns the report."""
-    if cfg.draft and not cfg.server:
-        check_vllm_draft(cfg.draft)  # before minutes of plain decoding, not after
+    for draft in (cfg.draft, cfg.compare_draft) if not cfg.server else ():
+        if draft:
+            check_vllm_draft(draft)  # before minutes of plain decoding, not after
     with ResourceMeter() as meter:
         report = _run_engines(cfg, meter)
     return report
@@ -242,6 +248,7 @@ def _run_engines(cfg: BenchmarkConfig, meter: ResourceMeter) -> dict[str, Any]:
 
     prompts, rejected = build_prompts(cfg)
     runs: dict[str, RunResult] = {}
+    compared: RunResult | None = None
     if cfg.server:
         if cfg.baseline_server:
             runs["plain"] = run_server(cfg, prompts, cfg.baseline_server, spec=False)
@@ -251,13 +258,33 @@ def _run_engines(cfg: BenchmarkConfig, meter: ResourceMeter) -> dict[str, Any]:
         gc.collect()  # drop the first engine's client objects before the second starts
         if cfg.draft:
             runs["speculative"] = run_offline(cfg, prompts, cfg.draft)
+        if cfg.compare_draft:
+            gc.collect()
+            compared = run_offline(cfg, prompts, cfg.compare_draft)
     tokenizer = load_target_processor(cfg.target)[0]
-    report, rows = build_report(cfg, prompts, runs, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                                rejected)
-    # decode tokens/s over every timed pass of both engines; peaks over the whole stage (engines in-process)
-    timed = [r.summary() for r in runs.values()]
-    report["resources"] = meter.result(sum(s["output_tokens"] * s["repeats"] for s in timed),
-                                       wall_s=sum(sum(s["wall_s_all"]) for s in timed))
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    reports = [build_report(cfg, prompts, runs, decode, rejected) + (cfg,)]
+    if compared is not None:  # written first: --output, written last, means complete
+        other = dataclasses.replace(cfg, draft=cfg.compare_draft, output=cfg.compare_output, compare_draft="",
+                                    compare_output="")
+        reports.insert(0, build_report(other, prompts, {"plain": runs["plain"], "speculative": compared}, decode,
+                                       rejected) + (other,))
+    # decode tokens/s over every timed pass of every engine; peaks over the whole stage (engines in-process)
+    timed = [r.summary() for r in (*runs.values(), *([compared] if compared else []))]
+    resources = meter.result(sum(s["output_tokens"] * s["repeats"] for s in timed),
+                             wall_s=sum(sum(s["wall_s_all"]) for s in timed))
+    for report, rows, config in reports:
+        _write(config, report, rows, resources)
+    return reports[-1][0]
+
+
+def _write(cfg: BenchmarkConfig, report: dict[str, Any], rows: list[dict[str, Any]],
+           resources: dict[str, Any]) -> dict[str, Any]:
+    """RESULT.json (atomically, last) and RESULT.outputs.jsonl beside it."""
+    report["resources"] = resources
     out = Path(cfg.output)
     outputs_path = out.with_name(out.stem + ".outputs.jsonl")
     report["outputs_file"] = str(outputs_path)
@@ -267,7 +294,10 @@ def _run_engines(cfg: BenchmarkConfig, meter: ResourceMeter) -> dict[str, Any]:
 
 
 def _run_and_print(cfg: BenchmarkConfig) -> int:
-    print(format_table(run(cfg)))
+    report = run(cfg)
+    if cfg.compare_draft:
+        print(f"{cfg.compare_draft}:\n{format_table(json.loads(Path(cfg.compare_output).read_text()))}\n\n{cfg.draft}:")
+    print(format_table(report))
     return 0
 
 

@@ -67,6 +67,8 @@ def test_smol_chain_trained_draft_beats_untrained_on_held_out_prompts(tmp_path, 
         assert result["num_prompts"] == 8 and result["plain"]["errors"] == result["speculative"]["errors"] == 0
         assert result["lossless_verdict"] == "equal" and result["outputs_equal"], result["divergences"]
         assert result["plain"]["dtype"] == result["speculative"]["dtype"] == "fp32"
+    # both drafts measured against one plain run (--compare-draft): one plain engine, not two
+    assert trained["plain"]["wall_s_all"] == untrained["plain"]["wall_s_all"]
     assert "mean acceptance length" in run.stdout and "training's estimate vs vLLM" in run.stdout
 
     # stage 1 wrote the served target's answers: 64 records in, 64 regenerated, none rejected

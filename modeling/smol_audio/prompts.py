@@ -16,6 +16,7 @@ words and the answers differ.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 THINGS = (
@@ -105,3 +106,10 @@ def prompts(split: str) -> list[Prompt]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     return [p for p in all_prompts() if split_of(p) == split]
+
+
+def names_topic(prompt_text: str, answer: str) -> bool:
+    """Whether ``answer`` names the prompt's topic: its last word's first five letters ("glacier" ->
+    "glaci"), a rough check that the answer is about what was asked, for a target that may not listen."""
+    topic = re.sub(r"[^a-z ]", "", prompt_text.lower()).split()[-1]
+    return topic[:5] in answer.lower()

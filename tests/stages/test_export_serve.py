@@ -172,6 +172,26 @@ def test_export_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_benchmark_compare_draft_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from stages import benchmark
+
+    base = ["--target", str(tmp_path), "--input", str(DATA / "speech.jsonl"), "--output", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as exit_info:  # argparse-level: the usage and the reason, status 2
+        benchmark.main([*base, "--draft", str(tmp_path), "--compare-draft", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--compare-draft needs --compare-output" in capsys.readouterr().err
+    sglang = tmp_path / "sglang"
+    sglang.mkdir()
+    (sglang / "config.json").write_text("{}")
+    (sglang / "export_info.json").write_text(json.dumps({"engine": "sglang"}))
+    vllm_draft = tmp_path / "vllm"
+    vllm_draft.mkdir()
+    (vllm_draft / "config.json").write_text("{}")
+    # the compared draft is checked before any engine starts, like --draft
+    assert benchmark.main([*base, "--draft", str(vllm_draft), "--compare-draft", str(sglang),
+                           "--compare-output", str(tmp_path / "c.json")]) == 2
+    assert "exported for SGLang" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
 def test_spec_counters_from_prometheus_text() -> None:
     from prometheus_client import CollectorRegistry, Counter, generate_latest
 
