@@ -29,7 +29,7 @@ venv-gpu:
 	$(VPY) -m pip install -e ".[gpu,dev]"
 	$(VPY) -m pipeline.tools.install_check
 
-# everything but the one-node Slurm test (aim: 25 min on 2 cores; measured 33 on the EPYC: docs/testing.md)
+# everything but the one-node Slurm test (aim: 25 min on 2 cores; measured 22 on the idle EPYC: docs/testing.md)
 test: sysdeps venv
 	$(VPY) -m ruff check .
 	$(VPY) -m pytest -q tests --ignore=tests/test_slurm.py

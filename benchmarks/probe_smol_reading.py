@@ -11,7 +11,12 @@ with the embeddings of the prompt's tokens:
   (one spike a token, blanks between) aligned to embeddings looks like;
 - ``repeat``: each token over its whole share;
 - ``packed``: the tokens in the first rows, one each, the filler after them (the words contiguous, as in
-  the text prompt: an encoder would have to count and gather the spoken words to write this).
+  the text prompt: an encoder would have to count and gather the spoken words to write this);
+- ``encoder``: no upper bound but the real thing: the rows the target's encoder writes for the clip
+  (``--checkpoint`` loads a training checkpoint's encoder, projector and boundary rows first:
+  ``modeling.smol_audio.train``'s ``resume.pt``), with ``token_readback``: the share of the prompt's
+  tokens that the clip's first rows, each read as its nearest prompt-token embedding, spell (1.0 for
+  an encoder that writes ``packed``).
 
 ``--rank R`` first projects the prompt tokens' embeddings onto their top R principal directions: the
 error a projector of rank R (the encoder's width) cannot avoid. The filler is ``--filler-row``: the
@@ -74,13 +79,15 @@ class SlotFiller(torch.nn.Module):
         self.filler = torch.nn.Parameter(filler.clone())
         self.boundary = torch.nn.Parameter(model.model.get_input_embeddings().weight[boundary_ids].detach().clone())
 
-    def embed(self, layout: str, tokens: list[int], frames: int, answer: list[int]) -> torch.Tensor:
+    def embed(self, layout: str, tokens: list[int], frames: int, answer: list[int],
+              encoded: torch.Tensor | None = None) -> torch.Tensor:
         ids = torch.tensor(self.chat.encode([Turn("user", [Part("audio", audio=Path("clip.flac"))])], until_turn=1,
                                             audio_token_counts=[frames]).input_ids.tolist() + answer)
         emb = self.model.model.get_input_embeddings()(ids)
         for k, token in enumerate(self.boundary_ids):
             emb = torch.where((ids == token)[:, None], self.boundary[k], emb)
-        audio = torch.stack([self.table[t] if t != FILLER else self.filler for t in _rows(layout, tokens, frames)])
+        audio = encoded if encoded is not None else \
+            torch.stack([self.table[t] if t != FILLER else self.filler for t in _rows(layout, tokens, frames)])
         return emb.masked_scatter((ids == self.model.config.audio_token_id)[:, None], audio)
 
 
@@ -111,6 +118,7 @@ def learn_filler(slot: SlotFiller, layout: str, examples: list[tuple[list[int], 
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
+    from modeling.asr_target.encoder import clip_features, encode_audio
     from modeling.asr_target.speech import synthesize
     from modeling.smol_audio.build import ROW_TOKENS
     from modeling.smol_audio.dataset import items
@@ -123,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="work/smol-audio-target")
     parser.add_argument("--prompts", type=int, default=12)
-    parser.add_argument("--layout", choices=("once", "repeat", "packed"), default="once")
+    parser.add_argument("--layout", choices=("once", "repeat", "packed", "encoder"), default="once")
+    parser.add_argument("--checkpoint", default="", help="--layout encoder: a trainer's resume.pt to load first")
     parser.add_argument("--rank", type=int, default=0, help="0: the exact embeddings")
     parser.add_argument("--filler-row", choices=("space", "zero", "mean"), default="space",
                         help="the filler's vector: the \" \" token's row, zeros, or the mean of the vocabulary's rows")
@@ -134,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.learn_filler and args.train_prompts < 8:
         parser.error(f"--train-prompts {args.train_prompts}: --learn-filler draws batches of 8 prompts")
+    if args.checkpoint and (args.layout != "encoder" or not Path(args.checkpoint).is_file()):
+        parser.error(f"--checkpoint {args.checkpoint}: needs --layout encoder and an existing file")
     if args.learn_filler and not Path(args.teacher).is_file():
         parser.error(f"--teacher {args.teacher}: no such file (python -m modeling.smol_audio.teacher writes it)")
 
@@ -156,11 +167,18 @@ def main(argv: list[str] | None = None) -> None:
     filler_row = {"space": table[filler], "zero": torch.zeros_like(table[filler]),
                   "mean": table[: tok.vocab_size].mean(0)}[args.filler_row]
     slot = SlotFiller(model, chat, table, filler_row, tok.convert_tokens_to_ids(list(ROW_TOKENS)))
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, weights_only=False)
+        model.model.audio_tower.load_state_dict(state["tower"])
+        model.model.multi_modal_projector.load_state_dict(state["proj"])
+        slot.boundary.data.copy_(state["rows"]["rows"])
+    waves: dict[str, Any] = {}
 
     def spoken(split: str, count: int) -> list[tuple[Any, list[int], int]]:
-        return [(p, tok(p.text, add_special_tokens=False).input_ids,
-                 Qwen2AudioFamily.num_audio_tokens(len(synthesize(p.text, voice, wpm))))
-                for _, p, voice, wpm in items(split, count, seed=0)]
+        for _, p, voice, wpm in items(split, count, seed=0):
+            waves[p.id] = synthesize(p.text, voice, wpm)
+        return [(p, tok(p.text, add_special_tokens=False).input_ids, Qwen2AudioFamily.num_audio_tokens(len(waves[p.id])))
+                for _, p, _, _ in items(split, count, seed=0)]
 
     final_loss = None
     if args.learn_filler:
@@ -175,10 +193,19 @@ def main(argv: list[str] | None = None) -> None:
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
     counts = {"on_topic": 0, "first_token_equal": 0, "first16_equal": 0}
     examples = []
+    read_right = read_total = 0
     for prompt, tokens, frames in spoken("eval", args.prompts):
         written = torch.tensor(chat.encode(text_turns(prompt.text), until_turn=1).input_ids)[None]
         with torch.no_grad():
-            heard = _greedy(model, slot.embed(args.layout, tokens, frames, [])[None], end_id)
+            encoded = None
+            if args.layout == "encoder":
+                wave = waves[prompt.id]
+                encoded = encode_audio(model, torch.from_numpy(clip_features(proc.feature_extractor, wave))[None],
+                                       [len(wave)])
+                nearest = torch.cdist(encoded[: len(tokens)], table[used[:-1]]).argmin(-1).tolist()
+                read_right += sum(used[k] == t for k, t in zip(nearest, tokens, strict=True))
+                read_total += len(tokens)
+            heard = _greedy(model, slot.embed(args.layout, tokens, frames, [], encoded)[None], end_id)
             read = _greedy(model, model.model.get_input_embeddings()(written), end_id)
         counts["on_topic"] += names_topic(prompt.text, tok.decode(heard))
         counts["first_token_equal"] += heard[:1] == read[:1]
@@ -190,11 +217,15 @@ def main(argv: list[str] | None = None) -> None:
              "relative_error": round(relative_error, 4),
              "learn_filler_steps": args.learn_filler, "final_train_loss": final_loss,
              "prompts": args.prompts, **counts, "examples": examples}
+    if args.layout == "encoder":
+        entry |= {"checkpoint": args.checkpoint or None, "token_readback": round(read_right / read_total, 3)}
     print(json.dumps({k: v for k, v in entry.items() if k != "examples"}))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     suffix = (f"-{args.filler_row}" if args.filler_row != "space" else "") + \
         (f"-learned{args.learn_filler}" if args.learn_filler else "")
+    if args.checkpoint:
+        suffix += f"-step{state['step']}"
     results[f"{args.layout}-rank{args.rank}{suffix}"] = entry
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")

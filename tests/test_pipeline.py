@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# Measured with this config on the 2-core AMD EPYC (2026-12-04; 555 s in the suite): held-out
+# Measured with this config on the 2-core AMD EPYC (2026-12-04; 441 s in the idle suite): held-out
 # acceptance at k=4 in vLLM 1.00 untrained -> 1.80 trained (per position 0.49/0.22/0.09/0.00), training's
 # walk estimate 1.66. The test asks for at least half of that gain: a draft that learned nothing general
 # stays at 1.0 on unseen prompts.
