@@ -1,5 +1,6 @@
 """The encoder's hearing check: CTC over the LLM's tokens of the prompts decodes back to the prompt, the
-loss ranks a right alignment far below a wrong one, and a word no prompt uses is refused by name."""
+loss ranks a right alignment far below a wrong one, a word no prompt uses is refused by name, and the
+packed layout (the prompt's tokens in the first rows) is what the align loss and the readback check ask for."""
 
 from __future__ import annotations
 
@@ -71,3 +72,40 @@ def test_spikes_are_where_each_token_starts_on_the_best_path(vocab):
     assert spikes == [1 + 3 * k for k in range(len(repeated))]
     with pytest.raises(ValueError, match="cannot hold"):
         ctc_spikes(logp[:2], vocab.labels(text))
+
+
+def test_packed_layout_targets_and_readback(vocab, smol_target):
+    """The packed layout puts the prompt's tokens in the first rows and the filler after; rows that are
+    those exact embeddings read back as the prompt, rows shifted by one do not, and a clip too short for
+    its prompt is refused by name."""
+    from safetensors import safe_open
+
+    from modeling.smol_audio.hearing import packed_readback
+    from modeling.smol_audio.train import align_loss, align_targets
+
+    with safe_open(str(smol_target / "model.safetensors"), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
+        table = f.get_tensor(key).float()
+    texts, counts = ["What is a glacier?", "Give me three tips for saving money."], [12, 15]
+    filler = vocab.ids_of(" ")[0]
+    head = TokenCTCHead(table.shape[1], vocab)
+    ids, word = align_targets(torch.zeros(sum(counts), table.shape[1]), counts, texts, head, filler, "packed")
+    for text, n, start in zip(texts, counts, (0, counts[0]), strict=True):
+        prompt = vocab.ids_of(text)
+        assert ids[start: start + n].tolist() == prompt + [filler] * (n - len(prompt))
+        assert word[start: start + n].tolist() == [True] * len(prompt) + [False] * (n - len(prompt))
+    exact = table[ids]
+    norm = float((table**2).sum(-1).mean())
+    shifted = torch.cat([table[ids][1:], table[ids][:1]])
+
+    def loss(rows: torch.Tensor, ce_weight: float) -> float:
+        return float(align_loss(rows, counts, texts, head, table, filler, norm, "packed", ce_weight))
+
+    assert loss(exact, 0.0) == 0.0 and loss(shifted, 0.0) > 0.5
+    # the cross-entropy is not zero at exact rows (some prompt tokens' rows lie close together), but it
+    # ranks them far below rows one place off
+    assert 10 * loss(exact, 1.0) < loss(shifted, 1.0)
+    assert packed_readback(lambda a, c: (a, c), vocab, table, [(exact, counts, texts)]) == 1.0
+    assert packed_readback(lambda a, c: (a, c), vocab, table, [(shifted, counts, texts)]) == 0.0
+    with pytest.raises(ValueError, match="glacier.*do not fit"):
+        align_targets(torch.zeros(3, table.shape[1]), [3], ["What is a glacier?"], head, filler, "packed")
