@@ -264,6 +264,8 @@ def train(cfg: TrainConfig) -> Path:
     filler_id = processor.tokenizer(cfg.filler, add_special_tokens=False).input_ids
     if len(filler_id) != 1:  # checked before the minutes of loading and synthesis
         raise ValueError(f"--filler {cfg.filler!r} is {len(filler_id)} tokens; it must be one")
+    if cfg.align_layout not in ("spike", "packed"):
+        raise ValueError(f"--align-layout {cfg.align_layout!r}: must be spike or packed")
     teacher: dict[str, list[int]] = {}
     if cfg.steps and cfg.teacher == "none":
         raise ValueError("--teacher none: the LLM phase (--steps > 0) trains on the teacher's answers")
