@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     from modeling.asr_target.speech import synthesize
     from modeling.smol_audio.build import ROW_TOKENS
     from modeling.smol_audio.dataset import items
-    from modeling.smol_audio.hearing import PromptVocab
+    from modeling.smol_audio.hearing import PromptVocab, nearest_prompt_tokens
     from modeling.smol_audio.prompts import names_topic
     from modeling.smol_audio.teacher import text_turns
     from modeling.targets.qwen2_audio import Qwen2AudioFamily
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     model.requires_grad_(False)
     table = model.model.get_input_embeddings().weight.detach().clone()
     filler = tok(" ", add_special_tokens=False).input_ids[0]
-    used = PromptVocab(tok).llm_ids + [filler]
+    vocab = PromptVocab(tok)
+    used = vocab.llm_ids + [filler]
     relative_error = 0.0
     if args.rank:
         x = table[used]
@@ -168,17 +169,25 @@ def main(argv: list[str] | None = None) -> None:
                   "mean": table[: tok.vocab_size].mean(0)}[args.filler_row]
     slot = SlotFiller(model, chat, table, filler_row, tok.convert_tokens_to_ids(list(ROW_TOKENS)))
     if args.checkpoint:
-        state = torch.load(args.checkpoint, weights_only=False)
+        try:
+            state = torch.load(args.checkpoint, weights_only=False)
+        except Exception as err:  # any unreadable file: name it and the reason
+            parser.error(f"--checkpoint {args.checkpoint}: not a torch checkpoint ({type(err).__name__}: {err})")
+        if not isinstance(state, dict) or not {"tower", "proj", "rows", "step"} <= state.keys():
+            parser.error(f"--checkpoint {args.checkpoint}: not a modeling.smol_audio.train resume.pt "
+                         "(no tower/proj/rows/step entries)")
         model.model.audio_tower.load_state_dict(state["tower"])
         model.model.multi_modal_projector.load_state_dict(state["proj"])
         slot.boundary.data.copy_(state["rows"]["rows"])
     waves: dict[str, Any] = {}
 
     def spoken(split: str, count: int) -> list[tuple[Any, list[int], int]]:
+        out = []
         for _, p, voice, wpm in items(split, count, seed=0):
             waves[p.id] = synthesize(p.text, voice, wpm)
-        return [(p, tok(p.text, add_special_tokens=False).input_ids, Qwen2AudioFamily.num_audio_tokens(len(waves[p.id])))
-                for _, p, _, _ in items(split, count, seed=0)]
+            out.append((p, tok(p.text, add_special_tokens=False).input_ids,
+                        Qwen2AudioFamily.num_audio_tokens(len(waves[p.id]))))
+        return out
 
     final_loss = None
     if args.learn_filler:
@@ -202,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
                 wave = waves[prompt.id]
                 encoded = encode_audio(model, torch.from_numpy(clip_features(proc.feature_extractor, wave))[None],
                                        [len(wave)])
-                nearest = torch.cdist(encoded[: len(tokens)], table[used[:-1]]).argmin(-1).tolist()
-                read_right += sum(used[k] == t for k, t in zip(nearest, tokens, strict=True))
+                got = nearest_prompt_tokens(encoded[: len(tokens)], vocab, table)
+                read_right += sum(g == t for g, t in zip(got, tokens, strict=True))
                 read_total += len(tokens)
             heard = _greedy(model, slot.embed(args.layout, tokens, frames, [], encoded)[None], end_id)
             read = _greedy(model, model.model.get_input_embeddings()(written), end_id)

@@ -123,18 +123,22 @@ def hearing_wer(encode: Any, head: TokenCTCHead, batches: Sequence[tuple[Any, li
     return float("nan") if wer is None else wer
 
 
+def nearest_prompt_tokens(rows: torch.Tensor, vocab: PromptVocab, table: torch.Tensor) -> list[int]:
+    """Each row read as the LLM id of its nearest embedding (``table``) among the prompts' tokens."""
+    nearest = torch.cdist(rows.float(), table[vocab.llm_ids].float()).argmin(-1).tolist()
+    return [vocab.llm_ids[k] for k in nearest]
+
+
 @torch.no_grad()
 def packed_readback(encode: Any, vocab: PromptVocab, table: torch.Tensor,
                     batches: Sequence[tuple[Any, list[int], list[str]]]) -> float:
     """Share of clips whose first rows, each read as its nearest LLM embedding among the prompts' tokens,
     spell the prompt exactly: whether the encoder writes the packed layout the frozen LLM reads."""
-    rows = table[vocab.llm_ids].float()
     right = total = 0
     for feats, num_samples, texts in batches:
         audio, counts = encode(feats, num_samples)
         for clip, text in zip(audio.split(counts), texts, strict=True):
             ids = vocab.ids_of(text)
-            nearest = torch.cdist(clip[: len(ids)].float(), rows).argmin(-1).tolist()
-            right += [vocab.llm_ids[k] for k in nearest] == ids
+            right += nearest_prompt_tokens(clip[: len(ids)], vocab, table) == ids
             total += 1
     return right / max(1, total)
