@@ -16,7 +16,11 @@ with the embeddings of the prompt's tokens:
   (``--checkpoint`` loads a training checkpoint's encoder, projector and boundary rows first:
   ``modeling.smol_audio.train``'s ``resume.pt``), with ``token_readback``: the share of the prompt's
   tokens that the clip's first rows, each read as its nearest prompt-token embedding, spell (1.0 for
-  an encoder that writes ``packed``).
+  an encoder that writes ``packed``), and ``spelled_in_runs``: the clips whose rows, read so with each
+  run of equal rows once, spell the prompt (an encoder that writes ``repeat``).
+
+The rows a clip gets follow the target's mel framing (``--target``'s feature extractor): 25 a second at
+Whisper's hop, 8.3 at the coarser one (``python -m modeling.smol_audio.build --mel-hop-samples 480``).
 
 ``--rank R`` first projects the prompt tokens' embeddings onto their top R principal directions: the
 error a projector of rank R (the encoder's width) cannot avoid. The filler is ``--filler-row``: the
@@ -122,10 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     from modeling.asr_target.speech import synthesize
     from modeling.smol_audio.build import ROW_TOKENS
     from modeling.smol_audio.dataset import items
-    from modeling.smol_audio.hearing import PromptVocab, nearest_prompt_tokens
+    from modeling.smol_audio.hearing import PromptVocab, nearest_prompt_tokens, runs
     from modeling.smol_audio.prompts import names_topic
     from modeling.smol_audio.teacher import text_turns
-    from modeling.targets.qwen2_audio import Qwen2AudioFamily
+    from modeling.targets import family_of
     from pipeline.data.template import ChatTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     proc = AutoProcessor.from_pretrained(args.target)
     tok = proc.tokenizer
-    chat = ChatTokenizer(tok, Qwen2AudioFamily)
+    family = family_of(args.target)  # as the target frames its audio (its mel hop)
+    chat = ChatTokenizer(tok, family)
     model = Qwen2AudioForConditionalGeneration.from_pretrained(args.target, dtype=torch.float32).eval()
     model.requires_grad_(False)
     table = model.model.get_input_embeddings().weight.detach().clone()
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         for _, p, voice, wpm in items(split, count, seed=0):
             waves[p.id] = synthesize(p.text, voice, wpm)
             out.append((p, tok(p.text, add_special_tokens=False).input_ids,
-                        Qwen2AudioFamily.num_audio_tokens(len(waves[p.id]))))
+                        family.num_audio_tokens(len(waves[p.id]))))
         return out
 
     final_loss = None
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
     counts = {"on_topic": 0, "first_token_equal": 0, "first16_equal": 0}
     examples = []
-    read_right = read_total = 0
+    read_right = read_total = spelled = 0
     for prompt, tokens, frames in spoken("eval", args.prompts):
         written = torch.tensor(chat.encode(text_turns(prompt.text), until_turn=1).input_ids)[None]
         with torch.no_grad():
@@ -210,10 +215,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.layout == "encoder":
                 wave = waves[prompt.id]
                 encoded = encode_audio(model, torch.from_numpy(clip_features(proc.feature_extractor, wave))[None],
-                                       [len(wave)])
-                got = nearest_prompt_tokens(encoded[: len(tokens)], vocab, table)
-                read_right += sum(g == t for g, t in zip(got, tokens, strict=True))
+                                       [len(wave)], family)
+                got = nearest_prompt_tokens(encoded, vocab, table)
+                read_right += sum(g == t for g, t in zip(got[: len(tokens)], tokens, strict=True))
                 read_total += len(tokens)
+                spelled += runs(got) == tokens
             heard = _greedy(model, slot.embed(args.layout, tokens, frames, [], encoded)[None], end_id)
             read = _greedy(model, model.model.get_input_embeddings()(written), end_id)
         counts["on_topic"] += names_topic(prompt.text, tok.decode(heard))
@@ -222,17 +228,21 @@ def main(argv: list[str] | None = None) -> None:
         examples.append({"prompt": prompt.text, "audio_rows": frames, "answer": tok.decode(heard),
                          "text_answer": tok.decode(read)})
         print(f"{prompt.text!r}: {tok.decode(heard)[:70]!r} | as text: {tok.decode(read)[:50]!r}")
-    entry = {"layout": args.layout, "rank": args.rank, "filler_row": args.filler_row,
+    entry = {"layout": args.layout, "mel_hop_samples": family.hop_samples, "rank": args.rank,
+             "filler_row": args.filler_row,
              "relative_error": round(relative_error, 4),
              "learn_filler_steps": args.learn_filler, "final_train_loss": final_loss,
              "prompts": args.prompts, **counts, "examples": examples}
     if args.layout == "encoder":
-        entry |= {"checkpoint": args.checkpoint or None, "token_readback": round(read_right / read_total, 3)}
+        entry |= {"checkpoint": args.checkpoint or None, "token_readback": round(read_right / read_total, 3),
+                  "spelled_in_runs": spelled}
     print(json.dumps({k: v for k, v in entry.items() if k != "examples"}))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     suffix = (f"-{args.filler_row}" if args.filler_row != "space" else "") + \
         (f"-learned{args.learn_filler}" if args.learn_filler else "")
+    if family.hop_samples != 160:
+        suffix += f"-hop{family.hop_samples}"
     if args.checkpoint:
         suffix += f"-step{state['step']}"
     results[f"{args.layout}-rank{args.rank}{suffix}"] = entry

@@ -24,17 +24,20 @@ EXTRA_FRAMES = 2  # frames past the last valid one that still reach a valid outp
 def clip_features(extractor: Any, wave: np.ndarray) -> np.ndarray:
     """Mel features [128, L + 2] of one clip, equal to the first L + 2 frames of the 30 s window
     (the extractor's normalisation uses the clip's maximum, which the window's padding cannot change)."""
-    frames = num_mel_frames(wave.shape[0]) + EXTRA_FRAMES
-    out = extractor(wave, sampling_rate=16_000, padding="max_length", max_length=(frames + 1) * 160 + 400,
+    hop = extractor.hop_length
+    frames = num_mel_frames(wave.shape[0], hop) + EXTRA_FRAMES
+    out = extractor(wave, sampling_rate=16_000, padding="max_length", max_length=(frames + 1) * hop + extractor.n_fft,
                     return_tensors="np")
     return out["input_features"][0, :, :frames].astype(np.float32)
 
 
-def encode_audio(model: Any, feats: torch.Tensor, num_samples: list[int]) -> torch.Tensor:
+def encode_audio(model: Any, feats: torch.Tensor, num_samples: list[int],
+                 family: type[Qwen2AudioFamily] = Qwen2AudioFamily) -> torch.Tensor:
     """Projected audio embeddings of a batch of clips: [sum of audio tokens, hidden], clip by clip.
 
     ``feats`` [N, 128, T] holds each clip's :func:`clip_features` left-aligned (any values past them);
-    ``num_samples`` the clips' lengths in samples. Mirrors ``Qwen2AudioModel.get_audio_features``.
+    ``num_samples`` the clips' lengths in samples; ``family`` as the checkpoint frames its audio
+    (``Qwen2AudioFamily.for_target``). Mirrors ``Qwen2AudioModel.get_audio_features``.
     """
     from transformers.masking_utils import create_bidirectional_mask
 
@@ -42,7 +45,7 @@ def encode_audio(model: Any, feats: torch.Tensor, num_samples: list[int]) -> tor
     x = nn.functional.gelu(tower.conv1(feats.to(tower.conv1.weight.dtype)))
     x = nn.functional.gelu(tower.conv2(x)).permute(0, 2, 1)
     x = x + tower.embed_positions.weight[: x.shape[1]]
-    valid = torch.tensor([(num_mel_frames(n) - 1) // 2 + 1 for n in num_samples], device=x.device)
+    valid = torch.tensor([(family.num_mel_frames(n) - 1) // 2 + 1 for n in num_samples], device=x.device)
     mask_2d = (torch.arange(x.shape[1], device=x.device)[None] < valid[:, None]).long()
     mask = create_bidirectional_mask(config=tower.config, inputs_embeds=x[..., :1], attention_mask=mask_2d)
     for layer in tower.layers:
@@ -50,7 +53,7 @@ def encode_audio(model: Any, feats: torch.Tensor, num_samples: list[int]) -> tor
         x = x[0] if isinstance(x, tuple) else x
     x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)
     keep = torch.arange(x.shape[1], device=x.device)[None] < torch.tensor(
-        [Qwen2AudioFamily.num_audio_tokens(n) for n in num_samples], device=x.device)[:, None]
+        [family.num_audio_tokens(n) for n in num_samples], device=x.device)[:, None]
     # one boolean index (row-major: clip by clip), not a slice per clip: each slice's backward
     # would allocate and zero a whole [N, T, H] gradient (1.4 s of a 7 s step at batch 32)
     return model.model.multi_modal_projector(tower.layer_norm(x[keep]))

@@ -21,6 +21,7 @@ from typing import Any
 
 from modeling.smol_audio import llm
 from modeling.targets import build_marker
+from modeling.targets.qwen2_audio import HOP_SAMPLES, MAX_MEL_FRAMES
 from modeling.targets.qwen2_audio_tiny import (
     CHAT_TEMPLATE,
     SAMPLING_RATE,
@@ -36,7 +37,7 @@ TRAINED_FILE = Path(__file__).resolve().parents[2] / "tests/data/smol-audio/trai
 # sha256 of the files a build from TRAINED_FILE wrote on the machine that trained it (`--record`): a
 # rebuild anywhere must give the same bytes (tests/smol_audio/test_llm.py)
 BUILD_RECORD = TRAINED_FILE.with_name("build.json")
-RECORDED_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
+RECORDED_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json")
 DEFAULT_CACHE = Path("work/smol-llm")
 # The encoder: 4 Whisper layers of width 256 (head_dim 64), ~3.8M parameters, 7.6 MB of bf16; the
 # projector maps 256 -> 576. Small enough to commit and to train on 2 cores in about an hour.
@@ -45,6 +46,11 @@ TRAINED_PREFIXES = ("audio_tower.", "multi_modal_projector.")
 ROWS_KEY = "audio_token_rows"  # [2, hidden]: embedding rows of ROW_TOKENS (trained)
 # the audio boundary tokens the LLM reads; <|AUDIO|>'s row is never read (the encoder's output replaces it)
 ROW_TOKENS = ("<|audio_bos|>", "<|audio_eos|>")
+# an encoder is trained for one mel framing: its file's metadata names the hop (absent: Whisper's 160,
+# 25 audio rows a second). The frozen LLM reads a spoken prompt from rows of the words' own embeddings
+# when each word's rows are contiguous, about two a token (8.3 rows a second: hop 480, 12/12 held-out
+# answers on topic), not at five (25 a second: 0/12; benchmarks/probe_smol_reading.py)
+MEL_HOP_KEY = "mel_hop_samples"
 
 
 def token_ids(tok: Any) -> dict[str, int]:
@@ -104,35 +110,54 @@ def assemble_state(llm_state: dict[str, Any], parts: dict[str, Any], tok: Any) -
     return state
 
 
-def processor_for(tok: Any) -> Any:
+def processor_for(tok: Any, hop_samples: int = HOP_SAMPLES) -> Any:
+    """Whisper features at ``hop_samples``; the chunk keeps the encoder's 3000-frame window (30 s at
+    hop 160, 90 s at 480) and the window spans two hops (Whisper's 400 at 160)."""
     from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
 
-    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLING_RATE)
+    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLING_RATE, hop_length=hop_samples,
+                                       chunk_length=MAX_MEL_FRAMES * hop_samples // SAMPLING_RATE,
+                                       n_fft=max(400, 2 * hop_samples))
     return Qwen2AudioProcessor(feature_extractor=features, tokenizer=tok, chat_template=CHAT_TEMPLATE)
 
 
-def _params(trained: Path | None, seed: int) -> dict[str, Any]:
+def trained_hop(trained: Path | None) -> int:
+    """The mel hop the trained file's encoder was trained at (its metadata; Whisper's 160 if unnamed)."""
+    if trained is None:
+        return HOP_SAMPLES
+    from safetensors import safe_open
+
+    with safe_open(str(trained), "pt") as f:
+        hop = (f.metadata() or {}).get(MEL_HOP_KEY, str(HOP_SAMPLES))
+    if not hop.isdigit() or (MAX_MEL_FRAMES * int(hop)) % SAMPLING_RATE:
+        raise ValueError(f"{trained}: metadata {MEL_HOP_KEY}={hop!r} is not a hop in samples that fills whole seconds")
+    return int(hop)
+
+
+def _params(trained: Path | None, seed: int, hop_samples: int) -> dict[str, Any]:
     """What a build is made from besides the code (the marker adds this code's hash and versions)."""
     return {"gguf_sha256": llm.GGUF_SHA256, "trained_sha256": sha256_file(trained) if trained else None,
-            "seed": None if trained else seed}
+            "seed": None if trained else seed, "mel_hop_samples": hop_samples}
 
 
 BUILDER_SOURCES = (Path(__file__), Path(llm.__file__))
 
 
-def is_complete(out_dir: Path, trained: Path | None, seed: int = 0) -> bool:
-    return build_marker.is_built(out_dir, _params(trained, seed), BUILDER_SOURCES)
+def is_complete(out_dir: Path, trained: Path | None, seed: int = 0, hop_samples: int | None = None) -> bool:
+    return build_marker.is_built(out_dir, _params(trained, seed, hop_samples or trained_hop(trained)), BUILDER_SOURCES)
 
 
 def build(out_dir: str | Path, trained: Path | None = TRAINED_FILE, *, cache_dir: str | Path = DEFAULT_CACHE,
-          seed: int = 0) -> Path:
+          seed: int = 0, hop_samples: int | None = None) -> Path:
     """``out_dir`` holding the target, built only if no finished build from the same inputs is there.
-    ``trained=None`` (or a missing default file) builds the untrained encoder from ``seed``."""
+    ``trained=None`` (or a missing default file) builds the untrained encoder from ``seed``;
+    ``hop_samples`` overrides the trained file's mel hop (to retrain its encoder at another framing)."""
     if trained is not None and not Path(trained).is_file():
         if Path(trained) != TRAINED_FILE:
             raise FileNotFoundError(f"{trained}: no such trained-parts file")
         trained = None
     trained = Path(trained).resolve() if trained else None
+    hop = hop_samples or trained_hop(trained)
 
     def write(tmp: Path) -> None:
         model, tok = llm.load_gguf_model(llm.fetch_gguf(cache_dir))
@@ -141,9 +166,9 @@ def build(out_dir: str | Path, trained: Path | None = TRAINED_FILE, *, cache_dir
         parts = load_trained_parts(trained) if trained else random_trained_parts(config, seed)
         state = assemble_state(llm.llm_state_dict(model, len(tok)), parts, tok)
         del model
-        write_checkpoint_files(tmp, config, state, processor_for(tok))
+        write_checkpoint_files(tmp, config, state, processor_for(tok, hop))
 
-    return build_marker.ensure_built(out_dir, _params(trained, seed), BUILDER_SOURCES, write)
+    return build_marker.ensure_built(out_dir, _params(trained, seed, hop), BUILDER_SOURCES, write)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,12 +178,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="trained encoder/projector/audio-rows file; 'none' for the seeded random encoder")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the wheel and GGUF are kept")
     parser.add_argument("--seed", type=int, default=0, help="encoder seed when untrained")
+    parser.add_argument("--mel-hop-samples", type=int, default=0,
+                        help="mel hop of the feature extractor (default: the trained file's; 160 untrained)")
     parser.add_argument("--record", action="store_true", help=f"write the built files' sha256 to {BUILD_RECORD.name} "
                                                                "beside the trained file (after training it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     trained = None if str(args.trained) == "none" else args.trained
-    out = build(args.out, trained, cache_dir=args.cache, seed=args.seed)
+    if args.mel_hop_samples and (args.mel_hop_samples <= 0 or (MAX_MEL_FRAMES * args.mel_hop_samples) % SAMPLING_RATE):
+        parser.error(f"--mel-hop-samples {args.mel_hop_samples}: 3000 frames of it must fill whole seconds (160, 480)")
+    out = build(args.out, trained, cache_dir=args.cache, seed=args.seed, hop_samples=args.mel_hop_samples or None)
     if args.record:
         if trained is None:
             parser.error("--record needs a trained file")

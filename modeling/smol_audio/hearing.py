@@ -8,9 +8,8 @@ frames (25 Hz) a second but ~20 letters a second, so letter CTC was infeasible (
 not part of the target (training only).
 
 Its best path (:func:`ctc_spikes`) says at which audio frame each token is spoken: training then asks
-the encoder for the token's own LLM embedding at that frame and a filler's elsewhere (the LLM reads
-"What  is  a  glacier" spread over the clip's frames and answers about glaciers: checked with exact
-embeddings before training), which the frozen LLM can read from the first step.
+the encoder for the token's own LLM embedding there (:func:`spoken_spans`: over the token's whole
+span, which the frozen LLM reads as the prompt when a token spans about two rows).
 
 The same head's greedy decode gives the encoder's word error rate on held-out clips, an encoder-only
 check (a few seconds) that training logs long before the LLM answers from the audio.
@@ -129,16 +128,32 @@ def nearest_prompt_tokens(rows: torch.Tensor, vocab: PromptVocab, table: torch.T
     return [vocab.llm_ids[k] for k in nearest]
 
 
+def spoken_spans(logp: torch.Tensor, labels: list[int]) -> list[int]:
+    """The label index each frame falls in: label k from the frame its CTC path starts it
+    (:func:`ctc_spikes`) to the next label's start, the frames before the first start in label 0."""
+    starts = ctc_spikes(logp, labels)
+    return [max(0, sum(s <= t for s in starts) - 1) for t in range(logp.shape[0])]
+
+
+def runs(ids: list[int]) -> list[int]:
+    """``ids`` with each run of equal neighbours read once (how the LLM reads a token spread over rows)."""
+    return [t for j, t in enumerate(ids) if j == 0 or ids[j - 1] != t]
+
+
 @torch.no_grad()
-def packed_readback(encode: Any, vocab: PromptVocab, table: torch.Tensor,
-                    batches: Sequence[tuple[Any, list[int], list[str]]]) -> float:
-    """Share of clips whose first rows, each read as its nearest LLM embedding among the prompts' tokens,
-    spell the prompt exactly: whether the encoder writes the packed layout the frozen LLM reads."""
+def readback(encode: Any, vocab: PromptVocab, table: torch.Tensor,
+             batches: Sequence[tuple[Any, list[int], list[str]]], layout: str = "packed") -> float:
+    """Share of clips whose rows, each read as its nearest LLM embedding among the prompts' tokens, spell
+    the prompt exactly: in the first rows (``packed``), or with each run of equal rows read once
+    (``repeat``): whether the encoder writes the layout the frozen LLM reads."""
     right = total = 0
     for feats, num_samples, texts in batches:
         audio, counts = encode(feats, num_samples)
         for clip, text in zip(audio.split(counts), texts, strict=True):
             ids = vocab.ids_of(text)
-            right += nearest_prompt_tokens(clip[: len(ids)], vocab, table) == ids
+            if layout == "packed":
+                right += nearest_prompt_tokens(clip[: len(ids)], vocab, table) == ids
+            else:
+                right += runs(nearest_prompt_tokens(clip, vocab, table)) == ids
             total += 1
     return right / max(1, total)

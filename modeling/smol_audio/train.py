@@ -16,7 +16,7 @@ Three phases, each with its own warm-up and cosine:
 | phase | steps | loss | cost a step (2 cores) |
 |---|---|---|---|
 | ``ctc`` | ``--ctc-steps`` | CTC on the prompt's LLM tokens from the projected audio rows (:mod:`modeling.smol_audio.hearing`) | ~0.5 s (encoder only, batch 16) |
-| ``align`` | ``--align-steps`` | CTC + ``--align-weight`` x the distance of each audio row to the LLM embedding it should hold (``--align-layout``: ``spike``, the token the CTC path puts there; ``packed``, the prompt's tokens in the first rows; ``--filler``'s elsewhere) | ~0.5 s |
+| ``align`` | ``--align-steps`` | CTC + ``--align-weight`` x the distance of each audio row to the LLM embedding it should hold (``--align-layout``: ``spike``, the token the CTC path puts there; ``packed``, the prompt's tokens in the first rows; ``--filler``'s elsewhere; ``repeat``, each token over its spoken span) | ~0.5 s |
 | ``llm`` | ``--steps`` | cross-entropy of the answer tokens through the frozen 30-layer LLM (teacher-forced) + ``--ctc-weight`` x CTC + the align loss | ~4.5 s (batch 8) |
 
 Why the align phase: after the CTC phase the encoder heard (held-out token WER 0.11) but the LLM
@@ -57,7 +57,14 @@ from modeling.asr_target.encoder import encode_audio
 from modeling.asr_target.speech import VOICES, espeak_version
 from modeling.smol_audio import build, llm
 from modeling.smol_audio.dataset import items
-from modeling.smol_audio.hearing import PromptVocab, TokenCTCHead, ctc_spikes, hearing_wer, packed_readback
+from modeling.smol_audio.hearing import (
+    PromptVocab,
+    TokenCTCHead,
+    ctc_spikes,
+    hearing_wer,
+    readback,
+    spoken_spans,
+)
 from modeling.smol_audio.prompts import TRANSCRIBE, WPM_RANGE, prompts
 from modeling.targets.qwen2_audio import Qwen2AudioFamily
 from pipeline.core.durable import atomic_write_text
@@ -112,7 +119,7 @@ def clips_for(renditions: int, seed: int) -> list[Clip]:
 
 def load_features(work: Path, clips: list[Clip], extractor: Any) -> ClipSet:
     """Mel features and lengths of every clip, synthesised once and cached under ``work``."""
-    path = work / f"clips-{len(clips)}-{clips[0].prompt_id}-{clips[-1].voice}{clips[-1].wpm}.npz"
+    path = work / f"clips-{len(clips)}-{clips[0].prompt_id}-{clips[-1].voice}{clips[-1].wpm}-hop{extractor.hop_length}.npz"
     return load_clips(path, [(c.text, c.voice, c.wpm) for c in clips], extractor)
 
 
@@ -144,8 +151,9 @@ def batch_of(idx: list[int], tasks: list[str], clips: list[Clip], features: Clip
     return {**make_batch(conversations, features, idx, chat, pad_id), "texts": [clips[i].text for i in idx]}
 
 
-def encode(model: Any, features: torch.Tensor, num_samples: list[int]) -> tuple[torch.Tensor, list[int]]:
-    return encode_audio(model, features, num_samples), [Qwen2AudioFamily.num_audio_tokens(n) for n in num_samples]
+def encode(model: Any, features: torch.Tensor, num_samples: list[int],
+           family: type[Qwen2AudioFamily]) -> tuple[torch.Tensor, list[int]]:
+    return encode_audio(model, features, num_samples, family), [family.num_audio_tokens(n) for n in num_samples]
 
 
 def align_targets(audio: torch.Tensor, counts: list[int], texts: list[str], ctc: TokenCTCHead, filler_id: int,
@@ -154,8 +162,11 @@ def align_targets(audio: torch.Tensor, counts: list[int], texts: list[str], ctc:
 
     ``spike``: each token at the frame its CTC path starts it, the filler elsewhere. ``packed``: the
     prompt's tokens in the clip's first rows, the filler after them: the one layout the frozen LLM reads
-    as the prompt (12/12 held-out answers on topic with exact embeddings, against 3/12 for words with
-    rows between them; ``benchmarks/probe_smol_reading.py``)."""
+    as the prompt at 25 rows a second (12/12 held-out answers on topic with exact embeddings, against
+    3/12 for words with rows between them; ``benchmarks/probe_smol_reading.py``). ``repeat``: each token
+    over its spoken span (:func:`spoken_spans`), no filler: at 8.3 rows a second (mel hop 480, about two
+    rows a token) the LLM reads that as the prompt too (12/12), and it asks the encoder for no routing
+    across the clip, only for what is being said where."""
     target_ids = torch.full((audio.shape[0],), filler_id, dtype=torch.long)
     word = torch.zeros(audio.shape[0], dtype=torch.bool)
     offsets = [0, *np.cumsum(counts)[:-1]]
@@ -166,6 +177,12 @@ def align_targets(audio: torch.Tensor, counts: list[int], texts: list[str], ctc:
                 raise ValueError(f"{text!r}: {len(ids)} tokens do not fit in {counts[k]} audio rows")
             if layout == "packed":
                 frames = [int(offset) + t for t in range(len(ids))]
+            elif layout == "repeat":
+                logp = ctc.log_probs(audio[int(offset): int(offset) + counts[k]], [counts[k]])[0]
+                spans = spoken_spans(logp, ctc.vocab.labels(text))
+                target_ids[int(offset): int(offset) + counts[k]] = torch.tensor([ids[j] for j in spans])
+                word[int(offset): int(offset) + counts[k]] = True
+                continue
             else:
                 logp = ctc.log_probs(audio[int(offset): int(offset) + counts[k]], [counts[k]])[0]
                 frames = [int(offset) + t for t in ctc_spikes(logp, ctc.vocab.labels(text))]
@@ -184,7 +201,7 @@ def align_loss(audio: torch.Tensor, counts: list[int], texts: list[str], ctc: To
     # squared distance relative to the rows' mean squared norm (1.0: as far off as an embedding is long);
     # a mean over dimensions (0.018 for SmolLM2's rows) was too small beside CTC to move the rows
     err = ((audio.float() - table[target_ids]) ** 2).sum(-1) / row_sq_norm
-    loss = err[word].mean() + err[~word].mean()
+    loss = err[word].mean() + (err[~word].mean() if (~word).any() else 0.0)
     if ce_weight:
         choices = table[ctc.vocab.llm_ids]
         # logits: minus the squared distance in tenths of a row's squared norm (two distinct tokens'
@@ -196,8 +213,9 @@ def align_loss(audio: torch.Tensor, counts: list[int], texts: list[str], ctc: To
 
 
 def losses(model: Any, rows: AudioRows, ctc: TokenCTCHead, batch: dict[str, Any], phase: str,
-           filler_id: int, row_sq_norm: float, layout: str = "spike", ce_weight: float = 0.0) -> dict[str, torch.Tensor]:
-    audio, counts = encode(model, batch["features"], batch["num_samples"])
+           filler_id: int, row_sq_norm: float, family: type[Qwen2AudioFamily], layout: str = "spike",
+           ce_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    audio, counts = encode(model, batch["features"], batch["num_samples"], family)
     out = {"ctc": ctc(audio, counts, batch["texts"])}
     if phase != "ctc":
         table = model.model.get_input_embeddings().weight
@@ -260,12 +278,13 @@ def train(cfg: TrainConfig) -> Path:
     start = time.monotonic()
     work = Path(cfg.work)
     processor = AutoProcessor.from_pretrained(cfg.target)
-    chat = ChatTokenizer(processor.tokenizer, Qwen2AudioFamily)
+    family = Qwen2AudioFamily.for_target(cfg.target)  # the target's mel framing (its hop)
+    chat = ChatTokenizer(processor.tokenizer, family)
     filler_id = processor.tokenizer(cfg.filler, add_special_tokens=False).input_ids
     if len(filler_id) != 1:  # checked before the minutes of loading and synthesis
         raise ValueError(f"--filler {cfg.filler!r} is {len(filler_id)} tokens; it must be one")
-    if cfg.align_layout not in ("spike", "packed"):
-        raise ValueError(f"--align-layout {cfg.align_layout!r}: must be spike or packed")
+    if cfg.align_layout not in ("spike", "packed", "repeat"):
+        raise ValueError(f"--align-layout {cfg.align_layout!r}: must be spike, packed or repeat")
     teacher: dict[str, list[int]] = {}
     if cfg.steps and cfg.teacher == "none":
         raise ValueError("--teacher none: the LLM phase (--steps > 0) trains on the teacher's answers")
@@ -324,7 +343,7 @@ def train(cfg: TrainConfig) -> Path:
         # without a teacher (encoder-only phases) every sample is a transcription: its ids go unused
         tasks = ["transcribe" if order.random() < cfg.transcribe_share or not teacher else "answer" for _ in idx]
         batch = batch_of(idx, tasks, clips, features, teacher, chat, processor.tokenizer.pad_token_id)
-        parts = losses(model, rows, ctc, batch, phase, filler_id[0], row_sq_norm, cfg.align_layout,
+        parts = losses(model, rows, ctc, batch, phase, filler_id[0], row_sq_norm, family, cfg.align_layout,
                        cfg.align_ce_weight)
         loss = (parts.get("ce", 0.0) + (cfg.ctc_weight if with_llm else 1.0) * parts["ctc"]
                 + cfg.align_weight * parts.get("align", 0.0))
@@ -341,10 +360,11 @@ def train(cfg: TrainConfig) -> Path:
             if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
                 for module in (*trainable, ctc):
                     module.eval()
-                entry["hearing_wer"] = round(hearing_wer(lambda f, n: encode(model, f, n), ctc, held_out), 4)
-                if cfg.align_layout == "packed":
-                    entry["packed_readback"] = round(packed_readback(lambda f, n: encode(model, f, n), ctc.vocab,
-                                                                     table.detach(), held_out), 4)
+                entry["hearing_wer"] = round(hearing_wer(lambda f, n: encode(model, f, n, family), ctc, held_out), 4)
+                if cfg.align_layout in ("packed", "repeat"):
+                    entry[f"{cfg.align_layout}_readback"] = round(readback(
+                        lambda f, n: encode(model, f, n, family), ctc.vocab, table.detach(), held_out,
+                        cfg.align_layout), 4)
                 for module in (*trainable, ctc):
                     module.train()
             history.append(entry)
@@ -359,7 +379,8 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file(trained_parts(model, rows), str(tmp), metadata={"format": "pt"})
+    save_file(trained_parts(model, rows), str(tmp),
+              metadata={"format": "pt", build.MEL_HOP_KEY: str(processor.feature_extractor.hop_length)})
     os.replace(tmp, out)
     info = {"config": asdict(cfg), "gguf_sha256": llm.GGUF_SHA256, "espeak": espeak_version(),
             "clips": len(clips), "speech_hours": round(sum(lengths) / 16000 / 3600, 2),

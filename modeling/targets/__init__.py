@@ -66,13 +66,19 @@ def _config(target: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 
 def family_of(target: str | Path | dict[str, Any]) -> type[TargetFamily]:
-    """The family serving a target directory (or its ``config.json`` dict), by ``architectures``."""
+    """The family serving a target directory (or its ``config.json`` dict), by ``architectures``; for a
+    directory, as that checkpoint frames its audio (``TargetFamily.for_target``)."""
     config, where = _config(target)
     archs = config.get("architectures") or []
     for name in FAMILIES:
         family = family_named(name)
         if any(a in family.architectures for a in archs):
-            return family
+            if isinstance(target, dict):
+                return family
+            try:
+                return family.for_target(target)
+            except ValueError as err:
+                raise UnsupportedTarget(str(err)) from None
     supported = sorted(a for n in FAMILIES for a in family_named(n).architectures)
     raise UnsupportedTarget(f"{where}: architectures {archs} are not supported; supported: {supported}")
 

@@ -14,6 +14,7 @@ so the class itself is the adapter.
 | ``num_audio_tokens(n)`` | stage 1-2, benchmark | placeholders the encoder emits for ``n`` samples at 16 kHz |
 | ``audio_inputs(fe, waves)`` | capture, tie check | the HF forward's audio keyword arguments |
 | ``min_audio_tokens``, ``max_audio_seconds`` | audio limits, capture | clip lengths the model takes |
+| ``for_target(dir)`` | ``family_of`` | the family as one checkpoint frames its audio (Qwen2-Audio: its mel hop) |
 | ``load_model``, ``decoder``, ``inner_forward`` | capture, tie check | the stock HF model (named like the architecture), where the hooks go, a forward without lm_head |
 | ``embedding_key``, ``lm_head_key`` | training | the frozen tables in the safetensors (``embedding_weight``, ``lm_head_weight``; lm_head None: tied) |
 | ``vllm``, ``vllm_register()`` | vLLM plugin | the family's vLLM class and what it lacks for EAGLE-3 (:class:`VllmSpec`) |
@@ -76,6 +77,12 @@ class TargetFamily:
     @staticmethod
     def num_audio_tokens(num_samples: int) -> int:
         raise NotImplementedError
+
+    @classmethod
+    def for_target(cls, target_dir: str | Path) -> type[TargetFamily]:
+        """The family as one checkpoint frames its audio; the class itself unless the checkpoint's
+        processor sets a rate the family lets vary (a family that has one overrides this)."""
+        return cls
 
     @staticmethod
     def audio_inputs(feature_extractor: Any, waveforms: list[np.ndarray]) -> dict[str, np.ndarray]:

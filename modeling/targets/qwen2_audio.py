@@ -1,7 +1,8 @@
 """The Qwen2-Audio target family (Qwen/Qwen2-Audio-7B-Instruct): one adapter for the whole pipeline.
 
 transformers 5.19 and vLLM 0.32 ``Qwen2AudioForConditionalGeneration``: a Whisper encoder over a
-fixed 30 s window (3000 mel frames, padding masked), average-pooled to 25 audio tokens a second,
+fixed 30 s window (3000 mel frames, padding masked), average-pooled to 25 audio tokens a second
+(a checkpoint whose feature extractor hops further gets fewer: :func:`Qwen2AudioFamily.for_target`),
 a linear projector and a Qwen2 decoder with an untied lm_head. Its chat template, segment by
 segment (``[...]`` = loss mask 1)::
 
@@ -15,6 +16,8 @@ vLLM lacks EAGLE-3 for it: :mod:`modeling.targets.vllm_classes` adds the interfa
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,13 +35,35 @@ AUDIO_EOS = "<|audio_eos|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
-HOP_SAMPLES = 160  # Whisper feature extractor: one mel frame per 10 ms at 16 kHz
-MAX_MEL_FRAMES = 3000  # the encoder's 30 s window
+SAMPLING_RATE = 16_000
+HOP_SAMPLES = 160  # Whisper feature extractor: one mel frame per 10 ms at 16 kHz (Qwen2-Audio-7B's)
+# the encoder's window in mel frames: 30 s at the published hop. vLLM 0.32's input schema fixes it
+# (TensorShape(..., 3000)), so a checkpoint with a longer hop must lengthen its chunk to match
+MAX_MEL_FRAMES = 3000
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
-def num_mel_frames(num_samples: int) -> int:
+def num_mel_frames(num_samples: int, hop_samples: int = HOP_SAMPLES) -> int:
     """Mel frames the feature extractor marks valid for a clip of ``num_samples`` at 16 kHz."""
-    return min(-(-num_samples // HOP_SAMPLES), MAX_MEL_FRAMES)
+    return min(-(-num_samples // hop_samples), MAX_MEL_FRAMES)
+
+
+def mel_hop_samples(target_dir: str | Path) -> int:
+    """The hop of the checkpoint's Whisper feature extractor (``preprocessor_config.json`` or, as
+    transformers 5 writes it, ``processor_config.json``, read by transformers' class; 160 without
+    either); a window other than 3000 frames is refused by name."""
+    files = [Path(target_dir) / name for name in PROCESSOR_FILES if (Path(target_dir) / name).is_file()]
+    if not files:
+        return HOP_SAMPLES
+    path = files[0]
+    from transformers import WhisperFeatureExtractor
+
+    extractor = WhisperFeatureExtractor.from_pretrained(str(target_dir))
+    if extractor.sampling_rate != SAMPLING_RATE or extractor.nb_max_frames != MAX_MEL_FRAMES:
+        raise ValueError(f"{path}: sampling_rate {extractor.sampling_rate}, chunk_length {extractor.chunk_length} s "
+                         f"and hop_length {extractor.hop_length} give {extractor.nb_max_frames} mel frames; "
+                         f"Qwen2-Audio (and vLLM's input schema) needs {SAMPLING_RATE} Hz and {MAX_MEL_FRAMES}")
+    return int(extractor.hop_length)
 
 
 class Qwen2AudioFamily(TargetFamily):
@@ -55,6 +80,9 @@ class Qwen2AudioFamily(TargetFamily):
     min_audio_tokens: ClassVar[int] = 2
     default_system_prompt: ClassVar[str | None] = DEFAULT_SYSTEM_PROMPT
     inline_audio_placeholders: ClassVar[bool] = True
+    # one mel frame per hop_samples; the published checkpoints' 160 (25 audio tokens a second). A
+    # checkpoint may frame coarser (the project's SmolLM2 target: 480, 8.3 tokens a second)
+    hop_samples: ClassVar[int] = HOP_SAMPLES
 
     config_class: ClassVar[str] = "Qwen2AudioConfig"
     embedding_weight: ClassVar[str] = "language_model.model.embed_tokens.weight"
@@ -92,10 +120,19 @@ class Qwen2AudioFamily(TargetFamily):
             segs.append(Segment("text", f"{IM_START}assistant\n", len(turns)))
         return segs
 
-    @staticmethod
-    def num_audio_tokens(num_samples: int) -> int:
+    @classmethod
+    def for_target(cls, target_dir: str | Path) -> type[Qwen2AudioFamily]:
+        hop = mel_hop_samples(target_dir)
+        return cls if hop == cls.hop_samples else framed(hop)
+
+    @classmethod
+    def num_mel_frames(cls, num_samples: int) -> int:
+        return num_mel_frames(num_samples, cls.hop_samples)
+
+    @classmethod
+    def num_audio_tokens(cls, num_samples: int) -> int:
         """Tokens the encoder emits for a clip: conv stride 2, then avg-pool stride 2."""
-        frames = num_mel_frames(num_samples)
+        frames = cls.num_mel_frames(num_samples)
         return (((frames - 1) // 2 + 1) - 2) // 2 + 1
 
     @staticmethod
@@ -104,7 +141,15 @@ class Qwen2AudioFamily(TargetFamily):
         ``input_features`` [N, 128, 3000] float32 and ``feature_attention_mask`` [N, 3000]."""
         if not waveforms:  # a text-only batch passes no features, or the audio tower runs on nothing
             return {}
-        out = feature_extractor(waveforms, sampling_rate=16_000, return_attention_mask=True,
+        out = feature_extractor(waveforms, sampling_rate=SAMPLING_RATE, return_attention_mask=True,
                                 padding="max_length", return_tensors="np")
         return {"input_features": out["input_features"].astype(np.float32),
                 "feature_attention_mask": out["attention_mask"].astype(np.int64)}
+
+
+@functools.cache
+def framed(hop_samples: int) -> type[Qwen2AudioFamily]:
+    """The family for checkpoints whose feature extractor hops ``hop_samples`` (one class per hop). Clips
+    stay within 30 s: vLLM 0.32 sizes an audio item's placeholders from at most a 30 s chunk."""
+    return type(f"Qwen2AudioFamilyHop{hop_samples}", (Qwen2AudioFamily,),
+                {"hop_samples": hop_samples, "__module__": __name__})

@@ -68,17 +68,25 @@ def test_dataset_is_a_valid_conversation_file(tmp_path) -> None:
 
 
 @needs_espeak
-def test_unpadded_encoder_equals_the_30_s_window(tiny_target) -> None:
+@pytest.mark.parametrize("hop", [160, 480])
+def test_unpadded_encoder_equals_the_30_s_window(tiny_target, hop) -> None:
     """What training runs (first L + 2 mel frames) equals the stock forward over 3000 frames with
-    the padding masked, which transformers and vLLM run at inference."""
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+    the padding masked, which transformers and vLLM run at inference; at Whisper's hop and at the
+    coarser one the SmolLM2 target uses (3000 frames of 30 ms: a 90 s window)."""
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, WhisperFeatureExtractor
     from transformers.masking_utils import create_bidirectional_mask
+
+    from modeling.targets.qwen2_audio import framed
 
     model = Qwen2AudioForConditionalGeneration.from_pretrained(str(tiny_target), dtype=torch.float32).eval()
     extractor = AutoProcessor.from_pretrained(str(tiny_target)).feature_extractor
+    family = Qwen2AudioFamily
+    if hop != extractor.hop_length:
+        extractor = WhisperFeatureExtractor(feature_size=128, hop_length=hop, chunk_length=90, n_fft=2 * hop)
+        family = framed(hop)
     waves = [synthesize("anna fixed four phones on the bridge", "en-us", 160), synthesize("the dog is happy", "en-gb", 190)]
     feats = [clip_features(extractor, w) for w in waves]
-    audio = Qwen2AudioFamily.audio_inputs(extractor, waves)
+    audio = family.audio_inputs(extractor, waves)
     full, mask = audio["input_features"], audio["feature_attention_mask"]
     for f, row in zip(feats, full, strict=True):
         np.testing.assert_array_equal(f, row[:, : f.shape[1]])  # the same features, not recomputed differently
@@ -86,7 +94,7 @@ def test_unpadded_encoder_equals_the_30_s_window(tiny_target) -> None:
     for i, f in enumerate(feats):
         batch[i, :, : f.shape[1]] = torch.from_numpy(f)
     with torch.no_grad():
-        mine = encode_audio(model, batch, [w.shape[0] for w in waves])
+        mine = encode_audio(model, batch, [w.shape[0] for w in waves], family)
         tower = model.model.audio_tower
         lengths, out_lengths = tower._get_feat_extract_output_lengths(torch.from_numpy(mask).sum(-1))
         mask_2d = (torch.arange(1500)[None] < lengths[:, None]).long()
@@ -94,6 +102,8 @@ def test_unpadded_encoder_equals_the_30_s_window(tiny_target) -> None:
                                          attention_mask=mask_2d)
         ref = model.model.multi_modal_projector(tower(torch.from_numpy(full), attention_mask=attn).last_hidden_state)
         ref = torch.cat([ref[i, : int(n)] for i, n in enumerate(out_lengths)])
-    assert mine.shape == ref.shape == (sum(Qwen2AudioFamily.num_audio_tokens(w.shape[0]) for w in waves), 256)
+    assert mine.shape == ref.shape == (sum(family.num_audio_tokens(w.shape[0]) for w in waves), 256)
+    assert full.shape[-1] == 3000 and family.num_audio_tokens(waves[0].shape[0]) * hop // 160 in range(
+        Qwen2AudioFamily.num_audio_tokens(waves[0].shape[0]) - 3, Qwen2AudioFamily.num_audio_tokens(waves[0].shape[0]) + 4)
     # fp32: only summation order differs (the padded frames never reach a valid output)
     assert float((mine - ref).abs().max()) <= 1e-4 * float(ref.abs().max())

@@ -1,6 +1,7 @@
 """The encoder's hearing check: CTC over the LLM's tokens of the prompts decodes back to the prompt, the
 loss ranks a right alignment far below a wrong one, a word no prompt uses is refused by name, and the
-packed layout (the prompt's tokens in the first rows) is what the align loss and the readback check ask for."""
+packed layout (the prompt's tokens in the first rows) and the repeat layout (each token over its spoken
+span) are what the align loss and the readback check ask for."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def test_packed_layout_targets_and_readback(vocab, smol_target):
     its prompt is refused by name."""
     from safetensors import safe_open
 
-    from modeling.smol_audio.hearing import packed_readback
+    from modeling.smol_audio.hearing import readback
     from modeling.smol_audio.train import align_loss, align_targets
 
     with safe_open(str(smol_target / "model.safetensors"), "pt") as f:
@@ -105,7 +106,49 @@ def test_packed_layout_targets_and_readback(vocab, smol_target):
     # the cross-entropy is not zero at exact rows (some prompt tokens' rows lie close together), but it
     # ranks them far below rows one place off
     assert 10 * loss(exact, 1.0) < loss(shifted, 1.0)
-    assert packed_readback(lambda a, c: (a, c), vocab, table, [(exact, counts, texts)]) == 1.0
-    assert packed_readback(lambda a, c: (a, c), vocab, table, [(shifted, counts, texts)]) == 0.0
+    assert readback(lambda a, c: (a, c), vocab, table, [(exact, counts, texts)]) == 1.0
+    assert readback(lambda a, c: (a, c), vocab, table, [(shifted, counts, texts)]) == 0.0
     with pytest.raises(ValueError, match="glacier.*do not fit"):
         align_targets(torch.zeros(3, table.shape[1]), [3], ["What is a glacier?"], head, filler, "packed")
+
+
+
+def test_repeat_layout_spans_the_spoken_tokens(vocab, smol_target):
+    """The repeat layout gives every row the token spoken there (from its CTC start to the next one's,
+    the rows before the first start to the first token), with no filler; rows that are those exact
+    embeddings give a zero loss and read back, run by run, as the prompt; noisy rows cost what their
+    noise is, and rows in reverse order do not read back."""
+    from safetensors import safe_open
+
+    from modeling.smol_audio.hearing import readback, spoken_spans
+    from modeling.smol_audio.train import align_loss, align_targets
+
+    texts = ["What is a glacier?", "Give me three tips for saving money."]
+    head, onehot, counts = _head_reading(vocab, texts)  # each label 3 frames, then a blank
+    labels = vocab.labels(texts[0])
+    assert spoken_spans(head.log_probs(onehot, counts)[0], labels) == [k for k in range(len(labels)) for _ in range(4)]
+    silence_first = torch.cat([torch.nn.functional.one_hot(torch.tensor([0]), onehot.shape[1]).float(),
+                               onehot[: counts[0] - 1]])
+    assert spoken_spans(head.log_probs(silence_first, [counts[0]])[0], labels)[:6] == [0, 0, 0, 0, 0, 1]
+
+    with safe_open(str(smol_target / "model.safetensors"), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
+        table = f.get_tensor(key).float()
+    # a head that reads each row as its nearest prompt token's embedding, never the blank
+    reader = TokenCTCHead(table.shape[1], vocab)
+    choices = table[vocab.llm_ids]
+    with torch.no_grad():
+        reader.proj.weight.copy_(torch.cat([torch.zeros(1, table.shape[1]), choices]) * 10)
+        reader.proj.bias.copy_(torch.cat([torch.tensor([-1e4]), -5 * (choices**2).sum(-1)]))
+    spoken = [[t for t in vocab.ids_of(text) for _ in range(4)] for text in texts]
+    exact = table[torch.tensor(spoken[0] + spoken[1])]
+    counts = [len(x) for x in spoken]
+    ids, word = align_targets(exact, counts, texts, reader, 0, "repeat")
+    assert ids.tolist() == spoken[0] + spoken[1] and bool(word.all())
+    norm = float((table**2).sum(-1).mean())
+    assert float(align_loss(exact, counts, texts, reader, table, 0, norm, "repeat")) == 0.0
+    noise = torch.randn(exact.shape, generator=torch.Generator().manual_seed(0)) * 0.01
+    expected = float(((noise**2).sum(-1) / norm).mean())
+    assert float(align_loss(exact + noise, counts, texts, reader, table, 0, norm, "repeat")) == pytest.approx(expected, rel=1e-3)
+    assert readback(lambda a, c: (a, c), vocab, table, [(exact, counts, texts)], "repeat") == 1.0
+    assert readback(lambda a, c: (a, c), vocab, table, [(exact.flip(0), counts, texts)], "repeat") == 0.0
