@@ -17,7 +17,9 @@ with the embeddings of the prompt's tokens:
   ``modeling.smol_audio.train``'s ``resume.pt``), with ``token_readback``: the share of the prompt's
   tokens that the clip's first rows, each read as its nearest prompt-token embedding, spell (1.0 for
   an encoder that writes ``packed``), and ``spelled_in_runs``: the clips whose rows, read so with each
-  run of equal rows once, spell the prompt (an encoder that writes ``repeat``).
+  run of equal rows once, spell the prompt (an encoder that writes ``repeat``). ``--snap nearest``
+  replaces each row by that nearest embedding (the encoder's timing, no residual error); ``--snap even``
+  also spreads those tokens evenly over the rows (neither error nor timing: what is left is hearing).
 
 The rows a clip gets follow the target's mel framing (``--target``'s feature extractor): 25 a second at
 Whisper's hop, 8.3 at the coarser one (``python -m modeling.smol_audio.build --mel-hop-samples 480``).
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--layout", choices=("once", "repeat", "packed", "encoder"), default="once")
     parser.add_argument("--checkpoint", default="", help="--layout encoder: a trainer's resume.pt to load first")
+    parser.add_argument("--snap", choices=("none", "nearest", "even"), default="none",
+                        help="--layout encoder: replace each row by its nearest prompt token's exact embedding "
+                             "(nearest), or spread those tokens, each run once, evenly over the rows (even)")
     parser.add_argument("--rank", type=int, default=0, help="0: the exact embeddings")
     parser.add_argument("--filler-row", choices=("space", "zero", "mean"), default="space",
                         help="the filler's vector: the \" \" token's row, zeros, or the mean of the vocabulary's rows")
@@ -147,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.learn_filler and args.train_prompts < 8:
         parser.error(f"--train-prompts {args.train_prompts}: --learn-filler draws batches of 8 prompts")
+    if args.snap != "none" and args.layout != "encoder":
+        parser.error(f"--snap {args.snap}: needs --layout encoder")
     if args.checkpoint and (args.layout != "encoder" or not Path(args.checkpoint).is_file()):
         parser.error(f"--checkpoint {args.checkpoint}: needs --layout encoder and an existing file")
     if args.learn_filler and not Path(args.teacher).is_file():
@@ -220,6 +227,10 @@ def main(argv: list[str] | None = None) -> None:
                 read_right += sum(g == t for g, t in zip(got[: len(tokens)], tokens, strict=True))
                 read_total += len(tokens)
                 spelled += runs(got) == tokens
+                if args.snap == "nearest":
+                    encoded = table[got]
+                elif args.snap == "even":
+                    encoded = table[_rows("repeat", runs(got), len(got))]
             heard = _greedy(model, slot.embed(args.layout, tokens, frames, [], encoded)[None], end_id)
             read = _greedy(model, model.model.get_input_embeddings()(written), end_id)
         counts["on_topic"] += names_topic(prompt.text, tok.decode(heard))
@@ -241,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(out.read_text()) if out.is_file() else {}
     suffix = (f"-{args.filler_row}" if args.filler_row != "space" else "") + \
         (f"-learned{args.learn_filler}" if args.learn_filler else "")
+    if args.snap != "none":
+        suffix += f"-snap-{args.snap}"
+        entry["snap"] = args.snap
     if family.hop_samples != 160:
         suffix += f"-hop{family.hop_samples}"
     if args.checkpoint:

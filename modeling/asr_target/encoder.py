@@ -22,7 +22,7 @@ EXTRA_FRAMES = 2  # frames past the last valid one that still reach a valid outp
 
 
 def clip_features(extractor: Any, wave: np.ndarray) -> np.ndarray:
-    """Mel features [128, L + 2] of one clip, equal to the first L + 2 frames of the 30 s window
+    """Mel features [128, L + 2] of one clip, equal to the first L + 2 frames of the 3000-frame window
     (the extractor's normalisation uses the clip's maximum, which the window's padding cannot change)."""
     hop = extractor.hop_length
     frames = num_mel_frames(wave.shape[0], hop) + EXTRA_FRAMES

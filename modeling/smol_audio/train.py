@@ -17,18 +17,22 @@ Three phases, each with its own warm-up and cosine:
 |---|---|---|---|
 | ``ctc`` | ``--ctc-steps`` | CTC on the prompt's LLM tokens from the projected audio rows (:mod:`modeling.smol_audio.hearing`) | ~0.5 s (encoder only, batch 16) |
 | ``align`` | ``--align-steps`` | CTC + ``--align-weight`` x the distance of each audio row to the LLM embedding it should hold (``--align-layout``: ``spike``, the token the CTC path puts there; ``packed``, the prompt's tokens in the first rows; ``--filler``'s elsewhere; ``repeat``, each token over its spoken span) | ~0.5 s |
-| ``llm`` | ``--steps`` | cross-entropy of the answer tokens through the frozen 30-layer LLM (teacher-forced) + ``--ctc-weight`` x CTC + the align loss | ~4.5 s (batch 8) |
+| ``llm`` | ``--steps`` | cross-entropy of the answer tokens through the frozen 30-layer LLM (teacher-forced) + ``--ctc-weight`` x CTC + the align loss | ~4.5 s (batch 8; ~1.7 s at 30 ms frames) |
 
 Why the align phase: after the CTC phase the encoder heard (held-out token WER 0.11) but the LLM
 phase alone, 150 steps in, had not taught the LLM to read it (answers on the wrong topic, CTC WER
-rising to 0.24); rows shaped like the words' own embeddings are readable from the start. Every
-``--eval-every`` steps the CTC head's greedy transcripts of ``--eval-clips`` held-out clips give the
-encoder's WER (the history's ``hearing_wer``).
+rising to 0.24); rows shaped like the words' own embeddings are readable from the start, if each
+token spans about two rows: the committed encoder (run 4) frames audio at 30 ms (a target built with
+``--mel-hop-samples 480``, 8.3 rows a second; the hop is read from ``--target`` and written into the
+result's metadata) and uses ``--align-layout repeat`` before 600 LLM steps. Every ``--eval-every`` steps
+the CTC head's greedy transcripts of ``--eval-clips`` held-out clips give the encoder's WER (the
+history's ``hearing_wer``) and, for ``packed``/``repeat``, the share of clips whose rows read back as
+the prompt.
 
 Training starts from the parts in ``--target`` (a build from the committed file continues that
 training; a ``--trained none`` build starts from the seeded random encoder); ``training.json`` keeps
 the earlier runs' records under ``previous``. The audio path runs on unpadded mel frames
-(:mod:`modeling.asr_target.encoder`: the same embeddings as the stock 30 s window).
+(:mod:`modeling.asr_target.encoder`: the same embeddings as the stock 3000-frame window).
 
 Resumable: a checkpoint every ``--save-every`` steps in ``--work``; a rerun continues from it with the
 same batches. The result is ``--out`` (default ``tests/data/smol-audio/trained.safetensors``, bf16)
