@@ -123,6 +123,11 @@ def processor_for(tok: Any, hop_samples: int = HOP_SAMPLES) -> Any:
     return Qwen2AudioProcessor(feature_extractor=features, tokenizer=tok, chat_template=CHAT_TEMPLATE)
 
 
+def hop_fills_whole_seconds(hop_samples: int) -> bool:
+    """Whether 3000 frames of ``hop_samples`` make a whole-second chunk (the extractor's chunk_length is in s)."""
+    return hop_samples > 0 and (MAX_MEL_FRAMES * hop_samples) % SAMPLING_RATE == 0
+
+
 def trained_hop(trained: Path | None) -> int:
     """The mel hop the trained file's encoder was trained at (its metadata; Whisper's 160 if unnamed)."""
     if trained is None:
@@ -131,7 +136,7 @@ def trained_hop(trained: Path | None) -> int:
 
     with safe_open(str(trained), "pt") as f:
         hop = (f.metadata() or {}).get(MEL_HOP_KEY, str(HOP_SAMPLES))
-    if not hop.isdigit() or (MAX_MEL_FRAMES * int(hop)) % SAMPLING_RATE:
+    if not hop.isdigit() or not hop_fills_whole_seconds(int(hop)):
         raise ValueError(f"{trained}: metadata {MEL_HOP_KEY}={hop!r} is not a hop in samples that fills whole seconds")
     return int(hop)
 
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     trained = None if str(args.trained) == "none" else args.trained
-    if args.mel_hop_samples and (args.mel_hop_samples <= 0 or (MAX_MEL_FRAMES * args.mel_hop_samples) % SAMPLING_RATE):
+    if args.mel_hop_samples and not hop_fills_whole_seconds(args.mel_hop_samples):
         parser.error(f"--mel-hop-samples {args.mel_hop_samples}: 3000 frames of it must fill whole seconds (160, 480)")
     out = build(args.out, trained, cache_dir=args.cache, seed=args.seed, hop_samples=args.mel_hop_samples or None)
     if args.record:

@@ -69,7 +69,7 @@ def test_dataset_is_a_valid_conversation_file(tmp_path) -> None:
 
 @needs_espeak
 @pytest.mark.parametrize("hop", [160, 480])
-def test_unpadded_encoder_equals_the_30_s_window(tiny_target, hop) -> None:
+def test_unpadded_encoder_equals_the_3000_frame_window(tiny_target, hop) -> None:
     """What training runs (first L + 2 mel frames) equals the stock forward over 3000 frames with
     the padding masked, which transformers and vLLM run at inference; at Whisper's hop and at the
     coarser one the SmolLM2 target uses (3000 frames of 30 ms: a 90 s window)."""
