@@ -8,6 +8,7 @@ money."). A prompt's split comes from a hash of its text, so the three uses neve
 | ``target`` | 70% | training the target's encoder (:mod:`modeling.smol_audio.train`) |
 | ``train`` | 20% | the pipeline's stage 1 (the draft's training answers) |
 | ``eval`` | 10% | held-out benchmark: prompts neither the target nor the draft ever heard |
+| ``target+train`` | 90% | a draft's stage 1 with every prompt the benchmark does not hold out (more distinct answers) |
 
 Topics are shared between splits (a held-out prompt may ask something new about a known topic); the
 words and the answers differ.
@@ -101,10 +102,16 @@ def split_of(prompt: Prompt) -> str:
     return next(name for name, (lo, hi) in SPLITS.items() if lo <= bucket < hi)
 
 
+DRAFT_SPLITS = ("target+train",)  # joined splits; `eval` never joins one
+
+
 def prompts(split: str) -> list[Prompt]:
-    """The prompts of one split, in the fixed order."""
+    """The prompts of one split, in the fixed order; a joined split in hash order, so that its first N
+    mix every template (``all_prompts`` is template-major)."""
+    if split in DRAFT_SPLITS:
+        return sorted((p for part in split.split("+") for p in prompts(part)), key=lambda p: p.id)
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        raise ValueError(f"split must be one of {list(SPLITS) + list(DRAFT_SPLITS)}, got {split!r}")
     return [p for p in all_prompts() if split_of(p) == split]
 
 

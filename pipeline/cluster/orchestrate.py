@@ -51,6 +51,9 @@ class PipelineConfig:
     synth_eval_teacher: str = opt("", "smol-audio: teacher answers (jsonl) that become the eval clips' references")
     synth_kind: str = opt("spoken", "smol-audio: what the user turns are: `spoken` clips, the same prompts as `text`, "
                                     "or general text `chat` (text-only training data: docs/audio-vs-text.md)")
+    synth_train_split: str = opt("train", "smol-audio: the prompts spoken for training: `train` (20% of them, never "
+                                          "heard by the target's encoder) or `target+train` (every prompt but the "
+                                          "held-out `eval` split: 4x the distinct answers)")
 
     def __post_init__(self) -> None:
         require(bool(self.target), "pipeline: `target` is required")
@@ -66,6 +69,11 @@ class PipelineConfig:
                 f"pipeline: synth_kind must be `spoken`, `text` or `chat`, got {self.synth_kind!r}")
         require(self.synth_kind == "spoken" or self.synth_generator == "smol-audio",
                 f"pipeline: synth_kind {self.synth_kind!r} needs synth_generator `smol-audio`")
+        require(self.synth_train_split in ("train", "target+train"),
+                f"pipeline: synth_train_split must be `train` or `target+train`, got {self.synth_train_split!r}")
+        require(self.synth_train_split == "train" or (self.synth_generator == "smol-audio" and self.synth_kind != "chat"),
+                f"pipeline: synth_train_split {self.synth_train_split!r} needs synth_generator `smol-audio` and "
+                "spoken or text prompts")
         if self.synth_train_clips and not self.input:
             self.input = str(Path(self.workdir) / "clips-train" / "data.jsonl")
         if self.synth_eval_clips and not self.eval_input:
@@ -129,7 +137,7 @@ def prepare_inputs(cfg: PipelineConfig) -> None:
         from modeling.smol_audio.build import build
 
         build(cfg.target)
-    for split, count, path in (("train", cfg.synth_train_clips, cfg.input), ("eval", cfg.synth_eval_clips,
+    for split, count, path in ((cfg.synth_train_split, cfg.synth_train_clips, cfg.input), ("eval", cfg.synth_eval_clips,
                                                                           cfg.eval_input)):
         if not count:
             continue

@@ -47,3 +47,28 @@ def test_bad_kind_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="kind must be one of"):
         ensure_dataset(tmp_path / "x", "train", 3, 0, kind="video")
     assert not (tmp_path / "x").exists()
+
+
+def test_joined_draft_split_is_everything_but_the_held_out_prompts():
+    joined = prompts.prompts("target+train")
+    parts = prompts.prompts("target") + prompts.prompts("train")
+    assert sorted(p.id for p in joined) == sorted(p.id for p in parts)  # each prompt once
+    assert not {p.text for p in joined} & {p.text for p in prompts.prompts("eval")}
+    assert len(joined) + len(prompts.prompts("eval")) == len(prompts.all_prompts())
+    assert len({p.text.split()[0] for p in joined[:40]}) >= 4  # hash order: a prefix mixes the templates
+    with pytest.raises(ValueError, match="target\\+train"):
+        prompts.prompts("eval+train")
+
+
+def test_pipeline_speaks_the_joined_split_only_for_the_smol_prompts(tmp_path):
+    from pipeline.cluster.orchestrate import PipelineConfig
+    from pipeline.core.config import ConfigError
+
+    cfg = PipelineConfig(workdir=str(tmp_path), target="t", synth_generator="smol-audio", synth_train_clips=5,
+                         synth_train_split="target+train")
+    assert cfg.input.endswith("clips-train/data.jsonl")
+    for bad in ({"synth_generator": "asr"}, {"synth_generator": "smol-audio", "synth_kind": "chat"}):
+        with pytest.raises(ConfigError, match="synth_train_split"):
+            PipelineConfig(workdir=str(tmp_path), target="t", synth_train_clips=5, synth_train_split="target+train", **bad)
+    with pytest.raises(ConfigError, match="synth_train_split must be"):
+        PipelineConfig(workdir=str(tmp_path), target="t", synth_train_clips=5, synth_train_split="eval")
