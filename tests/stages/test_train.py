@@ -168,7 +168,13 @@ def test_a_second_job_on_the_same_run_dir_is_refused(zero2_run, fixture_store, t
     deadline = time.monotonic() + 300
     while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    # the first job is frozen while the second starts: on a loaded machine the second's start (~10-50 s
+    # of imports) outlasted the first's 36 steps, which then released the lock before it was tested
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     text = second.stdout + second.stderr
     assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
     assert second.returncode == 2, text[-3000:]
