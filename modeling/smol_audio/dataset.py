@@ -28,7 +28,7 @@ from typing import Any
 
 from modeling.asr_target.speech import SAMPLE_RATE, VOICES, ensure_dataset_dir, espeak_version, synthesize
 from modeling.smol_audio import chat_prompts
-from modeling.smol_audio.prompts import DRAFT_SPLITS, WPM_RANGE, Prompt, prompts
+from modeling.smol_audio.prompts import DRAFT_SPLITS, SPLITS, WPM_RANGE, Prompt, prompts
 
 KINDS = ("spoken", "text", "chat")
 
@@ -92,7 +92,7 @@ def ensure_dataset(out: str | Path, split: str, count: int, seed: int = 0, *, te
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--split", choices=("train", "eval", "target", *DRAFT_SPLITS), required=True,
+    parser.add_argument("--split", choices=(*SPLITS, *DRAFT_SPLITS), required=True,
                         help="prompt split (modeling/smol_audio/prompts.py); target+train: all but the held-out eval")
     parser.add_argument("--count", type=int, required=True, help="records")
     parser.add_argument("--kind", choices=KINDS, default="spoken", help="spoken clips, the same words typed, "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modeling.smol_audio.prompts import DRAFT_SPLITS
 from pipeline.core.config import ConfigError, from_dict, opt, read_yaml_section, require
 from pipeline.core.manifest import shard_progress
 
@@ -69,8 +70,9 @@ class PipelineConfig:
                 f"pipeline: synth_kind must be `spoken`, `text` or `chat`, got {self.synth_kind!r}")
         require(self.synth_kind == "spoken" or self.synth_generator == "smol-audio",
                 f"pipeline: synth_kind {self.synth_kind!r} needs synth_generator `smol-audio`")
-        require(self.synth_train_split in ("train", "target+train"),
-                f"pipeline: synth_train_split must be `train` or `target+train`, got {self.synth_train_split!r}")
+        splits = ("train", *DRAFT_SPLITS)
+        require(self.synth_train_split in splits,
+                f"pipeline: synth_train_split must be one of {list(splits)}, got {self.synth_train_split!r}")
         require(self.synth_train_split == "train" or (self.synth_generator == "smol-audio" and self.synth_kind != "chat"),
                 f"pipeline: synth_train_split {self.synth_train_split!r} needs synth_generator `smol-audio` and "
                 "spoken or text prompts")
