@@ -23,6 +23,7 @@ from pathlib import Path
 from pipeline.cluster.orchestrate import (
     Paths,
     PipelineConfig,
+    check_extra_stores,
     load_pipeline_config,
     prepare_inputs,
     stage_complete,
@@ -89,6 +90,7 @@ def run_untrained_baseline(cfg: PipelineConfig, config_path: str, paths: Paths) 
 def run(config_path: str, only: list[str] | None) -> int:
     cfg, _raw = load_pipeline_config(config_path)
     paths = Paths(Path(cfg.workdir))
+    check_extra_stores(cfg, [s for s in cfg.stages if not only or s in only])
     paths.root.mkdir(parents=True, exist_ok=True)
     prepare_inputs(cfg)
     for stage in cfg.stages:

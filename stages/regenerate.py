@@ -47,7 +47,7 @@ from pipeline.core.shards import Shard, plan_shards, resolve_shard_index, run_sh
 from pipeline.core.stage1_layout import shard_files
 from pipeline.data.audio import AudioLimits
 from pipeline.data.clip_files import vad_records, with_clip_files
-from pipeline.data.records import Part, Record, RecordError, Rejection, Turn
+from pipeline.data.records import Part, Record, RecordError, Rejection, Turn, sampled_answer_id
 from pipeline.data.samples import load_record_audio, split_audio_parts
 from pipeline.data.shard_stage import ShardResult, ShardStageOptions, result_of, shard_accounting
 from pipeline.data.sources import InputSource, SourceOptions, open_source
@@ -183,7 +183,7 @@ def output_record(chain: _Chain, n: int) -> dict[str, Any]:
     rec = chain.record
     raw_turns = rec.raw["conversations"]
     out = {k: v for k, v in rec.raw.items() if k != "conversations"}
-    out["id"] = rec.id if n == 1 else f"{rec.id}#{chain.k}"
+    out["id"] = sampled_answer_id(rec.id, chain.k, n)
     out.update(source_id=rec.id, source_hash=rec.source_hash, source_index=rec.index)
     out["conversations"] = [
         _output_turn(raw_turns[i] if i < len(raw_turns) else {}, turn, rec.turns[i] if i < len(rec.turns) else turn)

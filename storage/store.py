@@ -8,6 +8,10 @@ frames or raw rows, :mod:`storage.reader`) rather than through zarr's async mach
 is plain data (paths, numpy offsets, Arrow tables), so it pickles into DataLoader workers and
 each worker opens its own files.
 
+Several stores of one target read as one (:func:`join_stores`): a training set mixed from caches
+made by separate stage-2 runs (spoken and typed prompts, greedy and sampled answers) without
+copying a byte.
+
 Format 2 (new stores) records ``checksum`` (the digest reads check, default xxh3_64) and
 ``codec`` (zstd, lz4 or none) in the header. A format-1 store has neither: it is read, checked
 (sha256) and extended exactly as it was written.
@@ -16,6 +20,7 @@ Format 2 (new stores) records ``checksum`` (the digest reads check, default xxh3
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -112,6 +117,39 @@ def open_store(path: str | Path, storage_options: dict[str, Any] | None = None, 
     """
     return HiddenStateStore(str(path), storage_options or {}, verify_chunks=verify_chunks,
                             read_threads=read_threads)
+
+
+def _join_key(header: dict[str, Any], key: str) -> Any:
+    # one target spelled by two paths (relative, absolute) is one target: its identity hash decides
+    return header.get("target", {}).get("config_hash") if key == "target" else header.get(key)
+
+
+def join_stores(stores: list[HiddenStateStore]) -> HiddenStateStore:
+    """Several stores read as one: the first one's header, every store's committed shards in the
+    order given, sample indices running on across them.
+
+    The stores must agree on every key that decides how a sample is read and what it means
+    (``STORE_MUST_MATCH``: target identity, aux layers, dtype, quantization, arrays, codec); each
+    mismatch is named. Sample ids may repeat across stores (two stage-1 passes over one input).
+    """
+    if not stores:
+        raise ValueError("join_stores: no stores given")
+    first = stores[0]
+    for other in stores[1:]:
+        differ = [k for k in STORE_MUST_MATCH if _join_key(first.header, k) != _join_key(other.header, k)]
+        if differ:
+            raise ValueError(f"{other.path} cannot be read together with {first.path}: their headers differ in "
+                             f"{', '.join(differ)} (stores of one target dumped with the same stage-2 settings "
+                             "can be joined)")
+    if len(stores) == 1:
+        return first
+    joined = copy.copy(first)
+    joined.path = ",".join(s.path for s in stores)
+    joined.entries = {f"{s.path}:{name}": e for s in stores for name, e in s.entries.items()}
+    joined._shards = [shard for s in stores for shard in s._shards]
+    joined._starts = np.cumsum([0] + [len(shard) for shard in joined._shards]).tolist()
+    joined._id_map, joined._pool = None, None
+    return joined
 
 
 class HiddenStateStore:

@@ -41,6 +41,23 @@ def parse_draft_config(value: Any, where: str) -> dict[str, Any]:
     return dict(value)
 
 
+def parse_stores(value: Any, where: str) -> str:
+    """One store, or several read as one: a YAML list or a comma-separated string, kept as the
+    comma-separated string (so a single store's run identity is what it always was)."""
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, str) and v.strip() and "," not in v for v in value):
+            raise ValueError(f"{where}: --store takes store paths without commas, got {value!r}")
+        return ",".join(v.strip() for v in value)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: --store must be a path or a list of paths, got {value!r}")
+    return value
+
+
+def store_paths(store: str) -> list[str]:
+    """The store paths of a ``--store`` value, in order."""
+    return [p.strip() for p in store.split(",") if p.strip()]
+
+
 def _draft_config_hash_value(value: dict[str, Any]) -> str:
     # the JSON string earlier releases hashed ("" when empty), so their run directories resume
     return json.dumps(value, sort_keys=True) if value else ""
@@ -48,7 +65,8 @@ def _draft_config_hash_value(value: dict[str, Any]) -> str:
 
 @dataclass(kw_only=True)
 class DataOptions:
-    store: str = opt("", "hidden-state store written by stage 2")
+    store: str = opt("", "hidden-state store written by stage 2; several stores of the same target and stage-2 "
+                         "settings (comma-separated, or a YAML list) train as one mixed set", parse=parse_stores)
     target: str = opt("", "target model directory (embedding table and lm_head are read from it)")
     batch_tokens: int = opt(8192, "tokens per packed row (one micro-batch); longer samples are cut to this")
     pack_window: int = opt(512, "samples sorted by length together before packing into rows")
@@ -58,6 +76,8 @@ class DataOptions:
     def __post_init__(self) -> None:
         for name in ("store", "target"):
             require(bool(getattr(self, name)), f"--{name} is required")
+        self.store = parse_stores(self.store, "--store")
+        require(bool(store_paths(self.store)), "--store names no store")
         _at_least(self, 1, "batch_tokens", "pack_window")
         _at_least(self, 0, "num_workers")
         require(0.0 <= self.eval_fraction < 1.0, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")

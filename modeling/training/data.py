@@ -4,8 +4,11 @@ Every decision is a pure function of (store index, seed, epoch, world size), so 
 plans the same epochs without talking to the others, and a resumed run rebuilds exactly the
 rows it would have seen. The loader's state is one number, the micro-batches consumed.
 
-- Split: a sample is held out when a stable hash of its id falls below ``eval_fraction``;
-  adding samples to a store never moves an existing sample between splits.
+- Split: a sample is held out when a stable hash of its prompt's id falls below ``eval_fraction``
+  (the id, less the ``#k`` stage 1 appends to the answers it samples n > 1 times for one prompt:
+  every answer to one prompt, in one store or in several joined ones, lands in the same split, so
+  the held-out estimate never scores a prompt the draft trained on); adding samples to a store
+  never moves an existing sample between splits.
 - Packing: per epoch the training samples are shuffled, cut into windows of ``pack_window``,
   each window sorted by length and packed first-fit-decreasing into rows of at most
   ``batch_tokens`` tokens. Length-sorted windows waste little: on the speech fixtures (30
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.data.records import prompt_key
 from storage.array_encoding import HIDDEN_ARRAYS, dequantize_fp8_torch, tensor_nonfinite
 from storage.buffers import empty_tensor
 from storage.reader import ChunkReadError
@@ -55,7 +59,7 @@ def store_columns(store: HiddenStateStore) -> tuple[list[str], np.ndarray, np.nd
 
 def split_samples(ids: list[str], num_loss: np.ndarray, eval_fraction: float) -> Split:
     """Held-out split by id hash; samples with no supervised token train nothing and are skipped."""
-    held = np.array([eval_score(i) < eval_fraction for i in ids], dtype=bool)
+    held = np.array([eval_score(prompt_key(i)) < eval_fraction for i in ids], dtype=bool)
     useful = num_loss > 0
     return Split(np.flatnonzero(~held & useful), np.flatnonzero(held & useful), int((~useful).sum()))
 

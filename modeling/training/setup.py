@@ -22,12 +22,12 @@ from torch import Tensor
 
 from modeling.draft.config import DraftConfig
 from modeling.draft.vocab import VocabMapping, build_draft_vocab
-from modeling.training.config import TrainConfig
+from modeling.training.config import TrainConfig, store_paths
 from modeling.training.data import Split, split_samples, store_columns, supervised_counts
 from pipeline.core.config import flat_options, leaf_values, to_dict
 from pipeline.core.durable import atomic_write_json
 from storage.reader import ChunkReadError
-from storage.store import HiddenStateStore, open_store
+from storage.store import HiddenStateStore, join_stores, open_store
 
 RUN_FILE = "run.json"
 VOCAB_FILE = "vocab.safetensors"
@@ -54,13 +54,25 @@ class TrainInputs:
     """The target's final norm weight, read only for ``--init-head target``."""
 
 
-def _open_store(path: str) -> HiddenStateStore:
+def _open_one_store(path: str) -> HiddenStateStore:
     try:
         # chunks are checked against their sha256 as they are read: a corrupt one is skipped, not
         # trained on (blosc/zstd would decode a flipped byte without complaint)
         return open_store(path, verify_chunks=True)
     except FileNotFoundError:
         raise TrainSetupError(f"--store {path} is not a hidden-state store (no manifest.json): run stage 2 first") from None
+
+
+def _open_store(spec: str) -> HiddenStateStore:
+    """The store, or several read as one (each one checked that it opens and is not empty)."""
+    stores = [_open_one_store(path) for path in store_paths(spec)]
+    for store in stores:
+        if len(stores) > 1 and len(store) == 0:
+            raise TrainSetupError(f"--store {store.path} has no committed samples (is stage 2 finished?)")
+    try:
+        return join_stores(stores)
+    except ValueError as err:
+        raise TrainSetupError(f"--store: {err}") from None
 
 
 def _check_store_target(store: HiddenStateStore, target: Path, identity: str, hidden: int) -> list[int]:
@@ -137,7 +149,7 @@ def check_inputs(cfg: TrainConfig) -> TrainInputs:
     embed, lm_head = _read_tables(target)
     final_norm = _read_final_norm(target, draft_config) if cfg.draft.init_head == "target" else None
     info = {**identity, "identity_sha256": identity["sha256"], "vocab_size": vocab,
-            "num_layers": text["num_hidden_layers"], "store": str(Path(cfg.data.store).resolve()),
+            "num_layers": text["num_hidden_layers"], "store": ",".join(str(Path(p).resolve()) for p in store_paths(cfg.data.store)),
             "store_target": store.header.get("target")}
     return TrainInputs(store, split, lengths, draft_config, embed, lm_head, info, final_norm)
 

@@ -55,6 +55,9 @@ class PipelineConfig:
     synth_train_split: str = opt("train", "smol-audio: the prompts spoken for training: `train` (20% of them, never "
                                           "heard by the target's encoder) or `target+train` (every prompt but the "
                                           "held-out `eval` split: 4x the distinct answers)")
+    train_extra_stores: list[str] = opt([], "hidden-state stores made by other runs of the same target and stage-2 "
+                                            "settings (other prompts, sampled answers) that stage 3 trains on beside "
+                                            "this run's own store, as one mixed set")
 
     def __post_init__(self) -> None:
         require(bool(self.target), "pipeline: `target` is required")
@@ -81,6 +84,9 @@ class PipelineConfig:
         if self.synth_eval_clips and not self.eval_input:
             self.eval_input = str(Path(self.workdir) / "clips-eval" / "data.jsonl")
         require(bool(self.input), "pipeline: `input` is required (or synth_train_clips)")
+        for store in self.train_extra_stores:
+            require(isinstance(store, str) and bool(store) and "," not in store,
+                    f"pipeline: train_extra_stores entries are store paths without commas, got {store!r}")
         unknown = [s for s in self.stages if s not in STAGES]
         require(not unknown, f"pipeline: unknown stages {unknown} (known: {list(STAGES)})")
 
@@ -128,6 +134,16 @@ def eval_input(cfg: PipelineConfig, paths: Paths) -> str:
     return cfg.eval_input or str(paths.regen)
 
 
+def check_extra_stores(cfg: PipelineConfig, stages: list[str]) -> None:
+    """Before stage 1 runs for hours: the stores stage 3 will join to this run's own must exist."""
+    if "train" not in stages:
+        return
+    for store in cfg.train_extra_stores:
+        if not (Path(store) / "manifest.json").is_file():
+            raise ConfigError(f"pipeline: train_extra_stores: {store} is not a hidden-state store (no manifest.json): "
+                              "make it with stage 2 first")
+
+
 def prepare_inputs(cfg: PipelineConfig) -> None:
     """Build what the config asks to be built before stage 1: the tiny random target, the
     synthesised ASR clips (each skipped when a complete build is already there)."""
@@ -160,7 +176,8 @@ def stage_path_args(stage: str, cfg: PipelineConfig, paths: Paths) -> list[str]:
     table = {
         "regenerate": ["--target", cfg.target, "--input", cfg.input, "--output", str(paths.regen)],
         "dump": ["--target", cfg.target, "--input", str(paths.regen), "--store", str(paths.store)],
-        "train": ["--target", cfg.target, "--store", str(paths.store), "--output", str(paths.run)],
+        "train": ["--target", cfg.target, "--store", ",".join([str(paths.store), *cfg.train_extra_stores]),
+                  "--output", str(paths.run)],
         "export": ["--run", str(paths.run), "--output", str(paths.draft)],
         "benchmark": ["--target", cfg.target, "--draft", str(paths.draft), "--input", eval_input(cfg, paths),
                       "--output", str(paths.benchmark)],

@@ -105,6 +105,23 @@ class RecordError(ValueError):
         self.reason = reason
 
 
+# Stage 1 names the n > 1 answers it samples for one input record "<record id>#<k>"; the trainer's
+# held-out split keys them by the record id, so the answers to one prompt never straddle the split.
+SAMPLE_SEPARATOR = "#"
+
+
+def sampled_answer_id(record_id: str, k: int, n: int) -> str:
+    """The id of answer ``k`` of ``n`` sampled for one record (the record's own id when n is 1)."""
+    return record_id if n == 1 else f"{record_id}{SAMPLE_SEPARATOR}{k}"
+
+
+def prompt_key(sample_id: str) -> str:
+    """The id of the input record an answer was sampled for: ``sampled_answer_id``'s inverse (an id
+    without a ``#<digits>`` tail is its own key)."""
+    head, sep, tail = sample_id.rpartition(SAMPLE_SEPARATOR)
+    return head if sep and head and tail.isdigit() else sample_id
+
+
 def _parse_part(obj: Any, where: str, base: Path) -> Part:
     if not isinstance(obj, dict):
         raise RecordError(where, f"a content item must be an object, got {type(obj).__name__}")

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cluster.orchestrate import Paths, load_pipeline_config, stage_complete, status_report
+from pipeline.cluster.orchestrate import (
+    Paths,
+    check_extra_stores,
+    load_pipeline_config,
+    stage_complete,
+    stage_path_args,
+    status_report,
+)
 from pipeline.cluster.slurm import emit_slurm
 from pipeline.core.config import ConfigError
 from pipeline.core.locks import FileLock
@@ -35,6 +42,24 @@ def test_bad_pipeline_config(tmp_path):
     cfg.write_text("workdir: x\ntarget: t\ninput: i\nregenerate: 3\n")
     with pytest.raises(ConfigError, match="section 'regenerate' must be a mapping"):
         load_pipeline_config(cfg)
+
+
+def test_train_extra_stores_join_the_runs_own(tmp_path):
+    """Stage 3 of a pipeline with train_extra_stores trains on its own store and those, as one set;
+    a path that is no store is refused before any stage runs."""
+    made = tmp_path / "sampled-store"
+    made.mkdir()
+    (made / "manifest.json").write_text("{}")
+    cfg, _ = load_pipeline_config(write_config(tmp_path, f"train_extra_stores: [{made}]\n"))
+    args = stage_path_args("train", cfg, Paths(Path(cfg.workdir)))
+    assert args[args.index("--store") + 1] == f"{tmp_path / 'work' / 'store'},{made}"
+    check_extra_stores(cfg, ["regenerate", "train"])
+    cfg, _ = load_pipeline_config(write_config(tmp_path, f"train_extra_stores: [{tmp_path / 'nowhere'}]\n"))
+    with pytest.raises(ConfigError, match=r"train_extra_stores: .*nowhere is not a hidden-state store"):
+        check_extra_stores(cfg, ["regenerate", "dump", "train"])
+    check_extra_stores(cfg, ["regenerate", "dump"])  # a run that does not train does not need them yet
+    with pytest.raises(ConfigError, match="store paths without commas"):
+        load_pipeline_config(write_config(tmp_path, "train_extra_stores: ['a,b']\n"))
 
 
 def test_status_reads_manifests_and_locks(tmp_path):

@@ -230,21 +230,28 @@ def _copy_target(src: Path, dst: Path, skip: str = "") -> Path:
     return dst
 
 
-def _no_loss_store(fixture_store: Path, path: Path) -> Path:
+def _rewritten_store(fixture_store: Path, path: Path, count: int, *, no_loss: bool = False,
+                     answers_per_prompt: int = 1) -> Path:
+    """The fixture store's first ``count`` samples rewritten into a new store: with every loss mask 0,
+    or each sample repeated as the answers a sampling stage 1 (``--n``) names ``<id>#<k>``."""
     from pipeline.core.shards import Shard
+    from pipeline.data.records import sampled_answer_id
     from storage.sample import CapturedSample
     from storage.store import STORE_MUST_MATCH, create_store
     from storage.writer import ShardWriter, commit_shard
 
     src = open_store(fixture_store)
     manifest = create_store(path, {k: v for k, v in src.header.items() if k in STORE_MUST_MATCH or k == "index_format"})
-    shard = Shard(0, 1, 0, 2)
+    shard = Shard(0, 1, 0, count * answers_per_prompt)
     with ShardWriter(path, shard) as writer:
-        for i in range(2):
+        for i in range(count):
             s = src[i]
-            writer.write(CapturedSample(s["id"], s["source_hash"], s["input_ids"], torch.zeros_like(s["loss_mask"]),
-                                        s["aux_hidden"], s["last_hidden"][:0], s["last_hidden_positions"][:0],
-                                        s["audio_embeds"], s["audio_spans"]))
+            keep = 0 if no_loss else len(s["last_hidden_positions"])
+            for k in range(answers_per_prompt):
+                writer.write(CapturedSample(
+                    sampled_answer_id(s["id"], k, answers_per_prompt), s["source_hash"], s["input_ids"],
+                    torch.zeros_like(s["loss_mask"]) if no_loss else s["loss_mask"], s["aux_hidden"],
+                    s["last_hidden"][:keep], s["last_hidden_positions"][:keep], s["audio_embeds"], s["audio_spans"]))
         entry = writer.finish()
     commit_shard(manifest, shard, entry)
     return path
@@ -269,8 +276,10 @@ def test_input_errors_fail_before_any_work(fixture_store, tiny_target, tmp_path,
     manifest = json.loads((fixture_store / "manifest.json").read_text())
     (empty / "manifest.json").write_text(json.dumps({**manifest, "shards": {}}))
     assert "has no committed samples" in error(empty, tiny_target)
-    assert "has a loss token" in error(_no_loss_store(fixture_store, tmp_path / "noloss"), tiny_target)
+    assert "has a loss token" in error(_rewritten_store(fixture_store, tmp_path / "noloss", 2, no_loss=True), tiny_target)
     assert "is not a hidden-state store" in error(tmp_path / "missing", tiny_target)
+    assert "missing is not a hidden-state store" in error(f"{fixture_store},{tmp_path / 'missing'}", tiny_target)
+    assert "empty has no committed samples" in error(f"{fixture_store},{empty}", tiny_target)
     assert "unknown DraftConfig override" in error(fixture_store, tiny_target, "--draft-config", '{"bogus": 1}')
     assert "needs the draft's hidden size (128) to equal the target's (256)" in error(
         fixture_store, tiny_target, "--init-head", "target", "--draft-config", '{"hidden_size": 128}')
@@ -278,6 +287,34 @@ def test_input_errors_fail_before_any_work(fixture_store, tiny_target, tmp_path,
     assert "pack into fewer rows than world size x grad accum (2 x 1)" in error(
         fixture_store, tiny_target, "--nproc", "2", "--batch-tokens", "100000")
     assert not (tmp_path / "run").exists()  # nothing was created
+
+
+def test_joined_stores_train_as_one_set_split_by_prompt(fixture_store, tiny_target, tmp_path):
+    """``--store A,B``: B's samples join A's (a second stage-1 pass that sampled 2 answers per prompt);
+    every answer to one prompt is on the same side of the held-out split, so the held-out estimate
+    never scores a prompt the draft trained on."""
+    from modeling.training.config import TrainConfig
+    from modeling.training.setup import check_inputs
+    from pipeline.core.config import parse_config
+    from pipeline.data.records import prompt_key
+
+    sampled = _rewritten_store(fixture_store, tmp_path / "sampled", 20, answers_per_prompt=2)
+    argv = ["--store", f"{fixture_store},{sampled}", "--target", str(tiny_target), "--output", str(tmp_path / "run"),
+            *BASE, "--eval-fraction", "0.3"]
+    inputs = check_inputs(parse_config(TrainConfig, argv, prog="train", description="joined"))
+    alone = open_store(fixture_store)
+    assert len(inputs.store) == len(alone) + 40
+    ids = [sid for r in inputs.store.shard_readers() for sid in r.ids()]
+    assert ids[len(alone):] == [f"{sid}#{k}" for sid in ids[:20] for k in (0, 1)]
+    held = {prompt_key(ids[i]) for i in inputs.split.eval}
+    trained = {prompt_key(ids[i]) for i in inputs.split.train}
+    assert held and trained and not held & trained
+    # the fixture's own samples split as they do alone
+    own = split_samples(*store_columns(alone)[::2], 0.3)
+    assert [i for i in inputs.split.eval if i < len(alone)] == own.eval.tolist()
+    assert [int(i) for i in inputs.split.eval if i >= len(alone)] == [
+        len(alone) + 2 * j + k for j in range(20) if j in set(own.eval.tolist()) for k in (0, 1)]
+    assert inputs.target_info["store"] == f"{fixture_store.resolve()},{sampled.resolve()}"
 
 
 def test_check_only_runs_the_launchers_checks_and_nothing_else(zero2_run, fixture_store, tiny_target, tmp_path,

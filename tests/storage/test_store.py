@@ -22,7 +22,7 @@ from pipeline.core.manifest import Manifest, ManifestMismatch
 from pipeline.core.shards import Shard, plan_shards
 from storage.layout import SHARDS_DIR, tmp_dir_name
 from storage.sample import CapturedSample, SampleError
-from storage.store import create_store, make_header, open_store
+from storage.store import create_store, join_stores, make_header, open_store
 from storage.writer import ShardWriter, StoreWriteError, commit_shard
 
 H = 64
@@ -337,3 +337,31 @@ def test_store_header_guard_and_dataloader(tmp_path: Path) -> None:
     assert ids == [s.id for s in samples]
     assert json.loads((tmp_path / "manifest.json").read_text())["aux_layers"]["by_convention"][
         "decoder_layer"] == [1, 3, 5]
+
+
+def test_joined_stores_read_as_one(tmp_path: Path) -> None:
+    """Two stores of one target read as one: every sample of each, bit for bit, indices running on;
+    ids may repeat; a store of another shape is refused, naming the differing header key."""
+    samples = make_samples()
+    build(tmp_path / "a", samples[:5])
+    build(tmp_path / "b", samples[3:], num_shards=3, target_path="elsewhere/tiny-target")  # same identity hash
+    a, b = open_store(tmp_path / "a"), open_store(tmp_path / "b")
+    joined = pickle.loads(pickle.dumps(join_stores([a, b])))
+    assert len(joined) == len(a) + len(b) == 14
+    assert joined.sample_lengths().tolist() == LENGTHS[:5] + LENGTHS[3:]
+    assert [sid for r in joined.shard_readers() for sid in r.ids()] == [s.id for s in samples[:5] + samples[3:]]
+    for index, ref in enumerate(samples[:5] + samples[3:]):
+        got = joined[index]
+        assert got["id"] == ref.id and got["index"] == index
+        assert torch.equal(bits(got["aux_hidden"]), bits(ref.aux_hidden))
+        assert torch.equal(bits(got["last_hidden"]), bits(ref.last_hidden))
+    assert len(joined.shards()) == 5 and joined.path == f"{a.path},{b.path}"
+    assert join_stores([a]) is a
+    # the parts are untouched
+    assert len(a) == 5 and len(b) == 9
+    create_store(tmp_path / "wide", make_header(**{**HEADER_KW, "hidden_size": 2 * H}))
+    with pytest.raises(ValueError, match=r"wide cannot be read together with .*differ in hidden_size"):
+        join_stores([a, open_store(tmp_path / "wide")])
+    build(tmp_path / "other", samples[:2], target_config_hash="beef")
+    with pytest.raises(ValueError, match="differ in target"):
+        join_stores([a, open_store(tmp_path / "other")])
