@@ -7,8 +7,9 @@ rows it would have seen. The loader's state is one number, the micro-batches con
 - Split: a sample is held out when a stable hash of its prompt's id falls below ``eval_fraction``
   (the id, less the ``#k`` stage 1 appends to the answers it samples n > 1 times for one prompt:
   every answer to one prompt, in one store or in several joined ones, lands in the same split, so
-  the held-out estimate never scores a prompt the draft trained on); adding samples to a store
-  never moves an existing sample between splits.
+  the held-out estimate never scores a prompt the draft trained on; of joined stores only the
+  first one's held-out samples are scored); adding samples to a store never moves an existing
+  sample between splits.
 - Packing: per epoch the training samples are shuffled, cut into windows of ``pack_window``,
   each window sorted by length and packed first-fit-decreasing into rows of at most
   ``batch_tokens`` tokens. Length-sorted windows waste little: on the speech fixtures (30
@@ -42,11 +43,13 @@ def eval_score(sample_id: str) -> float:
 
 @dataclass(frozen=True)
 class Split:
-    """Store indices of the two splits; samples without loss tokens are in neither."""
+    """Store indices of the two splits; samples without loss tokens are in neither, and so are the
+    held-out prompts' samples past ``scored_samples`` (``unscored``)."""
 
     train: np.ndarray
     eval: np.ndarray
     no_loss: int
+    unscored: int = 0
 
 
 def store_columns(store: HiddenStateStore) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -57,11 +60,21 @@ def store_columns(store: HiddenStateStore) -> tuple[list[str], np.ndarray, np.nd
     return ids, store.sample_lengths().astype(np.int64), loss.astype(np.int64)
 
 
-def split_samples(ids: list[str], num_loss: np.ndarray, eval_fraction: float) -> Split:
-    """Held-out split by id hash; samples with no supervised token train nothing and are skipped."""
+def split_samples(ids: list[str], num_loss: np.ndarray, eval_fraction: float,
+                  scored_samples: int | None = None) -> Split:
+    """Held-out split by prompt-id hash; samples with no supervised token train nothing and are skipped.
+
+    ``scored_samples``: only held-out samples among the first that many are scored (the first of
+    several joined stores: the run's own answers, as the served target writes them); the others'
+    answers to held-out prompts are neither trained nor scored, since a sampled answer is not the
+    path greedy serving takes (its tokens match the target's argmax ~76% of the time, not ~100%),
+    so scoring it would not estimate what vLLM accepts.
+    """
     held = np.array([eval_score(prompt_key(i)) < eval_fraction for i in ids], dtype=bool)
     useful = num_loss > 0
-    return Split(np.flatnonzero(~held & useful), np.flatnonzero(held & useful), int((~useful).sum()))
+    scored = np.arange(len(ids)) < (len(ids) if scored_samples is None else scored_samples)
+    return Split(np.flatnonzero(~held & useful), np.flatnonzero(held & useful & scored), int((~useful).sum()),
+                 int((held & useful & ~scored).sum()))
 
 
 def supervised_counts(store: HiddenStateStore, indices: np.ndarray, vocab_size: int) -> torch.Tensor:

@@ -63,14 +63,15 @@ def _open_one_store(path: str) -> HiddenStateStore:
         raise TrainSetupError(f"--store {path} is not a hidden-state store (no manifest.json): run stage 2 first") from None
 
 
-def _open_store(spec: str) -> HiddenStateStore:
-    """The store, or several read as one (each one checked that it opens and is not empty)."""
+def _open_store(spec: str) -> tuple[HiddenStateStore, int]:
+    """The store, or several read as one (each one checked that it opens and is not empty), and the
+    number of samples of the first (whose held-out rows the estimate scores)."""
     stores = [_open_one_store(path) for path in store_paths(spec)]
     for store in stores:
         if len(stores) > 1 and len(store) == 0:
             raise TrainSetupError(f"--store {store.path} has no committed samples (is stage 2 finished?)")
     try:
-        return join_stores(stores)
+        return join_stores(stores), len(stores[0])
     except ValueError as err:
         raise TrainSetupError(f"--store: {err}") from None
 
@@ -128,7 +129,7 @@ def check_inputs(cfg: TrainConfig) -> TrainInputs:
     if cfg.draft.draft_vocab_size >= vocab:
         raise TrainSetupError(f"--draft-vocab-size {cfg.draft.draft_vocab_size} must be smaller than the target vocab "
                               f"({vocab}): pick e.g. {min(32000, vocab // 2)}")
-    store = _open_store(cfg.data.store)
+    store, first_store_samples = _open_store(cfg.data.store)
     if len(store) == 0:
         raise TrainSetupError(f"--store {cfg.data.store} has no committed samples (is stage 2 finished?)")
     try:
@@ -142,7 +143,7 @@ def check_inputs(cfg: TrainConfig) -> TrainInputs:
     if int(num_loss.sum()) == 0:
         raise TrainSetupError(f"--store {cfg.data.store}: none of its {len(store)} samples has a loss token "
                               "(loss_mask is 0 everywhere), so there is nothing to train on")
-    split = split_samples(ids, num_loss, cfg.data.eval_fraction)
+    split = split_samples(ids, num_loss, cfg.data.eval_fraction, first_store_samples)
     if not len(split.train):
         raise TrainSetupError(f"--store {cfg.data.store}: all {len(split.eval)} samples with loss tokens are held out; "
                               f"lower --eval-fraction ({cfg.data.eval_fraction})")
@@ -215,7 +216,7 @@ def write_run_files(cfg: TrainConfig, inputs: TrainInputs, world_size: int, tota
         "total_steps": total_steps, "target": inputs.target_info,
         "draft_config": dataclasses.asdict(inputs.draft_config),
         "split": {"train": len(inputs.split.train), "eval": len(inputs.split.eval),
-                  "no_loss_tokens": inputs.split.no_loss, "over_batch_tokens": len(over),
+                  "eval_unscored_other_stores": inputs.split.unscored, "no_loss_tokens": inputs.split.no_loss, "over_batch_tokens": len(over),
                   "tokens_cut": int((over - cfg.data.batch_tokens).sum())},
         "vocab": {"file": VOCAB_FILE, "supervised_tokens": int(counts.sum()), "coverage": round(covered, 6)},
     })

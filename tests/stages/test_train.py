@@ -292,7 +292,7 @@ def test_input_errors_fail_before_any_work(fixture_store, tiny_target, tmp_path,
 def test_joined_stores_train_as_one_set_split_by_prompt(fixture_store, tiny_target, tmp_path):
     """``--store A,B``: B's samples join A's (a second stage-1 pass that sampled 2 answers per prompt);
     every answer to one prompt is on the same side of the held-out split, so the held-out estimate
-    never scores a prompt the draft trained on."""
+    never scores a prompt the draft trained on; it scores the first store's rows only."""
     from modeling.training.config import TrainConfig
     from modeling.training.setup import check_inputs
     from pipeline.core.config import parse_config
@@ -309,11 +309,14 @@ def test_joined_stores_train_as_one_set_split_by_prompt(fixture_store, tiny_targ
     held = {prompt_key(ids[i]) for i in inputs.split.eval}
     trained = {prompt_key(ids[i]) for i in inputs.split.train}
     assert held and trained and not held & trained
-    # the fixture's own samples split as they do alone
+    # the fixture's own samples split as they do alone, and only they are scored: the sampled answers to
+    # held-out prompts are in neither split
     own = split_samples(*store_columns(alone)[::2], 0.3)
-    assert [i for i in inputs.split.eval if i < len(alone)] == own.eval.tolist()
-    assert [int(i) for i in inputs.split.eval if i >= len(alone)] == [
-        len(alone) + 2 * j + k for j in range(20) if j in set(own.eval.tolist()) for k in (0, 1)]
+    assert inputs.split.eval.tolist() == own.eval.tolist()
+    sampled_held = [len(alone) + 2 * j + k for j in range(20) if j in set(own.eval.tolist()) for k in (0, 1)]
+    assert sampled_held and inputs.split.unscored == len(sampled_held)
+    assert not set(sampled_held) & set(inputs.split.train.tolist())
+    assert len(inputs.split.train) + len(inputs.split.eval) + inputs.split.unscored == len(inputs.store)
     assert inputs.target_info["store"] == f"{fixture_store.resolve()},{sampled.resolve()}"
 
 
