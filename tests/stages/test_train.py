@@ -320,6 +320,22 @@ def test_joined_stores_train_as_one_set_split_by_prompt(fixture_store, tiny_targ
     assert inputs.target_info["store"] == f"{fixture_store.resolve()},{sampled.resolve()}"
 
 
+def test_a_checkpoint_scored_alone_reproduces_the_runs_logged_held_out_metrics(zero2_run, fixture_store):
+    """benchmarks.eval_draft_on_store (one process, no DeepSpeed) on the run's own store and step gives
+    the trainer's eval line (2 ranks): the same rows, the same fp32 arithmetic per row."""
+    from benchmarks.eval_draft_on_store import score
+
+    for step in (24, 36):
+        got = score(zero2_run, str(fixture_store), step, None, 200)
+        logged = next(r for r in metrics(zero2_run, "eval") if r["step"] == step)
+        assert got["step"] == step and got["walk_acceptance_length"][0] > 1.0
+        for key in ("walk_acceptance_length", "chain_acceptance_length", "step_acc"):
+            assert got[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-5), key
+        assert got["tokens"] == logged["tokens"]
+    with pytest.raises(SystemExit, match="step 7"):
+        score(zero2_run, str(fixture_store), 7, None, 200)
+
+
 def test_check_only_runs_the_launchers_checks_and_nothing_else(zero2_run, fixture_store, tiny_target, tmp_path,
                                                                capsys):
     """What 03-train.sbatch runs before srun torchrun (which reports any failed rank as exit 1)."""

@@ -1,0 +1,101 @@
+"""Score a committed draft checkpoint on a store's held-out rows: the trainer's held-out metrics (TTT
+acceptance, the decode-walk estimate at every k) for a checkpoint and a store of your choosing, in
+one CPU process, no DeepSpeed.
+
+    python -m benchmarks.eval_draft_on_store --run RUN_DIR --store STORE [--step N] [--eval-fraction F]
+
+The held-out rows are the ones stage 3 scores: the store's samples whose prompt id hashes below the
+run's ``eval_fraction`` (or ``--eval-fraction``), packed as the run packed them, the first
+``--max-rows``. Uses: the estimate a run trained on joined stores would log for its own store alone
+(runs before the trainer scored the first store only); a draft scored on another store than it was
+trained on (typed against spoken prompts). On a run's own store and step this reproduces the
+``eval`` line of its ``metrics.jsonl`` (same rows, same fp32 arithmetic on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from modeling.draft.snapshot import SnapshotError, find_step, load_draft_snapshot
+from modeling.target_io.weights import read_target_embedding, read_target_lm_head
+from modeling.training.data import (
+    PackedRows,
+    Packing,
+    dequantize_row,
+    eval_rows,
+    split_samples,
+    store_columns,
+)
+from modeling.training.metrics import MetricWindow
+from modeling.training.model import TrainDraft, TrainModule
+from storage.store import open_store
+
+
+def score(run_dir: Path, store_path: str, step: int | None, eval_fraction: float | None,
+          max_rows: int) -> dict:
+    run = json.loads((run_dir / "run.json").read_text())
+    opts = run["config"]
+    data, draft_opts = opts["data"], opts["draft"]
+    try:
+        snap = load_draft_snapshot(find_step(run_dir, step))
+    except SnapshotError as err:
+        raise SystemExit(str(err)) from None
+    target = Path(data["target"])
+    draft = TrainDraft(snap.draft_config, read_target_embedding(target).float())
+    draft.set_vocab_mapping(snap.vocab.d2t, snap.vocab.t2d)
+    # the snapshot holds every trained weight; the embedding table is the target's (read above)
+    unexpected = draft.load_state_dict(snap.state_dict, strict=False).unexpected_keys
+    if unexpected:
+        raise SystemExit(f"{snap.step_dir}: weights the draft does not have: {unexpected}")
+    module = TrainModule(draft, read_target_lm_head(target).float(), draft_opts["ttt_length"], draft_opts["loss_decay"])
+    module.eval()
+
+    store = open_store(store_path, verify_chunks=True)
+    ids, lengths, num_loss = store_columns(store)
+    fraction = data["eval_fraction"] if eval_fraction is None else eval_fraction
+    split = split_samples(ids, num_loss, fraction)
+    packing = Packing(data["batch_tokens"], data["pack_window"], opts["schedule"]["seed"], 1, 1)
+    rows, counted = eval_rows(split.eval, lengths, packing, 0, max_rows)
+    audio = draft_opts["draft_audio_input"] == "encoder"
+    rows_data = PackedRows(store, rows, data["batch_tokens"], audio, counted, dequantize=True)
+    k = opts["monitoring"]["num_spec_tokens"]
+    window = MetricWindow(draft_opts["ttt_length"], k)
+    with torch.no_grad():
+        for i in range(len(rows_data)):
+            batch = rows_data[i]
+            out = module(dequantize_row(batch, store.dtype))
+            window.add(out, batch["num_tokens"], len(batch["skipped"]))
+    summary = window.summary(draft_opts["loss_decay"])
+    step = int(snap.step_dir.name.split("-")[-1]) if snap.step_dir else step
+    return {"run": str(run_dir), "step": step, "store": store_path, "eval_fraction": fraction,
+            "held_out_samples": len(split.eval), "rows": len(rows), "num_spec_tokens": k,
+            f"walk@{k}": summary["walk_acceptance_length"][k - 1], **summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, type=Path, help="stage-3 run directory")
+    parser.add_argument("--store", required=True, help="hidden-state store whose held-out rows are scored")
+    parser.add_argument("--step", type=int, default=None, help="committed step (default: the newest)")
+    parser.add_argument("--eval-fraction", type=float, default=None, help="held-out share (default: the run's)")
+    parser.add_argument("--max-rows", type=int, default=200, help="packed rows scored (0: all; the trainer's "
+                                                                  "--eval-max-batches)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the result here (JSON)")
+    args = parser.parse_args(argv)
+    result = score(args.run, args.store, args.step, args.eval_fraction, args.max_rows)
+    k = result["num_spec_tokens"]
+    print(f"{result['run']} step {result['step']} on {result['store']}: {result['held_out_samples']} held-out "
+          f"samples, {result['rows']} rows: walk@{k} {result[f'walk@{k}']:.3f}, teacher matches data "
+          f"{result.get('teacher_matches_data', float('nan')):.3f}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
