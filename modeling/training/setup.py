@@ -68,7 +68,7 @@ def _open_store(spec: str) -> tuple[HiddenStateStore, int]:
     number of samples of the first (whose held-out rows the estimate scores)."""
     stores = [_open_one_store(path) for path in store_paths(spec)]
     for store in stores:
-        if len(stores) > 1 and len(store) == 0:
+        if len(store) == 0:
             raise TrainSetupError(f"--store {store.path} has no committed samples (is stage 2 finished?)")
     try:
         return join_stores(stores), len(stores[0])
@@ -130,8 +130,6 @@ def check_inputs(cfg: TrainConfig) -> TrainInputs:
         raise TrainSetupError(f"--draft-vocab-size {cfg.draft.draft_vocab_size} must be smaller than the target vocab "
                               f"({vocab}): pick e.g. {min(32000, vocab // 2)}")
     store, first_store_samples = _open_store(cfg.data.store)
-    if len(store) == 0:
-        raise TrainSetupError(f"--store {cfg.data.store} has no committed samples (is stage 2 finished?)")
     try:
         draft_config = DraftConfig.from_target_config(text, cfg.draft.draft_vocab_size, cfg.draft.draft_config)
         aux = _check_store_target(store, target, identity["sha256"], draft_config.target_hidden_size)
