@@ -141,11 +141,14 @@ class Driver:
     def cancel_a_dump_task_mid_shard(self) -> None:
         dump = self.r.chains[0]["02-dump"]
         progress = self.work / "store" / "shards" / f".shard-{KILLED:05d}.tmp" / "progress.jsonl"
+        lock = self.work / "store" / "locks" / f"shard-{KILLED:05d}-of-00003.lock"
         wait_for("a durable flush of the dump shard", lambda: progress.exists() and durable_samples(progress) >= 1)
+        # Freeze the shard's writer first: the shard's last samples take 0.3 s each here, and the queue,
+        # scontrol and status reads below took long enough on CI for the shard to finish before the kill.
+        self.r.killed_lock = read_json(lock) or {}
+        os.kill(self.r.killed_lock["pid"], signal.SIGSTOP)
         self.r.queue_at_kill = self.r.cluster.queue() + [self.r.cluster.run("scontrol", "show", "job", dump).stdout]
         self.r.status["dump"] = self.status()
-        lock = self.work / "store" / "locks" / f"shard-{KILLED:05d}-of-00003.lock"
-        self.r.killed_lock = read_json(lock) or {}
         self.r.cluster.run("scancel", "--signal=KILL", f"{dump}_{KILLED}")
         self.r.cluster.wait_idle(900)  # the other tasks finish; train and export are cancelled
         self.r.durable_at_kill = durable_samples(progress)
@@ -166,9 +169,13 @@ class Driver:
         120 s (BeginTime), so let it start now. Returns the step its next run must resume from."""
         wait_for("the requeued training job", lambda: f"{job} PENDING BeginTime" in self.r.cluster.queue(), 120, 0.2)
         committed = self.latest()  # nothing of the stopped run is running any more
+        # slurmd refuses to start a job in the second in which the requeue revoked its credential ("Killing
+        # non-startable batch job: Job credential revoked", seen here): release it 2 s later
+        time.sleep(2)
         self.r.cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
         log = self.r.slurm / "scripts" / "logs" / f"train-{job}.out"
-        wait_for(f"training resume {resumes}", lambda: log.read_text().count("rank 0 resumed from step") >= resumes)
+        wait_for(f"training resume {resumes}", lambda: log.read_text().count("rank 0 resumed from step") >= resumes,
+                 300, logs=(log,))
         return committed
 
     def interrupt_training(self) -> None:

@@ -9,6 +9,7 @@ money."). A prompt's split comes from a hash of its text, so the three uses neve
 | ``train`` | 20% | the pipeline's stage 1 (the draft's training answers) |
 | ``eval`` | 10% | held-out benchmark: prompts neither the target nor the draft ever heard |
 | ``target+train`` | 90% | a draft's stage 1 with every prompt the benchmark does not hold out (more distinct answers) |
+| ``more`` | 90% of :func:`more_prompts` | a draft's stage 1 with prompts in other words than any of the above (added after the target was trained) |
 
 Topics are shared between splits (a held-out prompt may ask something new about a known topic); the
 words and the answers differ.
@@ -102,12 +103,34 @@ def split_of(prompt: Prompt) -> str:
     return next(name for name, (lo, hi) in SPLITS.items() if lo <= bucket < hi)
 
 
-DRAFT_SPLITS = ("target+train",)  # joined splits; `eval` never joins one
+# Question forms added after the listening target was trained (run 4), for a draft's stage 1 past the 1,828
+# prompts above: the same topics in other words, ~1,800 more distinct prompts. Kept out of all_prompts so
+# that the target's splits and the benchmark's held-out `eval` prompts stay what they were.
+MORE_THING_TEMPLATES = (
+    "What do you know about {}?", "Tell me something interesting about {}.", "Write a short story about {}.",
+    "What would a child ask about {}?", "List three words that describe {}.", "How would you explain {} to a friend?",
+    "What is the history of {}?", "Write a riddle about {}.",
+)
+MORE_ACTIVITY_TEMPLATES = ("What is the hardest part of {}?", "Write a short plan for {}.", "Why do people enjoy {}?")
+
+
+def more_prompts() -> list[Prompt]:
+    """The added question forms' prompts outside the `eval` hash bucket (which keeps the benchmark's
+    held-out prompts the only ones no stage ever trains on), in hash order."""
+    texts = [t.format(x) for t in MORE_THING_TEMPLATES for x in THINGS]
+    texts += [t.format(a) for t in MORE_ACTIVITY_TEMPLATES for a in ACTIVITIES]
+    chosen = [Prompt(hashlib.sha1(s.encode()).hexdigest()[:10], s) for s in (t[0].upper() + t[1:] for t in texts)]
+    return sorted((p for p in chosen if split_of(p) != "eval"), key=lambda p: p.id)
+
+
+DRAFT_SPLITS = ("target+train", "more")  # `eval` never joins one
 
 
 def prompts(split: str) -> list[Prompt]:
     """The prompts of one split, in the fixed order; a joined split in hash order, so that its first N
     mix every template (``all_prompts`` is template-major)."""
+    if split == "more":
+        return more_prompts()
     if split in DRAFT_SPLITS:
         return sorted((p for part in split.split("+") for p in prompts(part)), key=lambda p: p.id)
     if split not in SPLITS:

@@ -53,8 +53,9 @@ class PipelineConfig:
     synth_kind: str = opt("spoken", "smol-audio: what the user turns are: `spoken` clips, the same prompts as `text`, "
                                     "or general text `chat` (text-only training data: docs/audio-vs-text.md)")
     synth_train_split: str = opt("train", "smol-audio: the prompts spoken for training: `train` (20% of them, never "
-                                          "heard by the target's encoder) or `target+train` (every prompt but the "
-                                          "held-out `eval` split: 4x the distinct answers)")
+                                          "heard by the target's encoder), `target+train` (every prompt but the "
+                                          "held-out `eval` split: 4x the distinct answers) or `more` (1,840 prompts "
+                                          "in question forms added later, none of them held out)")
     train_extra_stores: list[str] = opt([], "hidden-state stores made by other runs of the same target and stage-2 "
                                             "settings (other prompts, sampled answers) that stage 3 trains on beside "
                                             "this run's own store, as one mixed set")

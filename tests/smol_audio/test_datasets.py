@@ -60,6 +60,15 @@ def test_joined_draft_split_is_everything_but_the_held_out_prompts():
         prompts.prompts("eval+train")
 
 
+def test_added_question_forms_are_new_prompts_and_leave_the_old_splits_alone():
+    more, old = prompts.prompts("more"), prompts.all_prompts()
+    assert len(more) == len({p.id for p in more}) > len(prompts.prompts("target+train")) // 2
+    assert not {p.text for p in more} & {p.text for p in old} and not {p.id for p in more} & {p.id for p in old}
+    assert all(prompts.split_of(p) != "eval" for p in more)  # none in the held-out bucket
+    assert len(old) == 2026 and len(prompts.prompts("eval")) == 198  # the target's and the benchmark's as built
+    assert len({p.text.split()[0] for p in more[:40]}) >= 4  # hash order
+
+
 def test_pipeline_speaks_the_joined_split_only_for_the_smol_prompts(tmp_path):
     from pipeline.cluster.orchestrate import PipelineConfig
     from pipeline.core.config import ConfigError
