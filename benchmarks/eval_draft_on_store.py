@@ -10,6 +10,12 @@ run's ``eval_fraction`` (or ``--eval-fraction``), packed as the run packed them,
 (runs before the trainer scored the first store only); a draft scored on another store than it was
 trained on (typed against spoken prompts). On a run's own store and step this reproduces the
 ``eval`` line of its ``metrics.jsonl`` (same rows, same fp32 arithmetic on a CPU).
+
+``--by-confidence`` adds the draft's first-position accuracy (its top-1 token equals the target's)
+for the held-out tokens binned by the target's own top-1 probability there: how much of what the
+draft misses is where the target itself is unsure (a small LLM's free text) and how much where it is
+sure. Each bin is one more pass over the rows with the loss mask narrowed to the bin's tokens (the
+draft's forward does not read the mask, so its predictions are the full pass's).
 """
 
 from __future__ import annotations
@@ -35,9 +41,41 @@ from modeling.training.metrics import MetricWindow
 from modeling.training.model import TrainDraft, TrainModule
 from storage.store import open_store
 
+CONFIDENCE_EDGES = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0001)  # bins of the target's top-1 probability
+
+
+def next_token_confidence(batch: dict, lm_head: torch.Tensor) -> torch.Tensor:
+    """[B, S]: at each position j, the target's top-1 probability for token j (its final hidden state
+    at j-1 through the lm_head); 0 where j-1 holds no stored state (no supervised next token)."""
+    hidden = batch["target_hidden"]
+    conf = torch.zeros(hidden.shape[:2])
+    for b in range(hidden.shape[0]):  # row by row: [S, vocab] fp32 logits are ~200 MB at 1,024 x 49,152
+        conf[b, 1:] = torch.softmax(hidden[b, :-1].float() @ lm_head.T, dim=-1).amax(-1)
+    return conf
+
+
+def by_confidence(module: TrainModule, rows_data: PackedRows, dtype: torch.dtype, lm_head: torch.Tensor) -> list[dict]:
+    """First-position accuracy per bin of the target's confidence (see the module's docstring)."""
+    edges = CONFIDENCE_EDGES
+    correct, count = torch.zeros(len(edges) - 1), torch.zeros(len(edges) - 1)
+    with torch.no_grad():
+        for i in range(len(rows_data)):
+            batch = dequantize_row(rows_data[i], dtype)
+            conf, mask = next_token_confidence(batch, lm_head), batch["loss_mask"]
+            for j, (lo, hi) in enumerate(zip(edges, edges[1:], strict=False)):
+                narrowed = mask.bool() & (conf >= lo) & (conf < hi)
+                if narrowed.any():
+                    out = module({**batch, "loss_mask": narrowed.to(mask.dtype)})
+                    correct[j] += float(out["step_correct"][0])
+                    count[j] += float(out["step_count"][0])
+    total = max(float(count.sum()), 1.0)
+    return [{"target_top1_from": lo, "target_top1_to": min(hi, 1.0), "token_share": float(n) / total,
+             "first_position_accuracy": float(c) / float(n) if n else None}
+            for lo, hi, c, n in zip(edges, edges[1:], correct, count, strict=False)]
+
 
 def score(run_dir: Path, store_path: str, step: int | None, eval_fraction: float | None,
-          max_rows: int) -> dict:
+          max_rows: int, confidence: bool = False) -> dict:
     run = json.loads((run_dir / "run.json").read_text())
     opts = run["config"]
     data, draft_opts = opts["data"], opts["draft"]
@@ -52,7 +90,8 @@ def score(run_dir: Path, store_path: str, step: int | None, eval_fraction: float
     unexpected = draft.load_state_dict(snap.state_dict, strict=False).unexpected_keys
     if unexpected:
         raise SystemExit(f"{snap.step_dir}: weights the draft does not have: {unexpected}")
-    module = TrainModule(draft, read_target_lm_head(target).float(), draft_opts["ttt_length"], draft_opts["loss_decay"])
+    lm_head = read_target_lm_head(target).float()
+    module = TrainModule(draft, lm_head, draft_opts["ttt_length"], draft_opts["loss_decay"])
     module.eval()
 
     store = open_store(store_path, verify_chunks=True)
@@ -71,6 +110,8 @@ def score(run_dir: Path, store_path: str, step: int | None, eval_fraction: float
             out = module(dequantize_row(batch, store.dtype))
             window.add(out, batch["num_tokens"], len(batch["skipped"]))
     summary = window.summary(draft_opts["loss_decay"])
+    if confidence:
+        summary["by_target_confidence"] = by_confidence(module, rows_data, store.dtype, lm_head)
     step = int(snap.step_dir.name.split("-")[-1]) if snap.step_dir else step
     return {"run": str(run_dir), "step": step, "store": store_path, "eval_fraction": fraction,
             "held_out_samples": len(split.eval), "rows": len(rows), "num_spec_tokens": k,
@@ -85,13 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-fraction", type=float, default=None, help="held-out share (default: the run's)")
     parser.add_argument("--max-rows", type=int, default=200, help="packed rows scored (0: all; the trainer's "
                                                                   "--eval-max-batches)")
+    parser.add_argument("--by-confidence", action="store_true",
+                        help="also the draft's first-position accuracy by bins of the target's top-1 probability")
     parser.add_argument("--out", type=Path, default=None, help="also write the result here (JSON)")
     args = parser.parse_args(argv)
-    result = score(args.run, args.store, args.step, args.eval_fraction, args.max_rows)
+    result = score(args.run, args.store, args.step, args.eval_fraction, args.max_rows, args.by_confidence)
     k = result["num_spec_tokens"]
     print(f"{result['run']} step {result['step']} on {result['store']}: {result['held_out_samples']} held-out "
           f"samples, {result['rows']} rows: walk@{k} {result[f'walk@{k}']:.3f}, teacher matches data "
           f"{result.get('teacher_matches_data', float('nan')):.3f}")
+    for row in result.get("by_target_confidence", []):
+        acc = row["first_position_accuracy"]
+        print(f"  target top-1 p in [{row['target_top1_from']:.1f}, {row['target_top1_to']:.1f}): "
+              f"{row['token_share']:6.1%} of tokens, draft's first token right "
+              f"{'-' if acc is None else f'{acc:.1%}'}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     return 0

@@ -332,6 +332,12 @@ def test_a_checkpoint_scored_alone_reproduces_the_runs_logged_held_out_metrics(z
         for key in ("walk_acceptance_length", "chain_acceptance_length", "step_acc"):
             assert got[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-5), key
         assert got["tokens"] == logged["tokens"]
+    # the bins of the target's confidence partition the held-out tokens: their accuracies add up to step 1's
+    bins = score(zero2_run, str(fixture_store), 36, None, 200, confidence=True)["by_target_confidence"]
+    assert sum(b["token_share"] for b in bins) == pytest.approx(1.0)
+    assert sum(b["token_share"] * (b["first_position_accuracy"] or 0.0) for b in bins) == pytest.approx(
+        got["step_acc"][0], abs=1e-5)  # step_acc is logged to 5 places
+    assert sum(b["first_position_accuracy"] is not None for b in bins) >= 2  # a test that can tell bins apart
     with pytest.raises(SystemExit, match="step 7"):
         score(zero2_run, str(fixture_store), 7, None, 200)
 
