@@ -90,12 +90,17 @@ class Prompt:
     text: str
 
 
-def all_prompts() -> list[Prompt]:
-    """Every prompt, in a fixed order (templates x topics)."""
-    texts = [t.format(x) for t in THING_TEMPLATES for x in THINGS]
-    texts += [t.format(a) for t in ACTIVITY_TEMPLATES for a in ACTIVITIES]
+def _filled(thing_templates: tuple[str, ...], activity_templates: tuple[str, ...]) -> list[Prompt]:
+    """Templates x topics, template-major, each prompt's id a hash of its text."""
+    texts = [t.format(x) for t in thing_templates for x in THINGS]
+    texts += [t.format(a) for t in activity_templates for a in ACTIVITIES]
     texts = [s[0].upper() + s[1:] for s in texts]
     return [Prompt(hashlib.sha1(s.encode()).hexdigest()[:10], s) for s in texts]
+
+
+def all_prompts() -> list[Prompt]:
+    """Every prompt, in a fixed order (templates x topics)."""
+    return _filled(THING_TEMPLATES, ACTIVITY_TEMPLATES)
 
 
 def split_of(prompt: Prompt) -> str:
@@ -117,9 +122,7 @@ MORE_ACTIVITY_TEMPLATES = ("What is the hardest part of {}?", "Write a short pla
 def more_prompts() -> list[Prompt]:
     """The added question forms' prompts outside the `eval` hash bucket (which keeps the benchmark's
     held-out prompts the only ones no stage ever trains on), in hash order."""
-    texts = [t.format(x) for t in MORE_THING_TEMPLATES for x in THINGS]
-    texts += [t.format(a) for t in MORE_ACTIVITY_TEMPLATES for a in ACTIVITIES]
-    chosen = [Prompt(hashlib.sha1(s.encode()).hexdigest()[:10], s) for s in (t[0].upper() + t[1:] for t in texts)]
+    chosen = _filled(MORE_THING_TEMPLATES, MORE_ACTIVITY_TEMPLATES)
     return sorted((p for p in chosen if split_of(p) != "eval"), key=lambda p: p.id)
 
 
