@@ -54,24 +54,28 @@ def next_token_confidence(batch: dict, lm_head: torch.Tensor) -> torch.Tensor:
     return conf
 
 
-def by_confidence(module: TrainModule, rows_data: PackedRows, dtype: torch.dtype, lm_head: torch.Tensor) -> list[dict]:
-    """First-position accuracy per bin of the target's confidence (see the module's docstring)."""
-    edges = CONFIDENCE_EDGES
-    correct, count = torch.zeros(len(edges) - 1), torch.zeros(len(edges) - 1)
-    with torch.no_grad():
-        for i in range(len(rows_data)):
-            batch = dequantize_row(rows_data[i], dtype)
-            conf, mask = next_token_confidence(batch, lm_head), batch["loss_mask"]
-            for j, (lo, hi) in enumerate(zip(edges, edges[1:], strict=False)):
-                narrowed = mask.bool() & (conf >= lo) & (conf < hi)
-                if narrowed.any():
-                    out = module({**batch, "loss_mask": narrowed.to(mask.dtype)})
-                    correct[j] += float(out["step_correct"][0])
-                    count[j] += float(out["step_count"][0])
-    total = max(float(count.sum()), 1.0)
-    return [{"target_top1_from": lo, "target_top1_to": min(hi, 1.0), "token_share": float(n) / total,
-             "first_position_accuracy": float(c) / float(n) if n else None}
-            for lo, hi, c, n in zip(edges, edges[1:], correct, count, strict=False)]
+class ConfidenceBins:
+    """First-position accuracy per bin of the target's confidence (see the module's docstring), added
+    row by row in the scoring pass (each row is read once)."""
+
+    def __init__(self, lm_head: torch.Tensor):
+        self.lm_head, self.edges = lm_head, CONFIDENCE_EDGES
+        self.correct, self.count = torch.zeros(len(self.edges) - 1), torch.zeros(len(self.edges) - 1)
+
+    def add(self, module: TrainModule, batch: dict) -> None:
+        conf, mask = next_token_confidence(batch, self.lm_head), batch["loss_mask"]
+        for j, (lo, hi) in enumerate(zip(self.edges, self.edges[1:], strict=False)):
+            narrowed = mask.bool() & (conf >= lo) & (conf < hi)
+            if narrowed.any():
+                out = module({**batch, "loss_mask": narrowed.to(mask.dtype)})
+                self.correct[j] += float(out["step_correct"][0])
+                self.count[j] += float(out["step_count"][0])
+
+    def summary(self) -> list[dict]:
+        total = max(float(self.count.sum()), 1.0)
+        return [{"target_top1_from": lo, "target_top1_to": min(hi, 1.0), "token_share": float(n) / total,
+                 "first_position_accuracy": float(c) / float(n) if n else None}
+                for lo, hi, c, n in zip(self.edges, self.edges[1:], self.correct, self.count, strict=False)]
 
 
 def score(run_dir: Path, store_path: str, step: int | None, eval_fraction: float | None,
@@ -104,14 +108,16 @@ def score(run_dir: Path, store_path: str, step: int | None, eval_fraction: float
     rows_data = PackedRows(store, rows, data["batch_tokens"], audio, counted, dequantize=True)
     k = opts["monitoring"]["num_spec_tokens"]
     window = MetricWindow(draft_opts["ttt_length"], k)
+    bins = ConfidenceBins(lm_head) if confidence else None
     with torch.no_grad():
         for i in range(len(rows_data)):
-            batch = rows_data[i]
-            out = module(dequantize_row(batch, store.dtype))
-            window.add(out, batch["num_tokens"], len(batch["skipped"]))
+            batch = dequantize_row(rows_data[i], store.dtype)
+            window.add(module(batch), batch["num_tokens"], len(batch["skipped"]))
+            if bins is not None:
+                bins.add(module, batch)
     summary = window.summary(draft_opts["loss_decay"])
-    if confidence:
-        summary["by_target_confidence"] = by_confidence(module, rows_data, store.dtype, lm_head)
+    if bins is not None:
+        summary["by_target_confidence"] = bins.summary()
     step = int(snap.step_dir.name.split("-")[-1]) if snap.step_dir else step
     return {"run": str(run_dir), "step": step, "store": store_path, "eval_fraction": fraction,
             "held_out_samples": len(split.eval), "rows": len(rows), "num_spec_tokens": k,
