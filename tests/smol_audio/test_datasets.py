@@ -81,3 +81,19 @@ def test_pipeline_speaks_the_joined_split_only_for_the_smol_prompts(tmp_path):
             PipelineConfig(workdir=str(tmp_path), target="t", synth_train_clips=5, synth_train_split="target+train", **bad)
     with pytest.raises(ConfigError, match="synth_train_split must be"):
         PipelineConfig(workdir=str(tmp_path), target="t", synth_train_clips=5, synth_train_split="eval")
+
+
+def test_on_topic_rate_counts_every_stage1_line(tmp_path):
+    from benchmarks.smol_answers_on_topic import on_topic
+
+    def record(prompt: str, answer: str) -> str:
+        return json.dumps({"prompt": prompt, "conversations": [
+            {"role": "user", "content": [{"type": "audio", "audio": "a.flac"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]})
+
+    (tmp_path / "shard-00000-of-00001.jsonl").write_text("\n".join([
+        record("What is a volcano?", "A volcano is a mountain."), record("What is a glacier?", "The sun is hot."),
+        '{"id": "x"}']) + "\n")
+    got = on_topic(tmp_path)
+    assert (got["records"], got["names_topic"]) == (2, 0.5)
+    assert len(got["rejected"]) == 1 and "shard-00000-of-00001.jsonl:3" in got["rejected"][0]
