@@ -19,6 +19,25 @@ TESTS_DIR = Path(__file__).resolve().parent
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
+def memory_line() -> str:
+    """RAM left for vLLM's KV cache and RAM held by files in /dev/shm."""
+    shm = os.statvfs("/dev/shm")
+    with open("/proc/meminfo") as fh:
+        available_kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
+    return (f"memory available {available_kib / 2**20:.1f} GiB, /dev/shm holds "
+            f"{(shm.f_blocks - shm.f_bfree) * shm.f_frsize / 2**30:.1f} GiB")
+
+
+MEMORY_AT_START = memory_line()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Memory before and after the suite, in the log's tail: a vLLM engine that cannot get its KV cache says
+    only "Engine core initialization failed", and one CI run failed so while /dev/shm held 18 GiB of files
+    that DeepSpeed's CPU all-reduce had never unlinked."""
+    terminalreporter.write_line(f"at start: {MEMORY_AT_START}; at end: {memory_line()}")
+
+
 @pytest.fixture(scope="session")
 def tiny_target() -> Path:
     """A tiny random Qwen2-Audio checkpoint (default sizes), built once and cached across runs."""

@@ -56,6 +56,11 @@ def run_train(cmd: list[str], log: Path) -> str:
     return text
 
 
+def shm_buffers() -> set[str]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm (RAM): each is 66 MiB."""
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def metrics(run_dir: Path, split: str) -> list[dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["split"] == split]
@@ -127,6 +132,7 @@ def test_kills_and_crashes_then_rerun_reach_the_uninterrupted_weights(zero2_run,
     out = tmp_path / "run"
     log = tmp_path / "log.txt"
     cmd = train_cmd(fixture_store, tiny_target, out, ZERO2)
+    shm_before = shm_buffers()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     marker = out / "checkpoints" / "step-000012" / "COMMITTED"
@@ -155,6 +161,8 @@ def test_kills_and_crashes_then_rerun_reach_the_uninterrupted_weights(zero2_run,
     assert all(torch.equal(ref[k], got[k]) for k in ref), "resumed run diverged from the uninterrupted one"
     steps = [r["step"] for r in metrics(out, "train")]
     assert steps == list(range(1, 37))  # the killed runs' lines past their checkpoint were dropped
+    # four launches, each killed or crashed but the last: none left its ranks' buffers in RAM
+    assert shm_buffers() <= shm_before
 
 
 def test_a_second_job_on_the_same_run_dir_is_refused(zero2_run, fixture_store, tiny_target, tmp_path):
