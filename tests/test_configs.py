@@ -20,7 +20,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CLASSES = {"regenerate": RegenerateConfig, "dump": DumpConfig, "train": TrainConfig, "export": ExportConfig,
            "benchmark": BenchmarkConfig}
 PIPELINES = ["demo.yaml", "curve-smol-640.yaml", "curve-smol-960.yaml", "curve-smol-640-listening.yaml", "curve-smol-1828-listening.yaml", "curve-smol-1828-listening-1200.yaml", "curve-smol-1828-listening-sampled.yaml", "sampled-smol-1828-listening.yaml", "more-smol-listening.yaml",
-             "curve-smol-listening-more-prompts.yaml", "curve-smol-listening-more-prompts-2400.yaml",
+             "curve-smol-listening-more-prompts.yaml", "curve-smol-listening-more-prompts-2400.yaml", "curve-smol-1828-listening-2400.yaml",
              "demo-gpu.yaml", "demo-asr-tiny.yaml",
              "demo-random.yaml", "demo-qwen3-asr.yaml", "demo-glm-asr.yaml", "qwen2-audio-7b.yaml"]
 
