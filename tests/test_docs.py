@@ -126,7 +126,8 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
                    "benchmarks.bench_codecs", "benchmarks.bench_store", "benchmarks.bench_train",
                    "benchmarks.bench_ttt_step", "benchmarks.bench_audio_vs_text", "modeling.smol_audio.dataset",
                    "modeling.smol_audio.build", "modeling.smol_audio.teacher", "modeling.smol_audio.train",
-                   "benchmarks.bench_smol_target", "benchmarks.probe_smol_reading", "benchmarks.eval_draft_on_store"):
+                   "benchmarks.bench_smol_target", "benchmarks.probe_smol_reading", "benchmarks.eval_draft_on_store",
+                   "benchmarks.draft_curve"):
         main = importlib.import_module(module).main
         takes_argv = bool(main.__code__.co_argcount)
         out[module] = _capture(main, takes_argv)
