@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.durable import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # (results file, distinct stage-1 prompts, answers a prompt, draft steps). The store behind the 1,828-prompt
@@ -41,6 +43,7 @@ POINTS: tuple[tuple[str, int, int, int], ...] = (
     ("smol_draft_listening_1828_sampled_1200.json", 1828, 3, 1200),
 )
 PRICE_FILE = "smol_draft_listening_1828_600.json"
+PROMPT_LEVELS, STEP_LEVELS = (1828, 3668), (1200, 2400)  # the 2x2's axes; its larger corner is the curve's end
 
 
 @dataclass(frozen=True)
@@ -105,14 +108,21 @@ def joint_doublings(start: float, goal: float, gain_per_joint_doubling: float) -
     return math.inf if gain_per_joint_doubling < 1e-6 else (goal - start) / gain_per_joint_doubling
 
 
-def price(points: list[CurvePoint], doublings: float, results_dir: Path = RESULTS) -> dict:
-    """Steps, prompts, hours and bytes of the largest point scaled by ``2**doublings`` on both axes."""
-    largest = max((p for p in points if p.answers_per_prompt == 1), key=lambda p: (p.prompts, p.steps))
-    s_per_step = float(np.median([p.train_s_per_step for p in points if p.train_s_per_step]))
-    priced = json.loads((results_dir / PRICE_FILE).read_text())
-    records = priced["store"]["records"]
-    stage12_s_per_prompt = (priced["stage_wall_s"]["regenerate"] + priced["stage_wall_s"]["dump"]) / records
-    bytes_per_prompt = priced["store"]["bytes_on_disk"] / records
+def data_rates(results_dir: Path = RESULTS) -> tuple[float, float]:
+    """(seconds of stages 1-2, store bytes) a stage-1 prompt, from PRICE_FILE's store."""
+    path = results_dir / PRICE_FILE
+    try:
+        priced = json.loads(path.read_text())
+        records = priced["store"]["records"]
+        wall = priced["stage_wall_s"]
+        return (wall["regenerate"] + wall["dump"]) / records, priced["store"]["bytes_on_disk"] / records
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError) as err:
+        raise SystemExit(f"{path}: no stage-1/2 rates ({type(err).__name__}: {err})") from err
+
+
+def price(largest: CurvePoint, s_per_step: float, rates: tuple[float, float], doublings: float) -> dict:
+    """Steps, prompts, hours and bytes of ``largest`` scaled by ``2**doublings`` on both axes."""
+    stage12_s_per_prompt, bytes_per_prompt = rates
     scale = 2.0 ** doublings
     steps, prompts = largest.steps * scale, largest.prompts * scale
     return {"from": asdict(largest), "scale": scale, "steps": steps, "prompts": prompts,
@@ -123,7 +133,7 @@ def price(points: list[CurvePoint], doublings: float, results_dir: Path = RESULT
 
 def two_by_two(grid: dict[tuple[int, int], float]) -> dict[str, float]:
     """What doubling each axis gave at each level of the other, and both together: grid[(prompts, steps)]."""
-    lo_p, hi_p, lo_s, hi_s = 1828, 3668, 1200, 2400
+    (lo_p, hi_p), (lo_s, hi_s) = PROMPT_LEVELS, STEP_LEVELS
     return {
         "steps_x2_at_1828_prompts": grid[lo_p, hi_s] - grid[lo_p, lo_s],
         "steps_x2_at_3668_prompts": grid[hi_p, hi_s] - grid[hi_p, lo_s],
@@ -136,10 +146,10 @@ def two_by_two(grid: dict[tuple[int, int], float]) -> dict[str, float]:
 def analyse(points: list[CurvePoint], goal: float, results_dir: Path = RESULTS) -> dict:
     one = [p for p in points if p.answers_per_prompt == 1]
     grid = {(p.prompts, p.steps): p.acceptance for p in one}
-    hi_p, hi_s = 3668, 2400
+    largest = next(p for p in one if (p.prompts, p.steps) == (PROMPT_LEVELS[1], STEP_LEVELS[1]))
     coef, residuals = fit_plane(np.array([p.steps for p in one], float), np.array([p.prompts for p in one], float),
                                 np.array([p.acceptance for p in one]))
-    start = grid[hi_p, hi_s]
+    start = largest.acceptance
     by_plane = joint_doublings(start, goal, coef[1] + coef[2])
     in_vllm = two_by_two(grid)
     by_diagonal = joint_doublings(start, goal, in_vllm["both_x2"])
@@ -149,8 +159,10 @@ def analyse(points: list[CurvePoint], goal: float, results_dir: Path = RESULTS) 
                      "residuals": dict(zip((p.file for p in one), residuals.tolist(), strict=True)),
                      "joint_doublings_to_goal": by_plane},
            "diagonal_joint_doublings_to_goal": by_diagonal}
+    s_per_step = float(np.median([p.train_s_per_step for p in points if p.train_s_per_step]))
+    rates = data_rates(results_dir)
     for key, doublings in (("cost_by_plane", by_plane), ("cost_by_diagonal", by_diagonal)):
-        out[key] = price(points, doublings, results_dir) if math.isfinite(doublings) else None
+        out[key] = price(largest, s_per_step, rates, doublings) if math.isfinite(doublings) else None
     return out
 
 
@@ -196,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     out = analyse(load_points(), args.goal)
     print(report(out))
     if args.out:
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     return 0
 
 

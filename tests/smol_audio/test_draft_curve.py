@@ -75,3 +75,13 @@ def test_fit_plane_residuals_are_what_the_plane_leaves():
     design = np.stack([np.ones(4), np.log2(steps), np.log2(prompts)], axis=1)
     assert residuals == pytest.approx(acc - design @ coef)
     assert residuals.sum() == pytest.approx(0.0, abs=1e-9)  # least squares with an intercept
+
+
+def test_a_price_file_without_its_store_names_the_file(tmp_path):
+    write_points(tmp_path, lambda prompts, steps: 0.5 + 0.1 * math.log2(steps))
+    path = tmp_path / draft_curve.PRICE_FILE
+    result = json.loads(path.read_text())
+    del result["store"]
+    path.write_text(json.dumps(result))
+    with pytest.raises(SystemExit, match=draft_curve.PRICE_FILE):
+        draft_curve.analyse(draft_curve.load_points(tmp_path), goal=3.0, results_dir=tmp_path)
